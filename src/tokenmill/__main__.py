@@ -1,0 +1,5 @@
+"""`python -m tokenmill` runs the command line."""
+
+from tokenmill.cli import main
+
+raise SystemExit(main())

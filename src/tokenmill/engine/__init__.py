@@ -1,0 +1,1 @@
+"""The sampling engine: everything that touches torch lives below this package."""

@@ -1,0 +1,112 @@
+"""The bridge between the event loop and the engine thread: generate() and abort()."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from tokenmill.engine.engine import Engine
+from tokenmill.outputs import ModelInfo, RequestOutput
+from tokenmill.sampling_params import Prompt, SamplingParams
+from tokenmill.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """Runs the engine in its own thread; each request reads its outputs from its own queue."""
+
+    def __init__(self, engine: Engine, info: ModelInfo):
+        self.engine = engine
+        self.info = info
+        self._inbox: queue.Queue = queue.Queue()  # ("add", ...) / ("abort", id) / ("stop",)
+        self._outboxes: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def start(self) -> None:
+        """Start the engine thread (once)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tokenmill-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the engine thread after the step in flight."""
+        if self._thread is not None:
+            self._inbox.put(("stop",))
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    async def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as the engine makes them; leaving early aborts it."""
+        outbox: asyncio.Queue = asyncio.Queue()
+        self._outboxes[request_id] = (asyncio.get_running_loop(), outbox)
+        self._inbox.put(("add", request_id, prompts, params))
+        finished = False
+        try:
+            while not finished:
+                output: RequestOutput = await outbox.get()
+                finished = output.finished
+                yield output
+        finally:
+            self._outboxes.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request's generation (the client went away)."""
+        self._inbox.put(("abort", request_id))
+
+    def _run(self) -> None:
+        """The engine thread: take commands, step while there is work, post outputs."""
+        while True:
+            if not self._take_commands(block=not self.engine.has_unfinished()):
+                return
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a failed step fails its requests, never the server
+                log.exception("engine step failed")
+                outputs = self._fail_all(f"The engine failed while generating: {exc}")
+            for output in outputs:
+                self._post(output)
+
+    def _take_commands(self, block: bool) -> bool:
+        """Apply queued adds and aborts; False once asked to stop."""
+        while True:
+            try:
+                command = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if command[0] == "stop":
+                return False
+            if command[0] == "add":
+                self._add(*command[1:])
+            else:
+                self.engine.abort(command[1])
+
+    def _add(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> None:
+        """Add a request, unless its client already left."""
+        if request_id in self._outboxes:
+            self.engine.add_request(request_id, prompts, params)
+
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        """Abort every request in flight with an error output."""
+        failed = []
+        for request_id in self.engine.request_ids():
+            self.engine.abort(request_id)
+            failed.append(RequestOutput(request_id, [], 0, 0, finished=True, error=message))
+        return failed
+
+    def _post(self, output: RequestOutput) -> None:
+        """Hand an output to its request's event loop."""
+        target = self._outboxes.get(output.request_id)
+        if target is not None:
+            loop, outbox = target
+            loop.call_soon_threadsafe(outbox.put_nowait, output)

@@ -1,0 +1,69 @@
+"""What the engine hands back: text deltas per choice, with logprobs, in plain Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprobs:
+    """OpenAI's legacy logprobs object: four parallel lists, one entry per token."""
+
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+
+    def extend(self, other: Logprobs) -> None:
+        """Append another run of tokens after these."""
+        self.tokens += other.tokens
+        self.token_logprobs += other.token_logprobs
+        self.top_logprobs += other.top_logprobs
+        self.text_offset += other.text_offset
+
+    def slice(self, start: int, stop: int | None = None) -> Logprobs:
+        """The entries for tokens start..stop."""
+        return Logprobs(
+            self.tokens[start:stop],
+            self.token_logprobs[start:stop],
+            self.top_logprobs[start:stop],
+            self.text_offset[start:stop],
+        )
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class ChoiceDelta:
+    """New text (and its tokens' logprobs) for one choice since the last output."""
+
+    index: int
+    text: str
+    logprobs: Logprobs | None = None
+    finish_reason: str | None = None  # "stop" | "length" once the choice is done
+
+
+@dataclass
+class RequestOutput:
+    """One step's news for one request."""
+
+    request_id: str
+    choices: list[ChoiceDelta]
+    prompt_tokens: int
+    completion_tokens: int
+    finished: bool = False
+    error: str | None = None  # the engine failed this request; the message says why
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the loaded model is, for logs, /v1/models and system_fingerprint."""
+
+    name: str  # the served model name
+    source: str  # where it was loaded from
+    max_model_len: int
+    parameters: int
+    dtype: str
+    device: str
+    tokenizer: str = "huggingface"

@@ -1,0 +1,41 @@
+"""What the HTTP layer hands the engine: plain, validated sampling settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings; already validated at the HTTP edge."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    logprobs: int | None = None  # None: no logprobs; k: the k most likely tokens too
+    echo: bool = False
+    n: int = 1
+    best_of: int = 1
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    # Extensions beyond OpenAI's request, as vLLM spells them.
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0 means the most likely token, always."""
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt as token ids, with the text it came from when the client sent text."""
+
+    token_ids: tuple[int, ...]
+    text: str | None = None

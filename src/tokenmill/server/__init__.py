@@ -1,0 +1,1 @@
+"""The HTTP layer: FastAPI routes, OpenAI's request and response shapes, errors."""

@@ -1,0 +1,91 @@
+"""OpenAI's error object, and the one place that maps failures to it."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """A failure to report as `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """A 400 for a client mistake."""
+    return APIError(400, message, param=param, code=code)
+
+
+def server_error(message: str = "The server had an error while processing your request.") -> APIError:
+    return APIError(500, message, type="server_error")
+
+
+def from_validation(exc: ValidationError) -> APIError:
+    """The first pydantic complaint, named after the request field it is about."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    if error["type"] == "extra_forbidden":
+        return invalid(f"Unrecognized request argument supplied: {loc[-1]}", param=loc[-1])
+    if error["type"] == "json_invalid":
+        return invalid(_BAD_JSON)
+    param = _param(loc)
+    if error["type"] == "missing":
+        return invalid(f"Missing required parameter: '{param}'.", param=param)
+    if param == "prompt":
+        return invalid(_PROMPT_TYPES, param="prompt")
+    got = error.get("input")
+    return invalid(f"Invalid value for '{param}': {error['msg'].lower()} (got {got!r}).", param=param)
+
+
+_BAD_JSON = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+    "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+)
+_PROMPT_TYPES = "'prompt' must be a string, an array of strings, an array of token ids, or an array of token-id arrays."
+
+
+def _param(loc: list[str]) -> str:
+    """('stream_options', 'include_usage') -> 'stream_options.include_usage'; union branches dropped."""
+    kept = [p for p in loc if not p.isdigit() and "[" not in p and p not in ("str", "int", "float", "bool")]
+    if kept and kept[0] == "logit_bias":
+        return "logit_bias"
+    return ".".join(kept) or None
+
+
+def install(app: FastAPI) -> None:
+    """Every error the app can raise answers OpenAI's error object."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        return JSONResponse(invalid(str(exc.errors()[0].get("msg"))).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        if exc.status_code == 404:
+            message = f"Invalid URL ({request.method} {request.url.path})"
+        else:
+            message = str(exc.detail)
+        error = APIError(exc.status_code, message, param=None)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(server_error().body(), status_code=500)

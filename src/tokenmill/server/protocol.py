@@ -1,0 +1,166 @@
+"""OpenAI's CreateCompletionRequest and its responses, as pydantic models (the HTTP edge only)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tokenmill.sampling_params import SamplingParams
+from tokenmill.server.errors import APIError, from_validation, invalid
+
+MAX_STOP = 4
+Strict = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(BaseModel):
+    model_config = Strict
+    include_usage: bool | None = None
+
+
+class CompletionRequest(BaseModel):
+    """The request body, field for field as OpenAI documents it (types, defaults, bounds)."""
+
+    model_config = Strict
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]] | None
+    best_of: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = False
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    max_tokens: int | None = Field(16, ge=0)
+    n: int | None = Field(1, ge=1, le=128)
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = Field(1.0, ge=0, le=2)
+    top_p: float | None = Field(1.0, ge=0, le=1)
+    user: str | None = None
+
+    # --- Extensions (vLLM's names; `vllm bench serve` sends them). Not part of OpenAI's API. ---
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1)  # 0 or -1: off
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+
+    @property
+    def n_(self) -> int:
+        return 1 if self.n is None else self.n
+
+    @property
+    def best_of_(self) -> int:
+        return self.n_ if self.best_of is None else self.best_of
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+def parse_request(body: bytes) -> CompletionRequest:
+    """Validate a request body, or raise the 400 that names what is wrong."""
+    if not body.strip():
+        raise invalid("The request body is empty; send a JSON object with 'model' and 'prompt'.")
+    try:
+        request = CompletionRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+    check_request(request)
+    return request
+
+
+def check_request(r: CompletionRequest) -> None:
+    """The rules that tie fields together, which field types alone cannot say."""
+    if isinstance(r.prompt, list) and (not r.prompt or any(isinstance(p, list) and not p for p in r.prompt)):
+        raise invalid("'prompt' must not be empty (nor hold an empty token array).", "prompt")
+    if r.best_of_ < r.n_:
+        raise invalid(f"best_of ({r.best_of_}) must be greater than or equal to n ({r.n_}).", "best_of")
+    if r.stream and r.best_of_ > r.n_:
+        raise invalid("best_of > n cannot be streamed: the best completions are known only at the end.", "best_of")
+    if r.stream_options is not None and not r.stream:
+        raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
+    if isinstance(r.stop, list) and not 1 <= len(r.stop) <= MAX_STOP:
+        raise invalid(f"'stop' takes a string or an array of 1 to {MAX_STOP} strings.", "stop")
+    if r.suffix and r.echo:
+        raise invalid("echo cannot be combined with suffix.", "suffix")
+    for key, value in (r.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise invalid(f"Invalid key in 'logit_bias': {key!r} is not a token id.", "logit_bias")
+        if not -100 <= value <= 100:
+            raise invalid(f"Invalid value in 'logit_bias' for token {key}: {value} is outside -100..100.", "logit_bias")
+
+
+def to_sampling_params(r: CompletionRequest) -> SamplingParams:
+    """The engine's view of a request: defaults resolved, no pydantic."""
+    return SamplingParams(
+        max_tokens=16 if r.max_tokens is None else r.max_tokens,
+        temperature=1.0 if r.temperature is None else r.temperature,
+        top_p=1.0 if r.top_p is None else r.top_p,
+        presence_penalty=r.presence_penalty or 0.0,
+        frequency_penalty=r.frequency_penalty or 0.0,
+        logit_bias={int(k): float(v) for k, v in (r.logit_bias or {}).items()},
+        logprobs=r.logprobs,
+        echo=bool(r.echo),
+        n=r.n_,
+        best_of=r.best_of_,
+        seed=r.seed,
+        stop=r.stops,
+        ignore_eos=r.ignore_eos,
+        min_tokens=r.min_tokens,
+        top_k=max(r.top_k, 0),
+        repetition_penalty=r.repetition_penalty,
+    )
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    """A text_completion object: the whole response, or one stream chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+__all__ = ["APIError", "Completion", "CompletionRequest", "parse_request", "to_sampling_params"]

@@ -1,0 +1,71 @@
+"""Engine outputs -> text_completion objects: whole responses and stream chunks."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from tokenmill import __version__
+from tokenmill.outputs import ChoiceDelta, Logprobs, ModelInfo, RequestOutput
+from tokenmill.server.protocol import Completion, CompletionChoice, CompletionLogprobs, Usage
+
+
+def fingerprint(info: ModelInfo) -> str:
+    """Changes when the model, its dtype or tokenmill's version does."""
+    key = f"{info.source}|{info.parameters}|{info.dtype}|{__version__}"
+    return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Header:
+    """What every object of one response shares."""
+
+    model: str
+    system_fingerprint: str
+    id: str = field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def completion(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
+        return Completion(
+            id=self.id, created=self.created, model=self.model, system_fingerprint=self.system_fingerprint, choices=choices, usage=usage
+        )
+
+
+def usage_of(output: RequestOutput) -> Usage:
+    return Usage(
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        total_tokens=output.prompt_tokens + output.completion_tokens,
+    )
+
+
+def choice_of(delta: ChoiceDelta) -> CompletionChoice:
+    """One choice (or its delta) in OpenAI's shape."""
+    logprobs = None if delta.logprobs is None else CompletionLogprobs(**vars(delta.logprobs))
+    return CompletionChoice(text=delta.text, index=delta.index, logprobs=logprobs, finish_reason=delta.finish_reason)
+
+
+class Accumulator:
+    """Gathers a request's deltas into whole choices, for a non-streamed response."""
+
+    def __init__(self, choices: int, logprobs: bool):
+        self._text = [[] for _ in range(choices)]
+        self._logprobs = [Logprobs() for _ in range(choices)] if logprobs else None
+        self._finish: list[str | None] = [None] * choices
+        self.last: RequestOutput | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        self.last = output
+        for delta in output.choices:
+            self._text[delta.index].append(delta.text)
+            if self._logprobs is not None and delta.logprobs is not None:
+                self._logprobs[delta.index].extend(delta.logprobs)
+            self._finish[delta.index] = delta.finish_reason or self._finish[delta.index]
+
+    def choices(self) -> list[CompletionChoice]:
+        return [
+            choice_of(ChoiceDelta(i, "".join(parts), self._logprobs[i] if self._logprobs else None, self._finish[i]))
+            for i, parts in enumerate(self._text)
+        ]

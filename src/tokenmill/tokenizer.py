@@ -1,0 +1,116 @@
+"""The model's tokenizer behind the few calls the server makes (no torch here)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+# Spellings of fill-in-the-middle tokens: (prefix, suffix, middle).
+FIM_SPELLINGS = (
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SmolLM
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder
+    ("<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"),
+    ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
+    ("<PRE>", "<SUF>", "<MID>"),  # CodeLlama
+)
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    """Token ids that frame a fill-in-the-middle prompt."""
+
+    prefix: int
+    suffix: int
+    middle: int
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+class Tokenizer:
+    """Encode, decode and name tokens for one model."""
+
+    def __init__(self, hf_tokenizer, model_vocab_size: int | None = None):
+        self.hf = hf_tokenizer
+        size = len(hf_tokenizer)
+        self.vocab_size = min(size, model_vocab_size) if model_vocab_size else size
+        self.eos_token_id: int | None = hf_tokenizer.eos_token_id
+        self.bos_token_id: int | None = hf_tokenizer.bos_token_id
+        self.token_bytes = _byte_level_table(hf_tokenizer)  # None unless byte-level BPE
+        self.fim = _find_fim(hf_tokenizer)
+        self.name = "huggingface"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Text -> ids, with the model's usual special tokens (BOS) when asked."""
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text, special tokens included, nothing cleaned up."""
+        if self.token_bytes is not None:
+            return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", "replace")
+        return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token_id: int) -> str:
+        """One token as logprobs show it; bytes that are not whole UTF-8 as `bytes:\\x..`."""
+        if self.token_bytes is None:
+            return self.decode([token_id])
+        raw = self.token_bytes[token_id]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+    def document_start(self) -> list[int]:
+        """What an empty prompt becomes: the start-of-document token (OpenAI: <|endoftext|>)."""
+        token = self.bos_token_id if self.bos_token_id is not None else self.eos_token_id
+        return [token] if token is not None else [0]
+
+    def encode_fim(self, prefix: list[int], suffix: str) -> list[int]:
+        """A prefix-suffix-middle prompt for fill-in-the-middle models, from the prefix's ids."""
+        assert self.fim is not None
+        bos = self.encode("", add_special_tokens=True)
+        middle = self.encode(suffix, add_special_tokens=False)
+        return [*bos, self.fim.prefix, *prefix, self.fim.suffix, *middle, self.fim.middle]
+
+
+def _byte_level_table(hf_tokenizer) -> list[bytes] | None:
+    """Each token's bytes, for byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM2)."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    if decoder.get("type") != "ByteLevel":
+        return None
+    to_byte = _unicode_to_byte()
+    added = {i: t.content for i, t in hf_tokenizer.added_tokens_decoder.items()}
+    table = []
+    for token_id, piece in enumerate(hf_tokenizer.convert_ids_to_tokens(range(len(hf_tokenizer)))):
+        if token_id in added:
+            table.append(added[token_id].encode())
+        elif piece is None or any(c not in to_byte for c in piece):
+            return None  # not the byte-level alphabet after all
+        else:
+            table.append(bytes(to_byte[c] for c in piece))
+    return table
+
+
+def _find_fim(hf_tokenizer) -> FimTokens | None:
+    """The first FIM spelling whose three tokens all exist as single tokens."""
+    vocab = hf_tokenizer.get_vocab()
+    for spelling in FIM_SPELLINGS:
+        if all(s in vocab for s in spelling):
+            return FimTokens(*(vocab[s] for s in spelling))
+    return None
