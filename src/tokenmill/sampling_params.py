@@ -18,7 +18,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the k most likely tokens too
     echo: bool = False
     n: int = 1
-    best_of: int = 1
+    best_of: int | None = None  # None: n
     seed: int | None = None
     stop: tuple[str, ...] = ()
     # Extensions beyond OpenAI's request, as vLLM spells them.
@@ -26,6 +26,12 @@ class SamplingParams:
     min_tokens: int = 0
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0  # 1.0: off
+
+    def __post_init__(self):
+        if self.best_of is None:
+            object.__setattr__(self, "best_of", self.n)
+        if self.best_of < self.n:
+            raise ValueError(f"best_of ({self.best_of}) must be at least n ({self.n})")
 
     @property
     def greedy(self) -> bool:

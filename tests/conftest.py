@@ -1,0 +1,122 @@
+"""Tiny models built in-process (a BPE trained on stdlib sources, random weights), and servers."""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import sysconfig
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"]
+
+
+def train_tokenizer(fim: bool):
+    """A byte-level BPE with a 1k vocabulary, trained on a few stdlib files (~0.5 s)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[:40]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = SPECIALS if fim else SPECIALS[:1]
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train(files, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def build_model(kind: str, path: Path) -> Path:
+    """Save a random-weight llama (with FIM tokens) or gpt2 (without) and its tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_tokenizer(fim=kind == "llama")
+    torch.manual_seed(0)
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
+        model = LlamaForCausalLM(config)
+    else:
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory) -> Path:
+    return build_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory) -> Path:
+    return build_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    """A real tokenmill server on 127.0.0.1, and the engine behind it."""
+
+    url: str
+    model: str
+    engine: object
+    model_dir: Path
+    api_key: str | None = None
+
+    def client(self, **kwargs):
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kwargs)
+
+    def idle(self, timeout: float = 5.0) -> bool:
+        """Wait until the engine holds no request and no cache."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            inner = self.engine.engine
+            if not inner.has_unfinished() and inner.runner.active == 0:
+                return True
+            time.sleep(0.02)
+        return False
+
+
+def serve(model_dir: Path, name: str, api_key: str | None = None):
+    """Start uvicorn in a thread on a free port; yield a Served; stop it after."""
+    import uvicorn
+
+    from tokenmill.config import EngineConfig, ServerConfig
+    from tokenmill.engine.loader import load_engine
+    from tokenmill.server.api import create_app
+
+    engine = load_engine(EngineConfig(model=str(model_dir)), str(model_dir), name)
+    config = ServerConfig(port=free_port(), api_key=api_key)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host="127.0.0.1", port=config.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    yield Served(f"http://127.0.0.1:{config.port}", name, engine, model_dir, api_key)
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def llama(llama_dir):
+    yield from serve(llama_dir, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_dir):
+    yield from serve(gpt2_dir, "tiny-gpt2", api_key="sk-test-key")
