@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# A completion, a streamed completion, and an error, with curl. Start a server first:
+#   tokenmill serve            (then MODEL=SmolLM2-135M-Instruct, the default)
+set -euo pipefail
+BASE=${BASE:-http://127.0.0.1:8000}
+MODEL=${MODEL:-SmolLM2-135M-Instruct}
+AUTH=(); [ -n "${TOKENMILL_API_KEY:-}" ] && AUTH=(-H "Authorization: Bearer $TOKENMILL_API_KEY")
+
+curl -s "$BASE/v1/completions" "${AUTH[@]}" -H 'Content-Type: application/json' \
+  -d "{\"model\": \"$MODEL\", \"prompt\": \"The capital of France is\", \"max_tokens\": 8, \"temperature\": 0}"
+echo
+curl -sN "$BASE/v1/completions" "${AUTH[@]}" -H 'Content-Type: application/json' \
+  -d "{\"model\": \"$MODEL\", \"prompt\": \"Once upon a time\", \"max_tokens\": 16, \"stream\": true, \"stream_options\": {\"include_usage\": true}}"
+curl -s "$BASE/v1/completions" "${AUTH[@]}" -H 'Content-Type: application/json' \
+  -d "{\"model\": \"$MODEL\", \"prompt\": \"x\", \"temperature\": 3}"
+echo

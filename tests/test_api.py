@@ -1,0 +1,300 @@
+"""End to end: a real server on 127.0.0.1, driven by the official openai SDK and by httpx."""
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from openai.types import Completion
+
+
+def post(served, body, **kwargs):
+    headers = {"Authorization": f"Bearer {served.api_key}"} if served.api_key else {}
+    return httpx.post(served.url + "/v1/completions", json=body, headers=headers, timeout=60, **kwargs)
+
+
+def events(response) -> list:
+    """The data lines of an SSE response, JSON-decoded except [DONE]."""
+    out = []
+    for line in response.text.splitlines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def streamed_text(chunks, index=0):
+    return "".join(c["choices"][0]["text"] for c in chunks if c != "[DONE]" and c["choices"] and c["choices"][0]["index"] == index)
+
+
+def assert_error(response, status, param=None, code=None, type="invalid_request_error"):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == type and body["error"]["message"]
+    assert body["error"]["param"] == param and body["error"]["code"] == code
+    return body["error"]
+
+
+def test_sdk_completion_has_openais_shape(llama):
+    out = llama.client().completions.create(model=llama.model, prompt="def main():", max_tokens=8, temperature=0)
+    assert out.object == "text_completion" and out.id.startswith("cmpl-") and out.model == llama.model
+    assert out.system_fingerprint.startswith("fp_") and out.created > 0
+    assert len(out.choices) == 1 and out.choices[0].index == 0 and out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens <= 8 and out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_raw_json_validates_against_the_sdk_type(llama):
+    body = {"model": llama.model, "prompt": ["a", "b"], "max_tokens": 4, "n": 2, "logprobs": 2, "stop": "\n"}
+    raw = post(llama, body).json()
+    Completion.model_validate(raw)
+    assert list(raw) == ["id", "object", "created", "model", "system_fingerprint", "choices", "usage"]
+    assert [c["index"] for c in raw["choices"]] == [0, 1, 2, 3]
+    assert all(set(c) == {"text", "index", "logprobs", "finish_reason"} for c in raw["choices"])
+
+
+def test_echo_logprobs_first_entry_is_null_as_openai_sends_it(llama):
+    # OpenAI returns null for the first prompt token; the SDK's generated type says `float`,
+    # so this one entry is the exception to strict validation, and the SDK itself parses it.
+    raw = post(llama, {"model": llama.model, "prompt": "a b", "max_tokens": 2, "logprobs": 1, "echo": True}).json()
+    lp = raw["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    lp["token_logprobs"][0], lp["top_logprobs"][0] = 0.0, {}
+    Completion.model_validate(raw)
+
+
+def test_stream_equals_non_stream_for_the_same_seed(llama):
+    body = {"model": llama.model, "prompt": "import", "max_tokens": 24, "seed": 42, "logprobs": 1, "n": 2}
+    whole = post(llama, body).json()
+    chunks = events(post(llama, {**body, "stream": True}))
+    assert chunks[-1] == "[DONE]"
+    for i in range(2):
+        assert streamed_text(chunks[:-1], i) == whole["choices"][i]["text"]
+        streamed_tokens = [t for c in chunks[:-1] if c["choices"][0]["index"] == i for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
+        assert streamed_tokens == whole["choices"][i]["logprobs"]["tokens"]
+    assert len({(c["id"], c["created"], c["model"], c["object"]) for c in chunks[:-1]}) == 1
+    assert chunks[0]["id"].startswith("cmpl-") and chunks[0]["id"] != whole["id"]
+
+
+def test_stream_finish_reason_only_on_the_last_chunk_of_each_choice(llama):
+    chunks = events(post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 6, "n": 2, "stream": True}))[:-1]
+    for i in range(2):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert [c["finish_reason"] is None for c in mine] == [True] * (len(mine) - 1) + [False]
+    assert all("usage" not in c for c in chunks)
+
+
+def test_stream_include_usage(llama):
+    body = {"model": llama.model, "prompt": "x", "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    chunks = events(post(llama, body))
+    assert chunks[-1] == "[DONE]"
+    *body_chunks, last = chunks[:-1]
+    assert all(c["usage"] is None and c["choices"] for c in body_chunks)
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
+    assert last["usage"]["total_tokens"] == last["usage"]["prompt_tokens"] + 5
+
+
+def test_sdk_streaming(llama):
+    stream = llama.client().completions.create(model=llama.model, prompt="for", max_tokens=10, stream=True, seed=3)
+    text = "".join(c.choices[0].text for c in stream)
+    whole = llama.client().completions.create(model=llama.model, prompt="for", max_tokens=10, seed=3)
+    assert text == whole.choices[0].text
+
+
+def test_stop_strings_never_leak_into_streams(llama):
+    base = {"model": llama.model, "prompt": "def", "max_tokens": 30, "temperature": 0}
+    full = post(llama, base).json()["choices"][0]["text"]
+    stop = full[10:13]
+    assert len(stop) == 3
+    whole = post(llama, {**base, "stop": stop}).json()["choices"][0]
+    chunks = events(post(llama, {**base, "stop": [stop], "stream": True}))
+    assert whole["text"] == full[: full.find(stop)] == streamed_text(chunks[:-1])
+    assert whole["finish_reason"] == "stop"
+    assert all(stop not in c["choices"][0]["text"] for c in chunks[:-1])
+
+
+def test_echo_prepends_the_prompt(llama):
+    out = post(llama, {"model": llama.model, "prompt": "hello there", "max_tokens": 3, "echo": True, "temperature": 0}).json()
+    plain = post(llama, {"model": llama.model, "prompt": "hello there", "max_tokens": 3, "temperature": 0}).json()
+    assert out["choices"][0]["text"] == "hello there" + plain["choices"][0]["text"]
+
+
+def test_echo_scoring_like_lm_eval(llama):
+    tok = llama.engine.tokenizer
+    ids = tok.encode("The quick brown fox")
+    out = llama.client().completions.create(model=llama.model, prompt=ids, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    lp = out.choices[0].logprobs
+    assert out.usage.completion_tokens == 0 and len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[0] is None and all(x < 0 for x in lp.token_logprobs[1:])
+    assert out.choices[0].text == "The quick brown fox"
+
+
+def test_logprobs_are_finite_json(llama):
+    body = {"model": llama.model, "prompt": "a", "max_tokens": 5, "logprobs": 5, "logit_bias": {"7": -100}, "seed": 1}
+    response = post(llama, body)
+    json.loads(response.text, parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    lp = response.json()["choices"][0]["logprobs"]
+    assert all(1 <= len(top) <= 6 for top in lp["top_logprobs"])
+
+
+def test_logit_bias_forces_a_token(llama):
+    tok = llama.engine.tokenizer
+    token = tok.encode(" return")[0]
+    out = post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 3, "logit_bias": {str(token): 100}}).json()
+    assert out["choices"][0]["text"] == tok.decode([token]) * 3
+
+
+def test_best_of_is_served(llama):
+    out = post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 4, "n": 2, "best_of": 3, "seed": 9}).json()
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert out["usage"]["completion_tokens"] == 12
+
+
+def test_suffix_on_a_fill_in_the_middle_model(llama):
+    out = post(llama, {"model": llama.model, "prompt": "def f(x):\n", "suffix": "\n    return y", "max_tokens": 5})
+    assert out.status_code == 200 and out.json()["choices"][0]["text"] is not None
+
+
+def test_suffix_without_fim_tokens_is_a_400(gpt2):
+    error = assert_error(post(gpt2, {"model": gpt2.model, "prompt": "a", "suffix": "b"}), 400, "suffix")
+    assert "insert" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": "1"}, "top_p"),
+        ({"n": 2, "best_of": 1}, "best_of"),
+        ({"best_of": 2, "stream": True}, "best_of"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"logit_bias": {"5": 200}}, "logit_bias"),
+        ({"logit_bias": {"999999": 1}}, "logit_bias"),
+        ({"prompt": [1, 2, 10**9]}, "prompt"),
+        ({"prompt": [[1, -1]]}, "prompt"),
+        ({"unknown_field": 1}, "unknown_field"),
+    ],
+)
+def test_client_mistakes_are_400s_naming_the_parameter(llama, body, param):
+    assert_error(post(llama, {"model": llama.model, "prompt": "x", **body}), 400, param)
+
+
+def test_malformed_json_is_a_400(llama):
+    response = httpx.post(llama.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(response, 400)
+
+
+def test_unknown_model_is_a_404(llama):
+    assert_error(post(llama, {"model": "gpt-nope", "prompt": "x"}), 404, "model", "model_not_found")
+
+
+def test_prompt_too_long_for_the_context(llama):
+    error = assert_error(post(llama, {"model": llama.model, "prompt": [1] * 250, "max_tokens": 10}), 400, "prompt", "context_length_exceeded")
+    assert "256" in error["message"] and "260" in error["message"]
+
+
+def test_too_long_is_refused_before_a_stream_starts(llama):
+    response = post(llama, {"model": llama.model, "prompt": [1] * 300, "stream": True})
+    assert_error(response, 400, "prompt", "context_length_exceeded")
+
+
+def test_sdk_raises_openais_exceptions(llama):
+    with pytest.raises(openai.BadRequestError) as info:
+        llama.client().completions.create(model=llama.model, prompt="x", temperature=5)
+    assert info.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        llama.client().completions.create(model="nope", prompt="x")
+
+
+def test_models_routes(llama):
+    listing = httpx.get(llama.url + "/v1/models").json()
+    assert listing["object"] == "list" and listing["data"][0]["id"] == llama.model
+    assert listing["data"][0]["max_model_len"] == 256
+    assert llama.client().models.retrieve(llama.model).id == llama.model
+    assert_error(httpx.get(llama.url + "/v1/models/nope"), 404, "model", "model_not_found")
+    assert httpx.get(llama.url + "/health").status_code == 200
+
+
+def test_unknown_route_is_an_openai_404(llama):
+    assert_error(httpx.get(llama.url + "/v1/chat/nothing"), 404)
+
+
+def test_api_key_is_required(gpt2):
+    no_key = httpx.post(gpt2.url + "/v1/completions", json={"model": gpt2.model, "prompt": "x"})
+    assert_error(no_key, 401, None, "invalid_api_key", "authentication_error")
+    wrong = httpx.get(gpt2.url + "/v1/models", headers={"Authorization": "Bearer sk-wrong"})
+    assert_error(wrong, 401, None, "invalid_api_key", "authentication_error")
+    assert httpx.get(gpt2.url + "/health").status_code == 200
+    assert gpt2.client().completions.create(model=gpt2.model, prompt="x", max_tokens=2).usage.completion_tokens <= 2
+    wrong_client = openai.OpenAI(base_url=gpt2.url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong_client.completions.create(model=gpt2.model, prompt="x")
+
+
+def test_concurrent_requests_match_their_solo_outputs(llama):
+    bodies = [
+        {"model": llama.model, "prompt": "def", "max_tokens": 20, "temperature": 0},
+        {"model": llama.model, "prompt": "import", "max_tokens": 20, "seed": 5},
+        {"model": llama.model, "prompt": "class", "max_tokens": 20, "seed": 6, "n": 2, "stop": "e"},
+        {"model": llama.model, "prompt": "x", "max_tokens": 20, "seed": 7, "stream": True},
+    ]
+
+    def texts(response, body):
+        if body.get("stream"):
+            return [streamed_text(events(response)[:-1])]
+        return [c["text"] for c in response.json()["choices"]]
+
+    solo = [texts(post(llama, b), b) for b in bodies]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(llama.url + "/v1/completions", json=b) for b in bodies * 2))
+
+    crowd = asyncio.run(together())
+    assert [texts(r, b) for r, b in zip(crowd, bodies * 2)] == solo * 2
+
+
+def test_streaming_client_that_leaves_stops_its_generation(llama):
+    body = {"model": llama.model, "prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", llama.url + "/v1/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break
+    assert llama.idle(timeout=5)
+
+
+def test_waiting_client_that_leaves_stops_its_generation(llama):
+    body = {"model": llama.model, "prompt": "x", "max_tokens": 230, "ignore_eos": True, "n": 8}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(llama.url + "/v1/completions", json=body, timeout=0.5)
+    assert llama.idle(timeout=5)
+
+
+def test_an_engine_failure_fails_its_request_not_the_server(llama, monkeypatch):
+    runner = llama.engine.engine.runner
+    real = runner.decode
+
+    def broken(*args):
+        monkeypatch.setattr(runner, "decode", real)
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(runner, "decode", broken)
+    chunks = events(post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 5, "stream": True}))
+    assert chunks[-1] == "[DONE]" and chunks[-2]["error"]["type"] == "server_error"
+    assert post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 5}).status_code == 200
+    assert llama.idle()
+
+
+def test_a_short_request_finishes_while_a_long_one_streams(llama):
+    long_body = {"model": llama.model, "prompt": "x", "max_tokens": 240, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", llama.url + "/v1/completions", json=long_body, timeout=60) as long_response:
+        lines = long_response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        short = post(llama, {"model": llama.model, "prompt": "y", "max_tokens": 3, "ignore_eos": True}).json()
+        assert short["usage"]["completion_tokens"] == 3
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and len(rest) > 100  # the long one was still going

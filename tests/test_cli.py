@@ -1,0 +1,71 @@
+"""The command line: clear failures, and `tokenmill serve` as a user runs it."""
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+
+def tokenmill(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "tokenmill", *args], capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_a_missing_model_is_a_clear_error(tmp_path):
+    result = tokenmill("serve", "--model", str(tmp_path / "nowhere.gguf"))
+    assert result.returncode != 0
+    assert "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_directory_without_a_model_is_a_clear_error(tmp_path):
+    result = tokenmill("serve", "--model", str(tmp_path))
+    assert result.returncode != 0
+    assert "config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unreadable_model_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    result = tokenmill("serve", "--model", str(tmp_path))
+    assert result.returncode != 0 and "could not load" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_options_are_refused(tmp_path):
+    assert tokenmill("serve", "--model", str(tmp_path), "--dtype", "int3").returncode == 2
+    assert tokenmill("serve", "--model", str(tmp_path), "--max-model-len", "0").returncode == 2
+
+
+def test_help_lists_every_option():
+    out = tokenmill("serve", "--help").stdout
+    for option in ("--model", "--host", "--port", "--served-model-name", "--api-key", "--dtype", "--device", "--max-model-len"):
+        assert option in out
+
+
+@pytest.mark.slow
+def test_serve_as_a_user_runs_it(llama_dir):
+    port = free_port()
+    env = {**os.environ, "TOKENMILL_API_KEY": "sk-env"}
+    cmd = [sys.executable, "-m", "tokenmill", "serve", "--model", str(llama_dir), "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "128"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        headers = {"Authorization": "Bearer sk-env"}
+        models = httpx.get(url + "/v1/models", headers=headers).json()
+        assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 128
+        out = httpx.post(url + "/v1/completions", headers=headers, json={"model": "tiny", "prompt": "x", "max_tokens": 3}).json()
+        assert out["usage"]["completion_tokens"] <= 3
+        assert httpx.get(url + "/v1/models").status_code == 401
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=30)[0]
+    assert "parameters" in log and "float32 on cpu" in log and "context 128 tokens" in log
