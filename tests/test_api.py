@@ -298,3 +298,10 @@ def test_a_short_request_finishes_while_a_long_one_streams(llama):
         assert short["usage"]["completion_tokens"] == 3
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]" and len(rest) > 100  # the long one was still going
+
+
+def test_a_lone_surrogate_is_refused_as_malformed_json(llama):
+    # A lone surrogate escape is not text; the JSON parser refuses it and says where.
+    body = b'{"model": "tiny-llama", "prompt": "bad \\ud800 surrogate"}'
+    response = httpx.post(llama.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert "hex escape at line 1 column" in assert_error(response, 400)["message"]

@@ -38,9 +38,25 @@ def test_bad_options_are_refused(tmp_path):
     assert tokenmill("serve", "--model", str(tmp_path), "--max-model-len", "0").returncode == 2
 
 
+def test_models_lists_an_empty_cache(tmp_path):
+    result = tokenmill("models", env={**os.environ, "TOKENMILL_HOME": str(tmp_path)})
+    assert result.returncode == 0 and "no models cached" in result.stdout
+
+
+def test_pull_of_a_missing_gguf_is_a_clear_error(tmp_path):
+    result = tokenmill("pull", str(tmp_path / "missing.gguf"), env={**os.environ, "TOKENMILL_HOME": str(tmp_path)})
+    assert result.returncode == 1 and "GGUF file not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_uncached_hub_model_offline_is_a_clear_error(tmp_path):
+    env = {**os.environ, "TOKENMILL_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    result = tokenmill("serve", "--model", "someorg/somemodel", env=env)
+    assert result.returncode == 1 and "cannot be reached" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_help_lists_every_option():
     out = tokenmill("serve", "--help").stdout
-    for option in ("--model", "--host", "--port", "--served-model-name", "--api-key", "--dtype", "--device", "--max-model-len"):
+    for option in ("--model", "--host", "--port", "--served-model-name", "--api-key", "--dtype", "--device", "--max-model-len", "--log-level"):
         assert option in out
 
 

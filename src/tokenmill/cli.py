@@ -1,9 +1,10 @@
-"""The command line: `tokenmill serve`."""
+"""The command line: `tokenmill serve`, `tokenmill pull`, `tokenmill models`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from tokenmill import __version__
@@ -13,41 +14,46 @@ log = logging.getLogger("tokenmill")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """tokenmill's commands and their options (derived from the config dataclasses)."""
+    """tokenmill's commands and their options (serve's derived from the config dataclasses)."""
     parser = argparse.ArgumentParser(prog="tokenmill", description="An OpenAI-compatible completions server.")
     parser.add_argument("--version", action="version", version=f"tokenmill {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve a model on /v1/completions")
+    serve = commands.add_parser("serve", parents=[common], help="serve a model on /v1/completions (default: SmolLM2-135M-Instruct)")
     add_options(serve, EngineConfig)
     add_options(serve, ServerConfig)
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    pull = commands.add_parser("pull", parents=[common], help="fetch a model into the cache: the default, a hub id, or a .gguf file")
+    pull.add_argument("model", nargs="?", default=None, help="hub id (org/name) or path/to/file.gguf (default: SmolLM2-135M-Instruct)")
+    commands.add_parser("models", parents=[common], help="list the cached models")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "info").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return serve(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")  # progress as log lines, not bars, in logs
+    return {"serve": serve, "pull": pull, "models": models}[args.command](args)
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Load the model, then serve it until interrupted."""
+    """Resolve and load the model, then serve it until interrupted."""
     try:
         engine_config = from_args(EngineConfig, args)
         server_config = from_args(ServerConfig, args, api_key=api_key_from_env(args.api_key))
     except ValueError as exc:
         return _fail(str(exc), 2)
-    if engine_config.model is None:
-        return _fail("no model given: pass --model <directory | file.gguf | hub id>", 2)
     import uvicorn
 
     from tokenmill.engine.loader import ModelLoadError, load_engine  # torch loads here, not at import
+    from tokenmill.models.sources import FetchError, resolve
     from tokenmill.server.api import create_app
 
-    name = server_config.served_model_name or engine_config.model
     try:
-        engine = load_engine(engine_config, engine_config.model, name)
-    except ModelLoadError as exc:
+        model = resolve(engine_config.model, _cache())
+        engine = load_engine(engine_config, model.path, server_config.served_model_name or model.name)
+    except (FetchError, ModelLoadError) as exc:
         return _fail(str(exc), 1)
     i = engine.info
     log.info("loaded %s from %s: %.1fM parameters, %s on %s, context %d tokens, %s tokenizer",
@@ -55,6 +61,36 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(engine, server_config)
     uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=args.log_level)
     return 0
+
+
+def pull(args: argparse.Namespace) -> int:
+    """Fetch a model into the cache and say where it is."""
+    from tokenmill.engine.loader import ModelLoadError
+    from tokenmill.models.sources import FetchError
+    from tokenmill.models.sources import pull as pull_model
+
+    try:
+        name, path = pull_model(args.model, _cache())
+    except (FetchError, ModelLoadError, OSError, ValueError) as exc:
+        return _fail(str(exc), 1)
+    print(f"{name}\t{path}")
+    return 0
+
+
+def models(args: argparse.Namespace) -> int:
+    """List the cached models: name, size, where they came from, where they are."""
+    entries = _cache().entries()
+    if not entries:
+        print(f"no models cached in {_cache().root}")
+    for e in entries:
+        print(f"{e.name}\t{e.size / 1e6:.0f} MB\t{e.source}\t{e.path}")
+    return 0
+
+
+def _cache():
+    from tokenmill.models.cache import ModelCache, default_home
+
+    return ModelCache(default_home())
 
 
 def _fail(message: str, code: int) -> int:

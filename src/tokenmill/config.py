@@ -17,7 +17,7 @@ def _opt(default, help: str, **extra):
 class EngineConfig:
     """What model to load, and how."""
 
-    model: str | None = _opt(None, "a model directory, a .gguf file or a hub id (default: SmolLM2-135M-Instruct)")
+    model: str | None = _opt(None, "a model directory, a .gguf file, a cached model or a hub id (default: SmolLM2-135M-Instruct)")
     dtype: str = _opt("auto", "weights dtype; auto: float32 on CPU, bfloat16 on CUDA", choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _opt("auto", "where the model runs; auto: CUDA when there is one", choices=("auto", "cpu", "cuda"))
     max_model_len: int | None = _opt(None, "context length in tokens (default: the model's)")

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+
+from tokenmill import fast_bpe
+
+log = logging.getLogger(__name__)
 
 # Spellings of fill-in-the-middle tokens: (prefix, suffix, middle).
 FIM_SPELLINGS = (
@@ -15,6 +20,10 @@ FIM_SPELLINGS = (
     ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
     ("<PRE>", "<SUF>", "<MID>"),  # CodeLlama
 )
+
+
+class UnencodableText(ValueError):
+    """Text holds a character this vocabulary has no bytes for."""
 
 
 @dataclass(frozen=True)
@@ -43,19 +52,35 @@ def _unicode_to_byte() -> dict[str, int]:
 class Tokenizer:
     """Encode, decode and name tokens for one model."""
 
-    def __init__(self, hf_tokenizer, model_vocab_size: int | None = None):
+    def __init__(self, hf_tokenizer, model_vocab_size: int | None = None, fast: bool = True):
         self.hf = hf_tokenizer
         size = len(hf_tokenizer)
         self.vocab_size = min(size, model_vocab_size) if model_vocab_size else size
         self.eos_token_id: int | None = hf_tokenizer.eos_token_id
         self.bos_token_id: int | None = hf_tokenizer.bos_token_id
         self.token_bytes = _byte_level_table(hf_tokenizer)  # None unless byte-level BPE
+        self._single_bytes = _single(self.token_bytes) if self.token_bytes else b""
         self.fim = _find_fim(hf_tokenizer)
-        self.name = "huggingface"
+        self._fast = _fast_encoder(hf_tokenizer, self.token_bytes) if fast else None
+        self.name = "tiktoken" if self._fast else "huggingface"
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text -> ids, with the model's usual special tokens (BOS) when asked."""
+        self.check_encodable(text)
+        if self._fast is not None:
+            return self._fast.encode(text, add_special_tokens)
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def check_encodable(self, text: str) -> None:
+        """Refuse text the vocabulary cannot spell (HF would drop it silently, tiktoken panics)."""
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise UnencodableText(f"the text holds a lone surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}") from None
+        if self.token_bytes is None or not data.translate(None, self._single_bytes):
+            return
+        at = next(i for i, c in enumerate(text) if c.encode().translate(None, self._single_bytes))
+        raise UnencodableText(f"this model's vocabulary cannot encode the character U+{ord(text[at]):04X} at character {at}")
 
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text, special tokens included, nothing cleaned up."""
@@ -105,6 +130,27 @@ def _byte_level_table(hf_tokenizer) -> list[bytes] | None:
         else:
             table.append(bytes(to_byte[c] for c in piece))
     return table
+
+
+def _fast_encoder(hf_tokenizer, token_bytes: list[bytes] | None) -> fast_bpe.FastEncoder | None:
+    """tiktoken when it gives the same ids as the HF tokenizer on the check sample, else None."""
+    if token_bytes is None:
+        return None
+    try:
+        fast = fast_bpe.build(hf_tokenizer, token_bytes)
+    except fast_bpe.UnsupportedTokenizer as exc:
+        log.info("tiktoken cannot express this tokenizer (%s); using the Hugging Face tokenizer", exc)
+        return None
+    sample = [t for t in fast_bpe.load_sample(hf_tokenizer) if not t.encode().translate(None, _single(token_bytes))]
+    differ = fast_bpe.mismatches(fast, hf_tokenizer, sample)
+    if differ:
+        log.warning("tiktoken and the Hugging Face tokenizer differ on %d sample texts (first: %r); using Hugging Face", len(differ), differ[0][:60])
+        return None
+    return fast
+
+
+def _single(token_bytes: list[bytes]) -> bytes:
+    return bytes(sorted({b[0] for b in token_bytes if len(b) == 1}))
 
 
 def _find_fim(hf_tokenizer) -> FimTokens | None:

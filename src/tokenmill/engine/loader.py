@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from tokenmill.config import EngineConfig
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine import Engine
+from tokenmill.engine.gguf import load_gguf
 from tokenmill.engine.model_runner import ModelRunner
 from tokenmill.outputs import ModelInfo
 from tokenmill.tokenizer import Tokenizer
@@ -61,21 +63,34 @@ def load_engine(config: EngineConfig, model_path: str, served_name: str) -> Asyn
 
 
 def _load(path: str, dtype: torch.dtype, device: torch.device):
-    """from_pretrained for a directory, a hub id or a .gguf file, with errors a person can read."""
-    kwargs = {}
-    source = path
-    if path.endswith(".gguf"):
-        if not Path(path).is_file():
-            raise ModelLoadError(f"GGUF file not found: {path}")
-        source, kwargs = str(Path(path).parent), {"gguf_file": Path(path).name}
-    elif Path(path).exists() and not (Path(path) / "config.json").is_file():
+    """from_pretrained for a directory or a .gguf file, with errors a person can read."""
+    if path.endswith(".gguf") and not Path(path).is_file():
+        raise ModelLoadError(f"GGUF file not found: {path}")
+    if not path.endswith(".gguf") and not (Path(path) / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a transformers model directory (no config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+        if path.endswith(".gguf"):
+            model, tokenizer = load_gguf(Path(path), dtype)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            keep_file_pre_tokenizer(tokenizer, Path(path) / "tokenizer.json")
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         raise ModelLoadError(f"could not load the model from {path}: {exc}") from exc
     return model.to(device).eval(), tokenizer
+
+
+def keep_file_pre_tokenizer(hf_tokenizer, tokenizer_json: Path) -> None:
+    """Use tokenizer.json's own pre-tokenizer; transformers 5 rebuilds some (GPT2Tokenizer) without it."""
+    if not tokenizer_json.is_file() or not hasattr(hf_tokenizer, "backend_tokenizer"):
+        return
+    from tokenizers import Tokenizer as RawTokenizer
+
+    raw = RawTokenizer.from_file(str(tokenizer_json))
+    wanted = json.loads(raw.to_str()).get("pre_tokenizer")
+    if json.loads(hf_tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") != wanted and raw.pre_tokenizer is not None:
+        hf_tokenizer.backend_tokenizer.pre_tokenizer = raw.pre_tokenizer
+        log.warning("transformers rebuilt the tokenizer's pre-tokenizer; restored the one in %s", tokenizer_json)
 
 
 def _context_length(model_config, requested: int | None) -> int:

@@ -40,7 +40,7 @@ def from_validation(exc: ValidationError) -> APIError:
     if error["type"] == "extra_forbidden":
         return invalid(f"Unrecognized request argument supplied: {loc[-1]}", param=loc[-1])
     if error["type"] == "json_invalid":
-        return invalid(_BAD_JSON)
+        return invalid(f"{_BAD_JSON} Parser: {error.get('ctx', {}).get('error', error['msg'])}.")
     param = _param(loc)
     if error["type"] == "missing":
         return invalid(f"Missing required parameter: '{param}'.", param=param)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tokenmill.sampling_params import Prompt
 from tokenmill.server.errors import invalid
 from tokenmill.server.protocol import CompletionRequest
-from tokenmill.tokenizer import Tokenizer
+from tokenmill.tokenizer import Tokenizer, UnencodableText
 
 
 def encode_prompts(request: CompletionRequest, tokenizer: Tokenizer, max_model_len: int) -> list[Prompt]:
@@ -33,6 +33,11 @@ def _split(prompt) -> list:
 
 def _encode(item, tokenizer: Tokenizer, suffix: str | None) -> Prompt:
     """One prompt to ids; text is kept for echo."""
+    for text, param in ((item, "prompt"), (suffix, "suffix")):
+        try:
+            tokenizer.check_encodable(text) if isinstance(text, str) else None
+        except UnencodableText as exc:
+            raise invalid(f"'{param}' cannot be tokenized: {exc}.", param) from None
     if item is None:
         ids, text = tokenizer.document_start(), None
     elif isinstance(item, str):

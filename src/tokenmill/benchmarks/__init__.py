@@ -1,0 +1,1 @@
+"""Benchmarks that compare tokenmill with a baseline side by side, in one run."""
