@@ -134,3 +134,12 @@ def test_abort_frees_everything(engine):
     assert engine.runner.active == 3
     engine.abort("x")
     assert engine.runner.active == 0 and not engine.has_unfinished()
+
+
+def test_echo_logprobs_of_every_prompt_in_a_batch(engine):
+    texts = ["first prompt here", "second one"]
+    choices, _ = run(engine, "e", [prompt(engine, t) for t in texts], SamplingParams(max_tokens=2, echo=True, logprobs=1, temperature=0.0))
+    for (text, lp, _), source in zip(choices, texts):
+        n_prompt = len(engine.tokenizer.encode(source))
+        assert text.startswith(source) and len(lp) == n_prompt + 2
+        assert lp.token_logprobs[0] is None and "".join(lp.tokens[:n_prompt]) == source

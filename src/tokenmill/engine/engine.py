@@ -96,6 +96,7 @@ class Engine:
     def _prefill(self, group: PromptGroup) -> tuple[list[Sequence], torch.Tensor | None]:
         """Run a prompt once for all its candidates; return those that go on, and the last logits."""
         params, first = group.params, group.sequences[0]
+        group.prefilled = True
         scoring = params.echo and params.logprobs is not None
         if params.max_tokens == 0 and not scoring:
             return self._finish_unsampled(group), None
@@ -164,6 +165,8 @@ class Engine:
     def _deltas(group: PromptGroup) -> list[ChoiceDelta]:
         """Choice deltas of one prompt: as they come, or the best n at the end when best_of > n."""
         n = group.params.n
+        if not group.prefilled:
+            return []
         if group.params.best_of == n:
             chosen = list(enumerate(group.sequences))
         elif group.finished and not group.released:

@@ -135,6 +135,7 @@ class PromptGroup:
     echo_text: str = ""
     echo_logprobs: Logprobs | None = None
     sequences: list[Sequence] = field(default_factory=list)
+    prefilled: bool = False  # before this, nothing is sent (echo logprobs come from the prefill)
     released: bool = False  # best_of > n: the chosen candidates have been sent
 
     @property
