@@ -31,15 +31,23 @@ def train_tokenizer(fim: bool):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def build_model(kind: str, path: Path) -> Path:
-    """Save a random-weight llama (with FIM tokens) or gpt2 (without) and its tokenizer."""
+def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0) -> Path:
+    """Save a random-weight llama (with FIM tokens) or gpt2 (without) and its tokenizer.
+
+    bos: the tokenizer puts <|endoftext|> before every text; padding: extra embedding rows past the
+    tokenizer's vocabulary, as many real models have.
+    """
     import torch
+    from tokenizers import processors
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     tokenizer = train_tokenizer(fim=kind == "llama")
+    if bos:
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
     torch.manual_seed(0)
     if kind == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        config = LlamaConfig(vocab_size=len(tokenizer) + padding, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
         model = LlamaForCausalLM(config)
     else:
@@ -53,6 +61,11 @@ def build_model(kind: str, path: Path) -> Path:
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
     return build_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def bos_llama_dir(tmp_path_factory) -> Path:
+    return build_model("llama", tmp_path_factory.mktemp("tiny-llama-bos"), bos=True, padding=40)
 
 
 @pytest.fixture(scope="session")

@@ -305,3 +305,35 @@ def test_a_lone_surrogate_is_refused_as_malformed_json(llama):
     body = b'{"model": "tiny-llama", "prompt": "bad \\ud800 surrogate"}'
     response = httpx.post(llama.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
     assert "hex escape at line 1 column" in assert_error(response, 400)["message"]
+
+
+def test_suffix_without_a_prompt_inserts_at_the_start(llama):
+    out = post(llama, {"model": llama.model, "prompt": None, "suffix": "return x", "max_tokens": 2, "temperature": 0})
+    assert out.status_code == 200 and out.json()["usage"]["prompt_tokens"] == 3 + len(llama.engine.tokenizer.encode("return x"))
+
+
+def test_too_many_sequences_in_one_request_is_a_400(llama):
+    error = assert_error(post(llama, {"model": llama.model, "prompt": ["a"] * 20, "best_of": 20, "n": 1}), 400, "prompt")
+    assert "400 sequences" in error["message"]
+
+
+def test_a_failed_prefill_fails_only_its_request(llama, monkeypatch):
+    runner = llama.engine.engine.runner
+    real = runner.prefill
+
+    def prefill(seq_id, token_ids, all_logits=False):
+        if len(token_ids) == 7:  # only the victim's prompt has 7 tokens
+            raise MemoryError("simulated")
+        return real(seq_id, token_ids, all_logits)
+
+    monkeypatch.setattr(runner, "prefill", prefill)
+    long_body = {"model": llama.model, "prompt": "x", "max_tokens": 150, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", llama.url + "/v1/completions", json=long_body, timeout=60) as survivor:
+        lines = survivor.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        victim = post(llama, {"model": llama.model, "prompt": [5] * 7, "max_tokens": 5})
+        assert_error(victim, 500, type="server_error")
+        assert "MemoryError" in victim.json()["error"]["message"]
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)
+    assert llama.idle()

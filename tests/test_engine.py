@@ -143,3 +143,28 @@ def test_echo_logprobs_of_every_prompt_in_a_batch(engine):
         n_prompt = len(engine.tokenizer.encode(source))
         assert text.startswith(source) and len(lp) == n_prompt + 2
         assert lp.token_logprobs[0] is None and "".join(lp.tokens[:n_prompt]) == source
+
+
+@pytest.fixture(scope="module")
+def bos_engine(bos_llama_dir):
+    return load_engine(EngineConfig(model=str(bos_llama_dir)), str(bos_llama_dir), "bos").engine
+
+
+def test_echo_leaves_out_the_bos_the_tokenizer_added(bos_engine):
+    tok = bos_engine.tokenizer
+    ids = tok.encode("import os")
+    assert tok.added_prefix == 1 and ids[0] == 0
+    p = Prompt(tuple(ids), "import os", skip=tok.added_prefix)
+    [(text, lp, _)], out = run(bos_engine, "b", [p], SamplingParams(max_tokens=0, echo=True, logprobs=1))
+    assert text == "import os" and "".join(lp.tokens) == "import os"
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert lp.token_logprobs[0] is not None  # scored given the BOS before it
+    assert out.prompt_tokens == len(ids)
+
+
+def test_padding_ids_past_the_vocabulary_are_never_sampled(bos_engine):
+    vocab = bos_engine.tokenizer.vocab_size
+    assert bos_engine.runner.model.config.vocab_size == vocab + 40
+    params = SamplingParams(max_tokens=8, logit_bias={vocab + 5: 100.0}, logprobs=5, seed=1)
+    [(text, lp, _)], _ = run(bos_engine, "p", [prompt(bos_engine, "x")], params)
+    assert len(lp) == 8 and all(len(top) <= 6 for top in lp.top_logprobs)

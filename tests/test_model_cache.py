@@ -125,3 +125,11 @@ def test_manifest_records_sizes_and_hashes(tmp_path):
     manifest = json.loads((path / MANIFEST).read_text())
     assert set(manifest["files"]) == {"config.json", "model.safetensors"}
     assert all(len(f["sha256"]) == 64 for f in manifest["files"].values())
+
+
+def test_a_damaged_manifest_is_skipped_in_the_listing(tmp_path):
+    cache = ModelCache(tmp_path)
+    cache.ensure("good", writer([]))
+    bad = cache.ensure("bad", writer([]))
+    (bad / MANIFEST).write_text("{broken")
+    assert [e.name for e in cache.entries()] == ["good"]

@@ -34,7 +34,7 @@ def rejected(param, **fields) -> APIError:
         ("logprobs", -1), ("logprobs", 6), ("logprobs", True),
         ("max_tokens", -1), ("max_tokens", "16"), ("max_tokens", 1.0),
         ("n", 0), ("n", 129),
-        ("seed", "1"), ("seed", 2**64),
+        ("seed", "1"), ("seed", 2**63), ("logit_bias", {"²": 1}), ("logit_bias", {"--5": 1}), ("logit_bias", {" 5": 1}),
         ("stop", []), ("stop", ["a", "b", "c", "d", "e"]), ("stop", 5), ("stop", [1]),
         ("stream", "true"),
         ("suffix", 3),
@@ -75,7 +75,7 @@ def test_edges_are_accepted():
     parse(temperature=0, top_p=0, max_tokens=0, logprobs=5, n=128, frequency_penalty=-2, presence_penalty=2)
     parse(temperature=2, top_p=1, logprobs=0, n=1, best_of=20, frequency_penalty=2, presence_penalty=-2)
     parse(logit_bias={"0": -100, "5": 100, "7": 0.5}, seed=-(2**63), stop="\n", user="u")
-    parse(seed=2**64 - 1, stop=["a", "b", "c", "d"], temperature=1)
+    parse(seed=2**63 - 1, stop=["a", "b", "c", "d"], temperature=1)
 
 
 def test_best_of_below_n():
@@ -133,3 +133,14 @@ def test_extensions_are_accepted():
 
 def test_echo_with_suffix_is_rejected():
     rejected("suffix", echo=True, suffix="x")
+
+
+@pytest.mark.parametrize("body", [b"[1,2]", b"null", b'"text"', b"5"])
+def test_a_body_that_is_not_an_object_says_so(body):
+    with pytest.raises(APIError, match="must be a JSON object"):
+        parse_request(body)
+
+
+def test_an_unknown_nested_field_is_named_in_full():
+    error = rejected("stream_options.extra", stream=True, stream_options={"extra": 1})
+    assert error.message == "Unrecognized request argument supplied: stream_options.extra"

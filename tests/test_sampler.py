@@ -126,3 +126,8 @@ def test_prompt_logprobs_match_direct_computation_across_chunks():
         assert got[i][0] == pytest.approx(lp[i, ids[i + 1]].item())
         assert got[i][1] == lp[i].topk(2).indices.tolist()
     assert all(math.isfinite(g[0]) for g in got)
+
+
+def test_a_tiny_temperature_is_as_good_as_greedy():
+    logits = torch.tensor([[0.5, 3.0, 1.0, -2.0]])
+    assert sample(logits, [row(temperature=1e-40)]).tokens == [1]

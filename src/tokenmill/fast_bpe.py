@@ -79,16 +79,16 @@ def build(hf_tokenizer, token_bytes: list[bytes]) -> FastEncoder:
     encoding = tiktoken.Encoding(
         name="tokenmill", pat_str=split_pattern(spec.get("pre_tokenizer")), mergeable_ranks=ranks, special_tokens=added
     )
+    return FastEncoder(encoding, *special_affixes(hf_tokenizer))
+
+
+def special_affixes(hf_tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the post-processor puts before and after a text's own (BOS, EOS)."""
     plain = hf_tokenizer.encode("a", add_special_tokens=False)
     full = hf_tokenizer.encode("a", add_special_tokens=True)
-    at = _find(full, plain)
-    return FastEncoder(encoding, full[:at], full[at + len(plain) :])
-
-
-def _find(seq: list[int], part: list[int]) -> int:
-    for i in range(len(seq) - len(part) + 1):
-        if seq[i : i + len(part)] == part:
-            return i
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i], full[i + len(plain) :]
     raise UnsupportedTokenizer("the post-processor changes the text's own tokens")
 
 

@@ -45,3 +45,4 @@ class Prompt:
 
     token_ids: tuple[int, ...]
     text: str | None = None
+    skip: int = 0  # leading tokens the tokenizer added (BOS): context for scoring, not echoed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -63,13 +64,16 @@ class Tokenizer:
         self.fim = _find_fim(hf_tokenizer)
         self._fast = _fast_encoder(hf_tokenizer, self.token_bytes) if fast else None
         self.name = "tiktoken" if self._fast else "huggingface"
+        self.added_prefix = len(self._fast.prefix) if self._fast else _prefix_length(hf_tokenizer)
+        self._lock = threading.Lock()  # HF fast tokenizers are not safe to share between threads
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text -> ids, with the model's usual special tokens (BOS) when asked."""
         self.check_encodable(text)
         if self._fast is not None:
             return self._fast.encode(text, add_special_tokens)
-        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+        with self._lock:
+            return self.hf.encode(text, add_special_tokens=add_special_tokens)
 
     def check_encodable(self, text: str) -> None:
         """Refuse text the vocabulary cannot spell (HF would drop it silently, tiktoken panics)."""
@@ -86,7 +90,8 @@ class Tokenizer:
         """Ids -> text, special tokens included, nothing cleaned up."""
         if self.token_bytes is not None:
             return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", "replace")
-        return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        with self._lock:
+            return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def token_text(self, token_id: int) -> str:
         """One token as logprobs show it; bytes that are not whole UTF-8 as `bytes:\\x..`."""
@@ -147,6 +152,14 @@ def _fast_encoder(hf_tokenizer, token_bytes: list[bytes] | None) -> fast_bpe.Fas
         log.warning("tiktoken and the Hugging Face tokenizer differ on %d sample texts (first: %r); using Hugging Face", len(differ), differ[0][:60])
         return None
     return fast
+
+
+def _prefix_length(hf_tokenizer) -> int:
+    """How many ids the post-processor puts before a text (1 for a BOS)."""
+    try:
+        return len(fast_bpe.special_affixes(hf_tokenizer)[0])
+    except fast_bpe.UnsupportedTokenizer:
+        return 0
 
 
 def _single(token_bytes: list[bytes]) -> bytes:

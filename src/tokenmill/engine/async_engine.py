@@ -66,13 +66,13 @@ class AsyncEngine:
     def _run(self) -> None:
         """The engine thread: take commands, step while there is work, post outputs."""
         while True:
-            if not self._take_commands(block=not self.engine.has_unfinished()):
-                return
             try:
+                if not self._take_commands(block=not self.engine.has_unfinished()):
+                    return
                 outputs = self.engine.step()
-            except Exception as exc:  # a failed step fails its requests, never the server
+            except Exception as exc:  # a failed step fails the requests in it, never the thread
                 log.exception("engine step failed")
-                outputs = self._fail_all(f"The engine failed while generating: {exc}")
+                outputs = [self.engine.fail(request_id, exc) for request_id in self.engine.request_ids()]
             for output in outputs:
                 self._post(output)
 
@@ -96,17 +96,12 @@ class AsyncEngine:
         if request_id in self._outboxes:
             self.engine.add_request(request_id, prompts, params)
 
-    def _fail_all(self, message: str) -> list[RequestOutput]:
-        """Abort every request in flight with an error output."""
-        failed = []
-        for request_id in self.engine.request_ids():
-            self.engine.abort(request_id)
-            failed.append(RequestOutput(request_id, [], 0, 0, finished=True, error=message))
-        return failed
-
     def _post(self, output: RequestOutput) -> None:
         """Hand an output to its request's event loop."""
         target = self._outboxes.get(output.request_id)
         if target is not None:
             loop, outbox = target
-            loop.call_soon_threadsafe(outbox.put_nowait, output)
+            try:
+                loop.call_soon_threadsafe(outbox.put_nowait, output)
+            except RuntimeError:  # that request's event loop has closed: nobody is listening
+                self._outboxes.pop(output.request_id, None)

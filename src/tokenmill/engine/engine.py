@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import secrets
 
 import torch
@@ -16,6 +17,9 @@ from tokenmill.engine.sequence import PromptGroup, Sequence, finite
 from tokenmill.outputs import ChoiceDelta, Logprobs, RequestOutput
 from tokenmill.sampling_params import Prompt, SamplingParams
 from tokenmill.tokenizer import Tokenizer
+
+
+log = logging.getLogger(__name__)
 
 
 def candidate_seed(seed: int | None, candidate: int) -> int:
@@ -65,8 +69,13 @@ class Engine:
         if rows:
             logits.append(self.runner.decode([s.seq_id for s in rows], [s.output_ids[-1] for s in rows]))
         started: list[Sequence] = []
+        failed: list[RequestOutput] = []
         if batch.prefill is not None:
-            started, last = self._prefill(batch.prefill)
+            try:
+                started, last = self._prefill(batch.prefill)
+            except Exception as exc:  # one prompt's failure (say, out of memory) fails its request only
+                log.exception("prefill of %s failed", batch.prefill.request_id)
+                failed.append(self.fail(batch.prefill.request_id, exc))
             if started:
                 logits.append(last.expand(len(started), -1))  # [n, V], one row per candidate
                 rows += started
@@ -80,17 +89,24 @@ class Engine:
         touched = {s.group.request_id for s in rows}
         if batch.prefill is not None:
             touched.add(batch.prefill.request_id)
-        return [self._output(rid) for rid in touched if rid in self._requests]
+        return failed + [self._output(rid) for rid in touched if rid in self._requests]
+
+    def fail(self, request_id: str, exc: Exception) -> RequestOutput:
+        """Abort a request the engine could not serve; its output says so (no internals)."""
+        self.abort(request_id)
+        message = f"The server failed while generating this completion ({type(exc).__name__})."
+        return RequestOutput(request_id, [], 0, 0, finished=True, error=message)
 
     def _group(self, request_id: str, index: int, prompt: Prompt, params: SamplingParams) -> PromptGroup:
         """A prompt and its candidates, each with its own random stream."""
         echo = ""
-        if params.echo:
-            echo = prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.token_ids)
+        if params.echo:  # the text the echoed tokens spell, which is the client's when it round-trips
+            decoded = self.tokenizer.decode(prompt.token_ids[prompt.skip :])
+            echo = prompt.text if prompt.text == decoded else decoded
         group = PromptGroup(request_id, index, prompt, params, self.tokenizer.token_text, echo)
         for j in range(params.best_of):
             generator = torch.Generator(device=self.runner.device).manual_seed(candidate_seed(params.seed, j))
-            group.sequences.append(Sequence(next(self._seq_ids), group, j, self.tokenizer.decode, generator))
+            group.sequences.append(Sequence(next(self._seq_ids), group, self.tokenizer.decode, generator))
         return group
 
     def _prefill(self, group: PromptGroup) -> tuple[list[Sequence], torch.Tensor | None]:
@@ -100,9 +116,9 @@ class Engine:
         scoring = params.echo and params.logprobs is not None
         if params.max_tokens == 0 and not scoring:
             return self._finish_unsampled(group), None
-        logits = self.runner.prefill(first.seq_id, list(group.prompt.token_ids), all_logits=scoring)
+        logits = self._within_vocab(self.runner.prefill(first.seq_id, list(group.prompt.token_ids), all_logits=scoring))
         if scoring:
-            group.echo_logprobs = self._echo_logprobs(group.prompt.token_ids, logits, params.logprobs)
+            group.echo_logprobs = self._echo_logprobs(group.prompt, logits, params.logprobs)
         if params.max_tokens == 0:
             self.runner.free(first.seq_id)
             return self._finish_unsampled(group), None
@@ -117,18 +133,17 @@ class Engine:
             seq.finish("length")
         return []
 
-    def _echo_logprobs(self, ids: tuple[int, ...], logits: torch.Tensor, k: int) -> Logprobs:
-        """The prompt's own tokens with their logprobs; the first has none."""
-        out = Logprobs(tokens=[self.tokenizer.token_text(t) for t in ids])
-        detok, offset = Detokenizer(self.tokenizer.decode), 0
-        for token in ids:
+    def _echo_logprobs(self, prompt: Prompt, logits: torch.Tensor, k: int) -> Logprobs:
+        """The echoed prompt tokens with their logprobs; a token with no context before it has none."""
+        ids = prompt.token_ids
+        scores = [None, *prompt_logprobs(logits, list(ids), k)]  # position i: log p(ids[i] | ids[:i])
+        out, detok, offset = Logprobs(), Detokenizer(self.tokenizer.decode), 0
+        for token, score in zip(ids[prompt.skip :], scores[prompt.skip :]):
+            out.tokens.append(self.tokenizer.token_text(token))
             out.text_offset.append(offset)
             offset += len(detok.add(token))
-        out.token_logprobs.append(None)
-        out.top_logprobs.append(None)
-        for token, (lp, top_ids, top_lps) in zip(ids[1:], prompt_logprobs(logits, list(ids), k)):
-            out.token_logprobs.append(finite(lp))
-            out.top_logprobs.append(self._top(token, lp, top_ids, top_lps))
+            out.token_logprobs.append(None if score is None else finite(score[0]))
+            out.top_logprobs.append(None if score is None else self._top(token, *score))
         return out
 
     def _top(self, token: int, logprob: float, top_ids: list[int], top_lps: list[float]) -> dict[str, float]:
@@ -137,10 +152,18 @@ class Engine:
         top.setdefault(self.tokenizer.token_text(token), finite(logprob))
         return top
 
+    def _within_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits [.., V] with the ids past the tokenizer's vocabulary (padding) made impossible."""
+        if logits.shape[-1] <= self.tokenizer.vocab_size:
+            return logits
+        logits = logits.clone()
+        logits[..., self.tokenizer.vocab_size :] = float("-inf")
+        return logits
+
     def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per row and hand it to its sequence."""
         batch = [SamplingRow(s.params, s.group.prompt.token_ids, s.output_ids, s.generator, self.eos_ids) for s in rows]
-        out = sample(logits, batch)
+        out = sample(self._within_vocab(logits), batch)
         for i, seq in enumerate(rows):
             token, lp, k = out.tokens[i], out.logprobs[i], seq.params.logprobs
             top = None if k is None else self._top(token, lp, out.top_ids[i][:k], out.top_logprobs[i][:k])

@@ -102,7 +102,8 @@ def draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         return greedy
     sub = [rows[i] for i in hot]
     temperature = logits.new_tensor([r.params.temperature for r in sub])[:, None]
-    probs = torch.softmax(truncate(logits[hot] / temperature, sub), dim=-1)  # [H, V]
+    shifted = logits[hot] - logits[hot].max(dim=-1, keepdim=True).values  # <= 0: no overflow at tiny T
+    probs = torch.softmax(truncate(shifted / temperature, sub), dim=-1)  # [H, V]
     # argmax(p / E), E ~ Exp(1), is a draw from p; each row's E comes from its own generator
     # so that a seeded request's tokens do not depend on what else is in the batch.
     noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=r.generator) for r in sub])

@@ -35,18 +35,11 @@ class Scheduler:
         """Prefilled sequences that still have tokens to make join the decode set."""
         self.running += [s for s in sequences if not s.finished]
 
-    def retire(self) -> list[Sequence]:
-        """Drop finished sequences from the decode set; return them."""
-        done = [s for s in self.running if s.finished]
+    def retire(self) -> None:
+        """Drop finished sequences from the decode set."""
         self.running = [s for s in self.running if not s.finished]
-        return done
 
-    def remove_request(self, request_id: str) -> list[Sequence]:
-        """Forget a request's prompts and sequences; return the running ones."""
+    def remove_request(self, request_id: str) -> None:
+        """Forget a request's waiting prompts and running sequences."""
         self.waiting = deque(g for g in self.waiting if g.request_id != request_id)
-        gone = [s for s in self.running if s.group.request_id == request_id]
         self.running = [s for s in self.running if s.group.request_id != request_id]
-        return gone
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)

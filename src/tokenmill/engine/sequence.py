@@ -21,10 +21,9 @@ def finite(logprob: float) -> float:
 class Sequence:
     """One candidate completion of one prompt."""
 
-    def __init__(self, seq_id: int, group: PromptGroup, candidate: int, decode, generator=None):
+    def __init__(self, seq_id: int, group: PromptGroup, decode, generator=None):
         self.seq_id = seq_id
         self.group = group
-        self.candidate = candidate  # j in 0..best_of-1
         self.generator = generator  # the engine's per-sequence random stream
         self.output_ids: list[int] = []
         self.logprob_sum = 0.0
@@ -71,9 +70,13 @@ class Sequence:
             self.finish("length")
 
     def finish(self, reason: str) -> None:
-        """End the sequence; what the detokenizer held back is now final."""
+        """End the sequence; what the detokenizer held back is final, and may hold a stop string."""
         if not self._cut:
+            start = len(self.text)
             self.text += self._detok.flush()
+            cut = self._stop.find(self.text, start)
+            if cut >= 0:
+                self.text, self._cut, reason = self.text[:cut], True, "stop"
         self.finish_reason = reason
 
     def take_delta(self) -> tuple[str, Logprobs | None, str | None]:

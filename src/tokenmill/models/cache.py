@@ -71,12 +71,15 @@ class ModelCache:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def entries(self) -> list[Entry]:
-        """Every verified model in the cache."""
+        """Every model in the cache with a readable manifest (files are verified when used)."""
         found = []
         for manifest in sorted(self.root.glob(f"*/{MANIFEST}")):
-            data = json.loads(manifest.read_text())
-            size = sum(f["size"] for f in data["files"].values())
-            found.append(Entry(data["name"], manifest.parent, size, data["source"]))
+            try:
+                data = json.loads(manifest.read_text())
+                size = sum(f["size"] for f in data["files"].values())
+                found.append(Entry(data["name"], manifest.parent, size, data["source"]))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                log.warning("%s is damaged; the next use of that model fetches it again", manifest)
         return found
 
     def _publish(self, tmp: Path, name: str) -> Path:
@@ -91,9 +94,12 @@ class ModelCache:
 
     def _clean_partials(self) -> None:
         """Remove builds that were interrupted long ago; recent ones may still be running."""
-        for partial in self.root.glob(".*.partial-*"):
-            if time.time() - partial.stat().st_mtime > STALE_PARTIAL_SECONDS:
-                shutil.rmtree(partial, ignore_errors=True)
+        for partial in [*self.root.glob(".*.partial-*"), *self.root.glob(".download-*")]:
+            try:
+                if time.time() - partial.stat().st_mtime > STALE_PARTIAL_SECONDS:
+                    shutil.rmtree(partial, ignore_errors=True)
+            except FileNotFoundError:  # another process cleaned it first
+                pass
 
 
 def file_digest(path: Path) -> str:

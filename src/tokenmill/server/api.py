@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Protocol
 
 from fastapi import Depends, FastAPI, Request
@@ -109,18 +109,22 @@ async def _complete(request: Request, outputs: AsyncIterator[RequestOutput], hea
     acc = Accumulator(prompts * body.n_, body.logprobs is not None)
 
     async def collect() -> None:
-        async for output in outputs:
-            if output.error:
-                raise errors.server_error(output.error)
-            acc.add(output)
+        async with aclosing(outputs):  # closing it early aborts the request in the engine
+            async for output in outputs:
+                if output.error:
+                    raise errors.server_error(output.error)
+                acc.add(output)
 
     work = asyncio.ensure_future(collect())
     gone = asyncio.ensure_future(_disconnected(request))
-    await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if not work.done():
-        work.cancel()  # closes `outputs`, which aborts the request in the engine
-        return Response(status_code=499)
-    gone.cancel()
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled():
+        return Response(status_code=499)  # the client has gone; nobody reads this
     work.result()
     return JSONResponse(header.completion(acc.choices(), usage_of(acc.last)).model_dump())
 
@@ -134,15 +138,16 @@ async def _disconnected(request: Request) -> None:
 async def _stream(outputs: AsyncIterator[RequestOutput], header: Header, include_usage: bool):
     """Server-sent events: one chunk per choice delta, usage last if asked, then [DONE]."""
     try:
-        async for output in outputs:
-            if output.error:
-                yield _event(errors.server_error(output.error).body())
-                break
-            for delta in output.choices:
-                chunk = header.completion([choice_of(delta)])
-                yield _event(chunk.model_dump(exclude=None if include_usage else {"usage"}))
-            if output.finished and include_usage:
-                yield _event(header.completion([], usage_of(output)).model_dump())
+        async with aclosing(outputs):  # a client that leaves cancels this, which aborts the request
+            async for output in outputs:
+                if output.error:
+                    yield _event(errors.server_error(output.error).body())
+                    break
+                for delta in output.choices:
+                    chunk = header.completion([choice_of(delta)])
+                    yield _event(chunk.model_dump(exclude=None if include_usage else {"usage"}))
+                if output.finished and include_usage:
+                    yield _event(header.completion([], usage_of(output)).model_dump())
     except Exception:  # after the 200 has gone out, an error can only be an event
         log.exception("stream %s failed", header.id)
         yield _event(errors.server_error().body())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
@@ -37,11 +36,13 @@ def from_validation(exc: ValidationError) -> APIError:
     """The first pydantic complaint, named after the request field it is about."""
     error = exc.errors()[0]
     loc = [str(part) for part in error["loc"]]
-    if error["type"] == "extra_forbidden":
-        return invalid(f"Unrecognized request argument supplied: {loc[-1]}", param=loc[-1])
     if error["type"] == "json_invalid":
         return invalid(f"{_BAD_JSON} Parser: {error.get('ctx', {}).get('error', error['msg'])}.")
+    if not loc:
+        return invalid("The request body must be a JSON object with 'model' and 'prompt'.")
     param = _param(loc)
+    if error["type"] == "extra_forbidden":
+        return invalid(f"Unrecognized request argument supplied: {param}", param=param)
     if error["type"] == "missing":
         return invalid(f"Missing required parameter: '{param}'.", param=param)
     if param == "prompt":
@@ -57,7 +58,7 @@ _BAD_JSON = (
 _PROMPT_TYPES = "'prompt' must be a string, an array of strings, an array of token ids, or an array of token-id arrays."
 
 
-def _param(loc: list[str]) -> str:
+def _param(loc: list[str]) -> str | None:
     """('stream_options', 'include_usage') -> 'stream_options.include_usage'; union branches dropped."""
     kept = [p for p in loc if not p.isdigit() and "[" not in p and p not in ("str", "int", "float", "bool")]
     if kept and kept[0] == "logit_bias":
@@ -71,10 +72,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return JSONResponse(exc.body(), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError):
-        return JSONResponse(invalid(str(exc.errors()[0].get("msg"))).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):

@@ -7,16 +7,22 @@ from tokenmill.server.errors import invalid
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.tokenizer import Tokenizer, UnencodableText
 
+MAX_SEQUENCES = 256  # prompts x best_of in one request; each holds its own KV cache
+
 
 def encode_prompts(request: CompletionRequest, tokenizer: Tokenizer, max_model_len: int) -> list[Prompt]:
     """Every prompt of a request, tokenized, wrapped for fill-in-the-middle, and length-checked."""
-    if request.suffix and tokenizer.fim is None:
-        raise invalid("This model cannot insert text: its tokenizer has no fill-in-the-middle tokens, so 'suffix' is not supported.", "suffix")
-    prompts = [_encode(item, tokenizer, request.suffix) for item in _split(request.prompt)]
-    max_tokens = 16 if request.max_tokens is None else request.max_tokens
+    if request.suffix:
+        if tokenizer.fim is None:
+            raise invalid("This model cannot insert text: its tokenizer has no fill-in-the-middle tokens, so 'suffix' is not supported.", "suffix")
+        _checked(tokenizer.check_encodable, request.suffix, "suffix")
+    items = _split(request.prompt)
+    if len(items) * request.best_of_ > MAX_SEQUENCES:
+        raise invalid(f"This request asks for {len(items) * request.best_of_} sequences (prompts x best_of); at most {MAX_SEQUENCES} are served at once.", "prompt")
+    prompts = [_encode(item, tokenizer, request.suffix) for item in items]
     for prompt in prompts:
         _check_ids(prompt.token_ids, tokenizer.vocab_size, "prompt")
-        _check_length(len(prompt.token_ids), max_tokens, max_model_len)
+        _check_length(len(prompt.token_ids), request.max_tokens_, max_model_len)
     for key in request.logit_bias or {}:
         _check_ids([int(key)], tokenizer.vocab_size, "logit_bias")
     return prompts
@@ -33,22 +39,23 @@ def _split(prompt) -> list:
 
 def _encode(item, tokenizer: Tokenizer, suffix: str | None) -> Prompt:
     """One prompt to ids; text is kept for echo."""
-    for text, param in ((item, "prompt"), (suffix, "suffix")):
-        try:
-            tokenizer.check_encodable(text) if isinstance(text, str) else None
-        except UnencodableText as exc:
-            raise invalid(f"'{param}' cannot be tokenized: {exc}.", param) from None
-    if item is None:
-        ids, text = tokenizer.document_start(), None
-    elif isinstance(item, str):
-        ids, text = tokenizer.encode(item, add_special_tokens=not suffix), item
-    else:
-        ids, text = list(item), None
     if suffix:
-        ids, text = tokenizer.encode_fim(ids, suffix), None
-    if not ids:
-        ids = tokenizer.document_start()
-    return Prompt(tuple(ids), text)
+        prefix = [] if item is None else list(item) if isinstance(item, list) else _checked(tokenizer.encode, item, "prompt", False)
+        return Prompt(tuple(tokenizer.encode_fim(prefix, suffix)))
+    if item is None:
+        return Prompt(tuple(tokenizer.document_start()))
+    if isinstance(item, list):
+        return Prompt(tuple(item))
+    ids = _checked(tokenizer.encode, item, "prompt") or tokenizer.document_start()
+    return Prompt(tuple(ids), item, skip=tokenizer.added_prefix if ids else 0)
+
+
+def _checked(fn, text: str, param: str, *args):
+    """fn(text), with text the vocabulary cannot spell answered as a 400 naming `param`."""
+    try:
+        return fn(text, *args)
+    except UnencodableText as exc:
+        raise invalid(f"'{param}' cannot be tokenized: {exc}.", param) from None
 
 
 def _check_ids(ids, vocab_size: int, param: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,7 +34,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int | None = Field(16, ge=0)
     n: int | None = Field(1, ge=1, le=128)
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # int64
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -51,6 +52,10 @@ class CompletionRequest(BaseModel):
     @property
     def n_(self) -> int:
         return 1 if self.n is None else self.n
+
+    @property
+    def max_tokens_(self) -> int:
+        return 16 if self.max_tokens is None else self.max_tokens
 
     @property
     def best_of_(self) -> int:
@@ -92,7 +97,7 @@ def check_request(r: CompletionRequest) -> None:
     if r.suffix and r.echo:
         raise invalid("echo cannot be combined with suffix.", "suffix")
     for key, value in (r.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit():
+        if not re.fullmatch(r"-?[0-9]{1,18}", key):
             raise invalid(f"Invalid key in 'logit_bias': {key!r} is not a token id.", "logit_bias")
         if not -100 <= value <= 100:
             raise invalid(f"Invalid value in 'logit_bias' for token {key}: {value} is outside -100..100.", "logit_bias")
@@ -101,7 +106,7 @@ def check_request(r: CompletionRequest) -> None:
 def to_sampling_params(r: CompletionRequest) -> SamplingParams:
     """The engine's view of a request: defaults resolved, no pydantic."""
     return SamplingParams(
-        max_tokens=16 if r.max_tokens is None else r.max_tokens,
+        max_tokens=r.max_tokens_,
         temperature=1.0 if r.temperature is None else r.temperature,
         top_p=1.0 if r.top_p is None else r.top_p,
         presence_penalty=r.presence_penalty or 0.0,
@@ -150,17 +155,6 @@ class Completion(BaseModel):
     system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorDetail
 
 
 __all__ = ["APIError", "Completion", "CompletionRequest", "parse_request", "to_sampling_params"]
