@@ -65,31 +65,32 @@ class Engine:
         """Prefill one prompt, decode every running sequence, sample, and report."""
         batch = self.scheduler.schedule()
         rows: list[Sequence] = list(batch.decode)
-        logits = []
-        if rows:
-            logits.append(self.runner.decode([s.seq_id for s in rows], [s.output_ids[-1] for s in rows]))
-        started: list[Sequence] = []
-        failed: list[RequestOutput] = []
-        if batch.prefill is not None:
-            try:
-                started, last = self._prefill(batch.prefill)
-            except Exception as exc:  # one prompt's failure (say, out of memory) fails its request only
-                log.exception("prefill of %s failed", batch.prefill.request_id)
-                failed.append(self.fail(batch.prefill.request_id, exc))
-            if started:
-                logits.append(last.expand(len(started), -1))  # [n, V], one row per candidate
-                rows += started
+        logits = [self.runner.decode([s.seq_id for s in rows], [s.output_ids[-1] for s in rows])] if rows else []
+        started, last, failed = self._start(batch.prefill) if batch.prefill else ([], None, [])
+        if started:
+            rows += started
+            logits.append(last.expand(len(started), -1))  # [n, V], one row per candidate
         if rows:
             self._sample(rows, torch.cat(logits))
+        self._retire(rows, started)
+        touched = {s.group.request_id for s in rows} | ({batch.prefill.request_id} if batch.prefill else set())
+        return failed + [self._output(rid) for rid in touched if rid in self._requests]
+
+    def _start(self, group: PromptGroup) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
+        """Prefill a prompt; if that fails (say, out of memory), fail its request only."""
+        try:
+            return (*self._prefill(group), [])
+        except Exception as exc:
+            log.exception("prefill of %s failed", group.request_id)
+            return [], None, [self.fail(group.request_id, exc)]
+
+    def _retire(self, rows: list[Sequence], started: list[Sequence]) -> None:
+        """New sequences join the decode set; finished ones leave it and free their caches."""
         self.scheduler.start(started)
         self.scheduler.retire()
         for seq in rows:
             if seq.finished:
                 self.runner.free(seq.seq_id)
-        touched = {s.group.request_id for s in rows}
-        if batch.prefill is not None:
-            touched.add(batch.prefill.request_id)
-        return failed + [self._output(rid) for rid in touched if rid in self._requests]
 
     def fail(self, request_id: str, exc: Exception) -> RequestOutput:
         """Abort a request the engine could not serve; its output says so (no internals)."""
