@@ -168,3 +168,19 @@ def test_padding_ids_past_the_vocabulary_are_never_sampled(bos_engine):
     params = SamplingParams(max_tokens=8, logit_bias={vocab + 5: 100.0}, logprobs=5, seed=1)
     [(text, lp, _)], _ = run(bos_engine, "p", [prompt(bos_engine, "x")], params)
     assert len(lp) == 8 and all(len(top) <= 6 for top in lp.top_logprobs)
+
+
+def test_a_sentencepiece_style_tokenizer_works_through_the_hf_path(metaspace_llama_dir):
+    engine = load_engine(EngineConfig(model=str(metaspace_llama_dir)), str(metaspace_llama_dir), "sp").engine
+    assert engine.tokenizer.name == "huggingface" and engine.tokenizer.token_bytes is None
+    tok = AutoTokenizer.from_pretrained(metaspace_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(metaspace_llama_dir, dtype=torch.float32).eval()
+    text = "def main(self, value):"
+    ids = tok(text, return_tensors="pt").input_ids
+    ref = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
+    [(got, lp, _)], _ = run(engine, "sp", [prompt(engine, text)], SamplingParams(max_tokens=20, temperature=0.0, logprobs=0))
+    full = tok.decode(torch.cat([ids[0], ref]), skip_special_tokens=True)
+    assert text + got == full  # deltas keep the spaces a word-initial piece carries
+    assert lp.text_offset == sorted(lp.text_offset)
+    [(echoed, _, _)], _ = run(engine, "e", [prompt(engine, text)], SamplingParams(max_tokens=0, echo=True, logprobs=0))
+    assert echoed == text
