@@ -53,6 +53,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan)
     errors.install(app)
     started = int(time.time())
+    system_fingerprint = fingerprint(engine.info)  # fixed for the life of the app
     auth = [Depends(_bearer(config.api_key))]
 
     @app.get("/health")
@@ -73,7 +74,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         body = parse_request(await request.body())
         _check_model(engine.info, body.model)
         prompts = encode_prompts(body, engine.tokenizer, engine.info.max_model_len)
-        header = Header(engine.info.name, fingerprint(engine.info))
+        header = Header(engine.info.name, system_fingerprint)
         outputs = engine.generate(header.id, prompts, to_sampling_params(body))
         if body.stream:
             return EventSourceResponse(_stream(outputs, header, body.include_usage), sep="\n", ping=15)
