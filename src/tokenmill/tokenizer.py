@@ -62,7 +62,7 @@ class Tokenizer:
         self.token_bytes = _byte_level_table(hf_tokenizer)  # None unless byte-level BPE
         self._single_bytes = _single(self.token_bytes) if self.token_bytes else b""
         self.fim = _find_fim(hf_tokenizer)
-        self._fast = _fast_encoder(hf_tokenizer, self.token_bytes) if fast else None
+        self._fast = _fast_encoder(hf_tokenizer, self.token_bytes, self._single_bytes) if fast else None
         self.name = "tiktoken" if self._fast else "huggingface"
         self.added_prefix = len(self._fast.prefix) if self._fast else _prefix_length(hf_tokenizer)
         self._lock = threading.Lock()  # HF fast tokenizers are not safe to share between threads
@@ -137,7 +137,7 @@ def _byte_level_table(hf_tokenizer) -> list[bytes] | None:
     return table
 
 
-def _fast_encoder(hf_tokenizer, token_bytes: list[bytes] | None) -> fast_bpe.FastEncoder | None:
+def _fast_encoder(hf_tokenizer, token_bytes: list[bytes] | None, single_bytes: bytes) -> fast_bpe.FastEncoder | None:
     """tiktoken when it gives the same ids as the HF tokenizer on the check sample, else None."""
     if token_bytes is None:
         return None
@@ -146,7 +146,7 @@ def _fast_encoder(hf_tokenizer, token_bytes: list[bytes] | None) -> fast_bpe.Fas
     except fast_bpe.UnsupportedTokenizer as exc:
         log.info("tiktoken cannot express this tokenizer (%s); using the Hugging Face tokenizer", exc)
         return None
-    sample = [t for t in fast_bpe.load_sample(hf_tokenizer) if not t.encode().translate(None, _single(token_bytes))]
+    sample = [t for t in fast_bpe.load_sample(hf_tokenizer) if not t.encode().translate(None, single_bytes)]
     differ = fast_bpe.mismatches(fast, hf_tokenizer, sample)
     if differ:
         log.warning("tiktoken and the Hugging Face tokenizer differ on %d sample texts (first: %r); using Hugging Face", len(differ), differ[0][:60])

@@ -152,4 +152,7 @@ def _convert(gguf: Path, out: Path) -> str:
 
 def _empty(directory: Path) -> None:
     for child in directory.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

@@ -40,7 +40,10 @@ def _split(prompt) -> list:
 def _encode(item, tokenizer: Tokenizer, suffix: str | None) -> Prompt:
     """One prompt to ids; text is kept for echo."""
     if suffix:
-        prefix = [] if item is None else list(item) if isinstance(item, list) else _checked(tokenizer.encode, item, "prompt", False)
+        if isinstance(item, str):
+            prefix = _checked(tokenizer.encode, item, "prompt", False)
+        else:
+            prefix = list(item or [])
         return Prompt(tuple(tokenizer.encode_fim(prefix, suffix)))
     if item is None:
         return Prompt(tuple(tokenizer.document_start()))
