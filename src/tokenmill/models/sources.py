@@ -85,8 +85,9 @@ def pull_default(cache: ModelCache) -> Path:
 
 def pull_hub(cache: ModelCache, repo_id: str) -> Path:
     """A hub model into the cache, or a clear error when the hub cannot be reached."""
-    if not hub_reachable(repo_id):
-        raise FetchError(f"{repo_id} is not cached and the Hugging Face Hub cannot be reached")
+    refusal = hub_refusal(repo_id)
+    if refusal is not None:
+        raise FetchError(f"{repo_id} is not cached, and {refusal}")
 
     def build(out: Path) -> str:
         download_hub(repo_id, out)
@@ -97,16 +98,26 @@ def pull_hub(cache: ModelCache, repo_id: str) -> Path:
 
 def hub_reachable(repo_id: str) -> bool:
     """Whether the hub answers for this repository (fast to say no when offline)."""
+    return hub_refusal(repo_id) is None
+
+
+def hub_refusal(repo_id: str) -> str | None:
+    """Why the hub will not give this repository (for a person), or None when it will."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
+        return "the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE is set)"
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
         HfApi().model_info(repo_id, timeout=10)
-        return True
-    except Exception as exc:  # offline, refused, unknown repository: all mean "not from the hub"
+        return None
+    except GatedRepoError:
+        return "the Hugging Face Hub says it is gated: accept its terms and log in (HF_TOKEN)"
+    except RepositoryNotFoundError:
+        return "the Hugging Face Hub has no such repository (or it is private: log in with HF_TOKEN)"
+    except Exception as exc:  # offline, refused, timed out: all mean "not from the hub"
         log.info("the Hugging Face Hub does not answer for %s (%s)", repo_id, str(exc)[:120])
-        return False
+        return "the Hugging Face Hub cannot be reached"
 
 
 def download_hub(repo_id: str, out: Path) -> None:
