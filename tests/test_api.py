@@ -85,6 +85,13 @@ def test_stream_finish_reason_only_on_the_last_chunk_of_each_choice(llama):
     assert all("usage" not in c for c in chunks)
 
 
+@pytest.mark.parametrize("options", [{}, {"include_usage": False}, {"include_usage": None}])
+def test_stream_options_without_include_usage_send_no_usage(llama, options):
+    body = {"model": llama.model, "prompt": "x", "max_tokens": 3, "stream": True, "stream_options": options}
+    chunks = events(post(llama, body))
+    assert chunks[-1] == "[DONE]" and all("usage" not in c and c["choices"] for c in chunks[:-1])
+
+
 def test_stream_include_usage(llama):
     body = {"model": llama.model, "prompt": "x", "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
     chunks = events(post(llama, body))
