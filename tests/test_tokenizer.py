@@ -1,8 +1,10 @@
 """The fast tokenizer: tiktoken built from the model's vocabulary gives the HF tokenizer's ids."""
 
 import glob
+import json
 import logging
 import os
+import shutil
 import sysconfig
 
 import pytest
@@ -94,3 +96,21 @@ def test_text_the_vocabulary_cannot_spell_is_refused():
     with pytest.raises(UnencodableText, match="surrogate"):
         tok.encode("x\ud800")
     assert tok.encode("abc") == hf.encode("abc")
+
+
+def test_a_pre_tokenizer_transformers_rebuilds_away_is_restored(llama_dir, tmp_path):
+    # Hub repositories such as SmolLM2's name tokenizer_class GPT2Tokenizer; transformers 5 then
+    # rebuilds the pre-tokenizer and drops tokenizer.json's Digits split.
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.loader import load_engine
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama_dir, model_dir)
+    raw = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    raw.save(str(model_dir / "tokenizer.json"))
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
+    tokenizer = load_engine(EngineConfig(model=str(model_dir)), str(model_dir), "digits").tokenizer
+    for text in ["x = 12345 + 678", *CORPUS]:
+        assert tokenizer.encode(text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids, text
