@@ -31,6 +31,7 @@ def rejected(param, **fields) -> APIError:
         ("frequency_penalty", -2.01), ("frequency_penalty", 2.5), ("frequency_penalty", "0"),
         ("presence_penalty", -3), ("presence_penalty", 2.0001),
         ("logit_bias", {"1": 101}), ("logit_bias", {"1": -100.5}), ("logit_bias", {"a": 1}), ("logit_bias", {"1": "x"}), ("logit_bias", [1]),
+        ("logit_bias", {"7": 0.5}), ("top_k", 2**31), ("top_k", -2),
         ("logprobs", -1), ("logprobs", 6), ("logprobs", True),
         ("max_tokens", -1), ("max_tokens", "16"), ("max_tokens", 1.0),
         ("n", 0), ("n", 129),
@@ -74,7 +75,7 @@ def test_nulls_mean_defaults():
 def test_edges_are_accepted():
     parse(temperature=0, top_p=0, max_tokens=0, logprobs=5, n=128, frequency_penalty=-2, presence_penalty=2)
     parse(temperature=2, top_p=1, logprobs=0, n=1, best_of=20, frequency_penalty=2, presence_penalty=-2)
-    parse(logit_bias={"0": -100, "5": 100, "7": 0.5}, seed=-(2**63), stop="\n", user="u")
+    parse(logit_bias={"0": -100, "5": 100, "7": 0}, seed=-(2**63), stop="\n", user="u")
     parse(seed=2**63 - 1, stop=["a", "b", "c", "d"], temperature=1)
 
 

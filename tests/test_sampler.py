@@ -128,6 +128,7 @@ def test_prompt_logprobs_match_direct_computation_across_chunks():
     assert all(math.isfinite(g[0]) for g in got)
 
 
-def test_a_tiny_temperature_is_as_good_as_greedy():
+@pytest.mark.parametrize("temperature", [1e-6, 1e-40, 1e-46, 5e-324])  # the last two are 0 in float32
+def test_a_tiny_temperature_is_as_good_as_greedy(temperature):
     logits = torch.tensor([[0.5, 3.0, 1.0, -2.0]])
-    assert sample(logits, [row(temperature=1e-40)]).tokens == [1]
+    assert sample(logits, [row(temperature=temperature)]).tokens == [1]

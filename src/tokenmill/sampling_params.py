@@ -5,6 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# A temperature this small already puts all the mass on the top token (a logit gap of 0.001 is
+# e^-100 apart); smaller ones underflow to 0 in float32 and would divide 0 by 0.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling settings; already validated at the HTTP edge."""
@@ -35,8 +40,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Temperature 0 means the most likely token, always."""
-        return self.temperature == 0.0
+        """Temperature 0 (or below GREEDY_BELOW) means the most likely token, always."""
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

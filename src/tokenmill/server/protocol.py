@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.server.errors import APIError, from_validation, invalid
+from tokenmill.server.errors import APIError, clip, from_validation, invalid
 
 MAX_STOP = 4
 Strict = ConfigDict(extra="forbid", strict=True)
@@ -29,7 +29,7 @@ class CompletionRequest(BaseModel):
     best_of: int | None = Field(None, ge=0, le=20)
     echo: bool | None = False
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, int] | None = None
     logprobs: int | None = Field(None, ge=0, le=5)
     max_tokens: int | None = Field(16, ge=0)
     n: int | None = Field(1, ge=1, le=128)
@@ -46,7 +46,7 @@ class CompletionRequest(BaseModel):
     # --- Extensions (vLLM's names; `vllm bench serve` sends them). Not part of OpenAI's API. ---
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    top_k: int = Field(0, ge=-1)  # 0 or -1: off
+    top_k: int = Field(0, ge=-1, le=2**31 - 1)  # 0 or -1: off
     repetition_penalty: float = Field(1.0, gt=0, le=10)
 
     @property
@@ -98,7 +98,7 @@ def check_request(r: CompletionRequest) -> None:
         raise invalid("echo cannot be combined with suffix.", "suffix")
     for key, value in (r.logit_bias or {}).items():
         if not re.fullmatch(r"-?[0-9]{1,18}", key):
-            raise invalid(f"Invalid key in 'logit_bias': {key!r} is not a token id.", "logit_bias")
+            raise invalid(f"Invalid key in 'logit_bias': {clip(repr(key))} is not a token id.", "logit_bias")
         if not -100 <= value <= 100:
             raise invalid(f"Invalid value in 'logit_bias' for token {key}: {value} is outside -100..100.", "logit_bias")
 
