@@ -2,6 +2,9 @@
 
 import asyncio
 import json
+import logging
+import socket
+import time
 
 import httpx
 import openai
@@ -193,6 +196,33 @@ def test_client_mistakes_are_400s_naming_the_parameter(llama, body, param):
 def test_malformed_json_is_a_400(llama):
     response = httpx.post(llama.url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert_error(response, 400)
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(llama, monkeypatch):
+    monkeypatch.setattr(llama.engine.tokenizer, "encode", lambda *a: pytest.fail("tokenized"))
+    error = assert_error(post(llama, {"model": llama.model, "prompt": "def f(x): return x\n" * 100_000}), 400, "prompt", "context_length_exceeded")
+    assert "1900000 characters, which is at least" in error["message"] and "256 tokens" in error["message"]
+
+
+def test_error_messages_quote_a_client_value_briefly(llama):
+    error = assert_error(post(llama, {"model": "m" * 1_000_000, "prompt": "x"}), 404, "model", "model_not_found")
+    assert len(error["message"]) < 300 and "1000000 characters" in error["message"]
+
+
+def test_head_answers_where_get_does_and_no_route_redirects(llama):
+    assert httpx.head(llama.url + "/health").status_code == 200
+    assert httpx.head(llama.url + "/v1/models").status_code == 200
+    assert_error(httpx.post(llama.url + "/v1/completions/", json={"model": llama.model, "prompt": "x"}), 404)
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_not_an_error(llama, caplog):
+    host, port = llama.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\"")
+        time.sleep(0.2)
+    time.sleep(0.3)
+    assert post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 2}).status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_unknown_model_is_a_404(llama):

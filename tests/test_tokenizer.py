@@ -114,3 +114,15 @@ def test_a_pre_tokenizer_transformers_rebuilds_away_is_restored(llama_dir, tmp_p
     tokenizer = load_engine(EngineConfig(model=str(model_dir)), str(model_dir), "digits").tokenizer
     for text in ["x = 12345 + 678", *CORPUS]:
         assert tokenizer.encode(text, add_special_tokens=False) == raw.encode(text, add_special_tokens=False).ids, text
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "metaspace_llama_dir"])
+def test_no_text_takes_fewer_tokens_than_its_length_over_the_longest_token(fixture, request):
+    # The server refuses huge prompts before tokenizing them on this bound; it must never refuse one that fits.
+    from transformers import AutoTokenizer
+
+    tok = TokenmillTokenizer(AutoTokenizer.from_pretrained(request.getfixturevalue(fixture)))
+    assert 1 < tok.max_token_chars < 100
+    longest = max(range(tok.vocab_size), key=lambda i: len(tok.decode([i])))
+    for text in CORPUS + stdlib_text() + [tok.decode([longest]) * 50]:
+        assert len(text) <= tok.max_token_chars * len(tok.encode(text, add_special_tokens=False)), text[:80]

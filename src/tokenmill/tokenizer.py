@@ -36,6 +36,14 @@ class FimTokens:
     middle: int
 
 
+def _longest_token(hf_tokenizer, token_bytes: list[bytes] | None) -> int:
+    """The most characters one token can stand for: a text of N characters is at least N / this tokens."""
+    if token_bytes is not None:  # byte-level: one byte or more per character
+        return max(map(len, token_bytes))
+    pieces = hf_tokenizer.convert_ids_to_tokens(list(range(len(hf_tokenizer))))  # SentencePiece: one per character
+    return max((len(p) for p in pieces if p), default=1)
+
+
 @lru_cache(maxsize=1)
 def _unicode_to_byte() -> dict[str, int]:
     """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
@@ -64,6 +72,7 @@ class Tokenizer:
         self.fim = _find_fim(hf_tokenizer)
         self._fast = _fast_encoder(hf_tokenizer, self.token_bytes, self._single_bytes) if fast else None
         self.name = "tiktoken" if self._fast else "huggingface"
+        self.max_token_chars = _longest_token(hf_tokenizer, self.token_bytes)
         self.added_prefix = len(self._fast.prefix) if self._fast else _prefix_length(hf_tokenizer)
         self._lock = threading.Lock()  # HF fast tokenizers are not safe to share between threads
 

@@ -12,6 +12,7 @@ from contextlib import aclosing, asynccontextmanager
 from typing import Protocol
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
@@ -20,7 +21,7 @@ from tokenmill.config import ServerConfig
 from tokenmill.outputs import ModelInfo, RequestOutput
 from tokenmill.sampling_params import Prompt, SamplingParams
 from tokenmill.server import errors
-from tokenmill.server.errors import APIError
+from tokenmill.server.errors import APIError, clip
 from tokenmill.server.prompts import encode_prompts
 from tokenmill.server.protocol import CompletionRequest, parse_request, to_sampling_params
 from tokenmill.server.responses import Accumulator, Header, choice_of, fingerprint, usage_of
@@ -50,21 +51,21 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         yield
         engine.shutdown()
 
-    app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan, redirect_slashes=False)
     errors.install(app)
     started = int(time.time())
     system_fingerprint = fingerprint(engine.info)  # fixed for the life of the app
     auth = [Depends(_bearer(config.api_key))]
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok"}
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=auth)
     async def list_models():
         return {"object": "list", "data": [_model_card(engine.info, started)]}
 
-    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"], dependencies=auth)
     async def get_model(model_id: str):
         _check_model(engine.info, model_id)
         return _model_card(engine.info, started)
@@ -73,7 +74,8 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def create_completion(request: Request):
         body = parse_request(await request.body())
         _check_model(engine.info, body.model)
-        prompts = encode_prompts(body, engine.tokenizer, engine.info.max_model_len)
+        # Tokenizing is CPU work in proportion to the prompt: off the event loop, so others go on.
+        prompts = await run_in_threadpool(encode_prompts, body, engine.tokenizer, engine.info.max_model_len)
         header = Header(engine.info.name, system_fingerprint)
         outputs = engine.generate(header.id, prompts, to_sampling_params(body))
         if body.stream:
@@ -98,7 +100,7 @@ def _bearer(api_key: str | None):
 
 def _check_model(info: ModelInfo, name: str) -> None:
     if name != info.name:
-        raise APIError(404, f"The model `{name}` does not exist. This server serves `{info.name}`.", param="model", code="model_not_found")
+        raise APIError(404, f"The model `{clip(name)}` does not exist. This server serves `{info.name}`.", param="model", code="model_not_found")
 
 
 def _model_card(info: ModelInfo, created: int) -> dict:

@@ -8,6 +8,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,13 @@ def from_validation(exc: ValidationError) -> APIError:
         return invalid(f"Missing required parameter: '{param}'.", param=param)
     if param == "prompt":
         return invalid(_PROMPT_TYPES, param="prompt")
-    got = error.get("input")
-    return invalid(f"Invalid value for '{param}': {error['msg'].lower()} (got {got!r}).", param=param)
+    got = clip(repr(error.get("input")))
+    return invalid(f"Invalid value for '{param}': {error['msg'].lower()} (got {got}).", param=param)
+
+
+def clip(text: str, limit: int = 100) -> str:
+    """A client's value as an error message quotes it: not a megabyte of it."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 _BAD_JSON = (
@@ -81,6 +88,10 @@ def install(app: FastAPI) -> None:
             message = str(exc.detail)
         error = APIError(exc.status_code, message, param=None)
         return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect):
+        return Response(status_code=499)  # the client left while sending its body; nobody reads this
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -8,6 +8,9 @@ from tokenmill.server.protocol import CompletionRequest
 from tokenmill.tokenizer import Tokenizer, UnencodableText
 
 MAX_SEQUENCES = 256  # prompts x best_of in one request; each holds its own KV cache
+# A normalizer can shrink text before it is split (Hangul jamo compose three to one), so the
+# cheap lower bound on a text's tokens divides by this much more than the longest token.
+NORMALIZER_SLACK = 4
 
 
 def encode_prompts(request: CompletionRequest, tokenizer: Tokenizer, max_model_len: int) -> list[Prompt]:
@@ -19,6 +22,9 @@ def encode_prompts(request: CompletionRequest, tokenizer: Tokenizer, max_model_l
     items = _split(request.prompt)
     if len(items) * request.best_of_ > MAX_SEQUENCES:
         raise invalid(f"This request asks for {len(items) * request.best_of_} sequences (prompts x best_of); at most {MAX_SEQUENCES} are served at once.", "prompt")
+    for item in items:
+        if isinstance(item, str):
+            _check_chars(len(item) + len(request.suffix or ""), tokenizer.max_token_chars, request.max_tokens_, max_model_len)
     prompts = [_encode(item, tokenizer, request.suffix) for item in items]
     for prompt in prompts:
         _check_ids(prompt.token_ids, tokenizer.vocab_size, "prompt")
@@ -66,6 +72,19 @@ def _check_ids(ids, vocab_size: int, param: str) -> None:
     bad = next((i for i in ids if not 0 <= i < vocab_size), None)
     if bad is not None:
         raise invalid(f"Token id {bad} in '{param}' is out of range: this model's token ids are 0..{vocab_size - 1}.", param)
+
+
+def _check_chars(chars: int, max_token_chars: int, max_tokens: int, max_model_len: int) -> None:
+    """Refuse a text too long to fit before tokenizing it: megabytes of prompt cost seconds."""
+    at_least = -(-chars // (max_token_chars * NORMALIZER_SLACK))
+    if at_least + max_tokens > max_model_len:
+        raise invalid(
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt is {chars} "
+            f"characters, which is at least {at_least} tokens, and {max_tokens} are requested for the "
+            "completion. Please reduce your prompt; or completion length.",
+            "prompt",
+            code="context_length_exceeded",
+        )
 
 
 def _check_length(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
