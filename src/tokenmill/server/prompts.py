@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokenmill.sampling_params import Prompt
-from tokenmill.server.errors import invalid
+from tokenmill.server.errors import APIError, invalid
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.tokenizer import Tokenizer, UnencodableText
 
@@ -78,22 +78,18 @@ def _check_chars(chars: int, max_token_chars: int, max_tokens: int, max_model_le
     """Refuse a text too long to fit before tokenizing it: megabytes of prompt cost seconds."""
     at_least = -(-chars // (max_token_chars * NORMALIZER_SLACK))
     if at_least + max_tokens > max_model_len:
-        raise invalid(
-            f"This model's maximum context length is {max_model_len} tokens. However, your prompt is {chars} "
-            f"characters, which is at least {at_least} tokens, and {max_tokens} are requested for the "
-            "completion. Please reduce your prompt; or completion length.",
-            "prompt",
-            code="context_length_exceeded",
-        )
+        raise _too_long(max_model_len, f"your prompt is {chars} characters, which is at least {at_least} tokens, "
+                        f"and {max_tokens} are requested for the completion")
 
 
 def _check_length(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     """Prompt plus completion must fit the context window."""
     if prompt_tokens + max_tokens > max_model_len:
-        raise invalid(
-            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in your prompt; {max_tokens} for the "
-            "completion). Please reduce your prompt; or completion length.",
-            "prompt",
-            code="context_length_exceeded",
-        )
+        raise _too_long(max_model_len, f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in "
+                        f"your prompt; {max_tokens} for the completion)")
+
+
+def _too_long(max_model_len: int, detail: str) -> APIError:
+    """OpenAI's context_length_exceeded error, with what the request asked for."""
+    message = f"This model's maximum context length is {max_model_len} tokens. However, {detail}. Please reduce your prompt; or completion length."
+    return invalid(message, "prompt", code="context_length_exceeded")
