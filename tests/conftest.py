@@ -95,11 +95,11 @@ class Served:
         return OpenAI(base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kwargs)
 
     def idle(self, timeout: float = 5.0) -> bool:
-        """Wait until the engine holds no request and no cache."""
+        """Wait until the engine holds no request and every KV block is free."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             inner = self.engine.engine
-            if not inner.has_unfinished() and inner.runner.active == 0:
+            if not inner.has_unfinished() and inner.num_active() == 0 and inner.blocks.num_free == inner.blocks.num_blocks:
                 return True
             time.sleep(0.02)
         return False

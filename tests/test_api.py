@@ -313,13 +313,13 @@ def test_waiting_client_that_leaves_stops_its_generation(llama):
 
 def test_an_engine_failure_fails_its_request_not_the_server(llama, monkeypatch):
     runner = llama.engine.engine.runner
-    real = runner.decode
+    real = runner.execute
 
     def broken(*args):
-        monkeypatch.setattr(runner, "decode", real)
+        monkeypatch.setattr(runner, "execute", real)
         raise RuntimeError("simulated device failure")
 
-    monkeypatch.setattr(runner, "decode", broken)
+    monkeypatch.setattr(runner, "execute", broken)
     chunks = events(post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 5, "stream": True}))
     assert chunks[-1] == "[DONE]" and chunks[-2]["error"]["type"] == "server_error"
     assert post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 5}).status_code == 200
@@ -356,14 +356,14 @@ def test_too_many_sequences_in_one_request_is_a_400(llama):
 
 def test_a_failed_prefill_fails_only_its_request(llama, monkeypatch):
     runner = llama.engine.engine.runner
-    real = runner.prefill
+    real = runner.execute
 
-    def prefill(seq_id, token_ids, all_logits=False):
-        if len(token_ids) == 7:  # only the victim's prompt has 7 tokens
+    def execute(works):
+        if any(w.prefill and len(w.token_ids) == 7 for w in works):  # only the victim's prompt has 7 tokens
             raise MemoryError("simulated")
-        return real(seq_id, token_ids, all_logits)
+        return real(works)
 
-    monkeypatch.setattr(runner, "prefill", prefill)
+    monkeypatch.setattr(runner, "execute", execute)
     long_body = {"model": llama.model, "prompt": "x", "max_tokens": 150, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", llama.url + "/v1/completions", json=long_body, timeout=60) as survivor:
         lines = survivor.iter_lines()

@@ -131,9 +131,10 @@ def test_abort_frees_everything(engine):
     engine.add_request("x", [prompt(engine, "a")], SamplingParams(max_tokens=50, n=3))
     engine.step()
     engine.step()
-    assert engine.runner.active == 3
+    assert engine.num_active() == 3
     engine.abort("x")
-    assert engine.runner.active == 0 and not engine.has_unfinished()
+    assert engine.num_active() == 0 and not engine.has_unfinished()
+    assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
 def test_echo_logprobs_of_every_prompt_in_a_batch(engine):

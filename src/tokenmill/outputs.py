@@ -67,3 +67,4 @@ class ModelInfo:
     dtype: str
     device: str
     tokenizer: str = "huggingface"
+    max_request_sequences: int = 256  # prompts x best_of in one request: the most the engine runs at once

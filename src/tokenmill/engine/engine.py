@@ -1,4 +1,4 @@
-"""The engine: add_request / step / abort, over a scheduler, a model runner and the sampler."""
+"""The engine: add_request / step / abort. A step is schedule -> run the model -> sample and report."""
 
 from __future__ import annotations
 
@@ -10,16 +10,18 @@ import secrets
 import torch
 
 from tokenmill.engine.detokenizer import Detokenizer
-from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.engine.kv_cache import BlockManager
+from tokenmill.engine.model_runner import ModelRunner, Work
 from tokenmill.engine.sampler import SamplingRow, prompt_logprobs, sample
-from tokenmill.engine.scheduler import Scheduler
+from tokenmill.engine.scheduler import Plan, Scheduled, Scheduler, SchedulerConfig
 from tokenmill.engine.sequence import PromptGroup, Sequence, finite
 from tokenmill.outputs import ChoiceDelta, Logprobs, RequestOutput
 from tokenmill.sampling_params import Prompt, SamplingParams
 from tokenmill.tokenizer import Tokenizer
 
-
 log = logging.getLogger(__name__)
+
+MASK64 = (1 << 64) - 1
 
 
 def candidate_seed(seed: int | None, candidate: int) -> int:
@@ -30,30 +32,46 @@ def candidate_seed(seed: int | None, candidate: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class Engine:
-    """Turns requests into completions, one step of the model at a time."""
+def position_seed(key: int, position: int) -> int:
+    """The seed of one draw: a candidate's key mixed with the output position (splitmix64)."""
+    z = (key + (position + 1) * 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return (z ^ (z >> 31)) >> 1
 
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, eos_ids: tuple[int, ...]):
+
+class Engine:
+    """Turns requests into completions, one batched step of the model at a time."""
+
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, eos_ids: tuple[int, ...],
+                 blocks: BlockManager, config: SchedulerConfig = SchedulerConfig()):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
-        self.scheduler = Scheduler()
+        self.blocks = blocks
+        self.scheduler = Scheduler(config, blocks)
         self._requests: dict[str, list[PromptGroup]] = {}
+        self._ready: set[str] = set()  # requests done without computing anything, to report
         self._seq_ids = itertools.count()
 
     def add_request(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> None:
-        """Queue a request: each prompt gets best_of candidate sequences."""
+        """Queue a request: each prompt's first candidate computes the prompt for all best_of of them."""
         groups = [self._group(request_id, i, p, params) for i, p in enumerate(prompts)]
         self._requests[request_id] = groups
         for group in groups:
-            self.scheduler.add(group)
+            if params.max_tokens == 0 and not group.scoring:  # nothing to compute
+                group.prefilled = True
+                for seq in group.sequences:
+                    seq.finish("length")
+                self._ready.add(request_id)
+            else:
+                self.scheduler.add(group.sequences[0])
 
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its caches."""
-        groups = self._requests.pop(request_id, [])
-        self.scheduler.remove_request(request_id)
-        for seq in (s for g in groups for s in g.sequences):
-            self.runner.free(seq.seq_id)
+        """Stop a request and free its blocks."""
+        for group in self._requests.pop(request_id, []):
+            for seq in group.sequences:
+                self.scheduler.finish(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self._requests)
@@ -61,42 +79,100 @@ class Engine:
     def request_ids(self) -> list[str]:
         return list(self._requests)
 
+    def num_active(self) -> int:
+        """Sequences holding KV blocks."""
+        return sum(1 for groups in self._requests.values() for g in groups for s in g.sequences if s.table.blocks)
+
     def step(self) -> list[RequestOutput]:
-        """Prefill one prompt, decode every running sequence, sample, and report."""
-        batch = self.scheduler.schedule()
-        rows: list[Sequence] = list(batch.decode)
-        logits = [self.runner.decode([s.seq_id for s in rows], [s.output_ids[-1] for s in rows])] if rows else []
-        started, last, failed = self._start(batch.prefill) if batch.prefill else ([], None, [])
-        if started:
-            rows += started
-            logits.append(last.expand(len(started), -1))  # [n, V], one row per candidate
+        """Schedule, run one forward over every scheduled token, sample, and report."""
+        plan = self.scheduler.schedule()
+        touched, self._ready = self._ready, set()
+        logits, failed = self._run(plan) if plan.scheduled else ([], [])
+        rows: list[tuple[Sequence, torch.Tensor]] = []
+        for item, row_logits in zip(plan.scheduled, logits):
+            rows += self._advance(item, row_logits)
         if rows:
-            self._sample(rows, torch.cat(logits))
-        self._retire(rows, started)
-        touched = {s.group.request_id for s in rows} | ({batch.prefill.request_id} if batch.prefill else set())
-        return failed + [self._output(rid) for rid in touched if rid in self._requests]
-
-    def _start(self, group: PromptGroup) -> tuple[list[Sequence], torch.Tensor | None, list[RequestOutput]]:
-        """Prefill a prompt; if that fails (say, out of memory), fail its request only."""
-        try:
-            return (*self._prefill(group), [])
-        except Exception as exc:
-            log.exception("prefill of %s failed", group.request_id)
-            return [], None, [self.fail(group.request_id, exc)]
-
-    def _retire(self, rows: list[Sequence], started: list[Sequence]) -> None:
-        """New sequences join the decode set; finished ones leave it and free their caches."""
-        self.scheduler.start(started)
-        self.scheduler.retire()
-        for seq in rows:
+            self._sample([s for s, _ in rows], torch.stack([r for _, r in rows]))
+        for seq, _ in rows:
             if seq.finished:
-                self.runner.free(seq.seq_id)
+                self.scheduler.finish(seq)
+        touched |= {item.seq.group.request_id for item in plan.scheduled}
+        return failed + [self._output(rid) for rid in touched if rid in self._requests]
 
     def fail(self, request_id: str, exc: Exception) -> RequestOutput:
         """Abort a request the engine could not serve; its output says so (no internals)."""
         self.abort(request_id)
         message = f"The server failed while generating this completion ({type(exc).__name__})."
         return RequestOutput(request_id, [], 0, 0, finished=True, error=message)
+
+    def _run(self, plan: Plan) -> tuple[list[torch.Tensor | None], list[RequestOutput]]:
+        """Run the model; if it fails, fail the requests with a prompt chunk in it and retry the rest.
+
+        A prompt (its length, its content) is the likely cause of a failure no decode step had;
+        if the retry fails too, every request in the step fails. The engine itself goes on.
+        """
+        self.runner.copy_blocks(plan.copies)
+        try:
+            return self.runner.execute([self._work(s) for s in plan.scheduled]), []
+        except Exception as exc:
+            log.exception("a model step failed")
+            suspects = {s.seq.group.request_id for s in plan.scheduled if s.seq.num_computed < s.seq.prompt_len}
+            suspects = suspects or {s.seq.group.request_id for s in plan.scheduled}
+            failed = [self.fail(rid, exc) for rid in suspects if rid in self._requests]
+        plan.scheduled = [s for s in plan.scheduled if s.seq.group.request_id in self._requests]
+        try:
+            return self.runner.execute([self._work(s) for s in plan.scheduled]), failed
+        except Exception as exc:
+            log.exception("the retried model step failed too")
+            failed += [self.fail(rid, exc) for rid in {s.seq.group.request_id for s in plan.scheduled} if rid in self._requests]
+            plan.scheduled = []
+            return [], failed
+
+    def _work(self, item: Scheduled) -> Work:
+        """What the model runner computes for one scheduled sequence."""
+        seq, n = item.seq, item.num_tokens
+        start, end = seq.num_computed, seq.num_computed + item.num_tokens
+        prefill = start < seq.prompt_len
+        samples = end == seq.num_tokens and seq.params.max_tokens > 0
+        logits = n if prefill and seq.group.scoring else int(samples)
+        return Work(seq.token_ids(start, end), start, seq.table.blocks, prefill, logits)
+
+    def _advance(self, item: Scheduled, logits: torch.Tensor | None) -> list[tuple[Sequence, torch.Tensor]]:
+        """Count a sequence's computed tokens; return the (sequence, logits) rows to sample now."""
+        seq, group = item.seq, item.seq.group
+        start = seq.num_computed
+        seq.num_computed += item.num_tokens
+        self.blocks.cache_full_blocks(seq.table, group.prompt.token_ids, min(seq.num_computed, seq.prompt_len))
+        within_vocab = self._within_vocab(logits) if logits is not None else None
+        if group.scoring and start < seq.prompt_len:
+            self._score(group, start, within_vocab)
+        if seq.num_computed < seq.num_tokens:
+            return []
+        if group.prefilled:
+            return [(seq, within_vocab[-1])]
+        return self._start_candidates(group, within_vocab)
+
+    def _start_candidates(self, group: PromptGroup, logits: torch.Tensor | None) -> list[tuple[Sequence, torch.Tensor]]:
+        """The prompt is computed: every candidate shares its blocks and draws its first token."""
+        group.prefilled = True
+        leader = group.sequences[0]
+        if group.scoring:
+            group.echo_logprobs = self._echo_logprobs(group.prompt, group.prompt_scores, group.params.logprobs)
+        if group.params.max_tokens == 0:
+            for seq in group.sequences:
+                seq.finish("length")
+            self.scheduler.finish(leader)
+            return []
+        for seq in group.sequences[1:]:
+            seq.table = self.blocks.fork(leader.table)
+            seq.num_computed = leader.num_computed
+        return [(seq, logits[-1]) for seq in group.sequences]
+
+    def _score(self, group: PromptGroup, start: int, logits: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens this chunk predicts (once: a recomputed chunk adds nothing)."""
+        ids = group.prompt.token_ids[start : start + len(logits) + 1]
+        scores = prompt_logprobs(logits, list(ids), group.params.logprobs)  # tokens start+1 ..
+        group.prompt_scores += scores[len(group.prompt_scores) - start :]
 
     def _group(self, request_id: str, index: int, prompt: Prompt, params: SamplingParams) -> PromptGroup:
         """A prompt and its candidates, each with its own random stream."""
@@ -106,38 +182,14 @@ class Engine:
             echo = prompt.text if prompt.text == decoded else decoded
         group = PromptGroup(request_id, index, prompt, params, self.tokenizer.token_text, echo)
         for j in range(params.best_of):
-            generator = torch.Generator(device=self.runner.device).manual_seed(candidate_seed(params.seed, j))
-            group.sequences.append(Sequence(next(self._seq_ids), group, self.tokenizer.decode, generator))
+            key = candidate_seed(params.seed, j)
+            group.sequences.append(Sequence(next(self._seq_ids), group, self.tokenizer.decode, key, j))
         return group
 
-    def _prefill(self, group: PromptGroup) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Run a prompt once for all its candidates; return those that go on, and the last logits."""
-        params, first = group.params, group.sequences[0]
-        group.prefilled = True
-        scoring = params.echo and params.logprobs is not None
-        if params.max_tokens == 0 and not scoring:
-            return self._finish_unsampled(group), None
-        logits = self._within_vocab(self.runner.prefill(first.seq_id, list(group.prompt.token_ids), all_logits=scoring))
-        if scoring:
-            group.echo_logprobs = self._echo_logprobs(group.prompt, logits, params.logprobs)
-        if params.max_tokens == 0:
-            self.runner.free(first.seq_id)
-            return self._finish_unsampled(group), None
-        for seq in group.sequences[1:]:
-            self.runner.fork(first.seq_id, seq.seq_id)
-        return group.sequences, logits[-1:]
-
-    @staticmethod
-    def _finish_unsampled(group: PromptGroup) -> list[Sequence]:
-        """max_tokens=0: nothing is generated (echo alone scores a prompt)."""
-        for seq in group.sequences:
-            seq.finish("length")
-        return []
-
-    def _echo_logprobs(self, prompt: Prompt, logits: torch.Tensor, k: int) -> Logprobs:
+    def _echo_logprobs(self, prompt: Prompt, scores: list, k: int) -> Logprobs:
         """The echoed prompt tokens with their logprobs; a token with no context before it has none."""
         ids = prompt.token_ids
-        scores = [None, *prompt_logprobs(logits, list(ids), k)]  # position i: log p(ids[i] | ids[:i])
+        scores = [None, *scores]  # position i: log p(ids[i] | ids[:i])
         out, detok, offset = Logprobs(), Detokenizer(self.tokenizer.decode), 0
         for token, score in zip(ids[prompt.skip :], scores[prompt.skip :]):
             out.tokens.append(self.tokenizer.token_text(token))
@@ -161,14 +213,42 @@ class Engine:
         logits[..., self.tokenizer.vocab_size :] = float("-inf")
         return logits
 
-    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per row and hand it to its sequence."""
-        batch = [SamplingRow(s.params, s.group.prompt.token_ids, s.output_ids, s.generator, self.eos_ids) for s in rows]
-        out = sample(self._within_vocab(logits), batch)
-        for i, seq in enumerate(rows):
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per sequence from logits [B, V] and hand it over."""
+        out = sample(logits, [self._row(s) for s in seqs])
+        for i, seq in enumerate(seqs):
             token, lp, k = out.tokens[i], out.logprobs[i], seq.params.logprobs
             top = None if k is None else self._top(token, lp, out.top_ids[i][:k], out.top_logprobs[i][:k])
+            self._count(seq, token, logits.shape[-1])
             seq.append(token, lp, top, token in self.eos_ids)
+        self._queue_candidates(seqs)
+
+    def _queue_candidates(self, seqs: list[Sequence]) -> None:
+        """Candidates that just drew their first token queue first in line for their next one."""
+        fresh = [s for s in seqs if len(s.output_ids) == 1 and s.candidate > 0 and not s.finished]
+        self.scheduler.add_first(fresh)
+
+    def _row(self, seq: Sequence) -> SamplingRow:
+        """One sequence's sampling inputs; a seeded draw depends on (seed, candidate, position) only."""
+        generator = None
+        if not seq.params.greedy:
+            generator = torch.Generator().manual_seed(position_seed(seq.seed_key, len(seq.output_ids)))
+        return SamplingRow(seq.params, seq.group.prompt.token_ids, seq.output_ids, generator, self.eos_ids,
+                           seq.penalty_counts, seq.penalty_seen)
+
+    @staticmethod
+    def _count(seq: Sequence, token: int, vocab: int) -> None:
+        """Keep a sequence's penalty state up to date, one token at a time."""
+        p = seq.params
+        if (p.presence_penalty or p.frequency_penalty) and seq.penalty_counts is None:
+            seq.penalty_counts = torch.zeros(vocab)
+        if p.repetition_penalty != 1.0 and seq.penalty_seen is None:
+            seq.penalty_seen = torch.zeros(vocab, dtype=torch.bool)
+            seq.penalty_seen[list(seq.group.prompt.token_ids)] = True
+        if seq.penalty_counts is not None:
+            seq.penalty_counts[token] += 1
+        if seq.penalty_seen is not None:
+            seq.penalty_seen[token] = True
 
     def _output(self, request_id: str) -> RequestOutput:
         """What a request has to report after this step."""

@@ -13,13 +13,16 @@ from tokenmill.config import EngineConfig
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.gguf import load_gguf
-from tokenmill.engine.model_runner import ModelRunner
+from tokenmill.engine.kv_cache import BlockManager
+from tokenmill.engine.model_runner import KVShape, ModelRunner
+from tokenmill.engine.scheduler import SchedulerConfig
 from tokenmill.outputs import ModelInfo
 from tokenmill.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_KV_CAP = 2 * 1024**3  # several servers share a machine in tests and development
 
 
 class ModelLoadError(RuntimeError):
@@ -48,6 +51,7 @@ def load_engine(config: EngineConfig, model_path: str, served_name: str) -> Asyn
     dtype = resolve_dtype(config.dtype, device)
     model, hf_tokenizer = _load(model_path, dtype, device)
     max_len = _context_length(model.config, config.max_model_len)
+    num_blocks, max_len = _kv_blocks(config, KVShape.of(model.config, dtype), max_len, device)
     tokenizer = Tokenizer(hf_tokenizer, model.config.vocab_size)
     eos = _eos_ids(model, tokenizer)
     info = ModelInfo(
@@ -58,8 +62,49 @@ def load_engine(config: EngineConfig, model_path: str, served_name: str) -> Asyn
         dtype=str(dtype).removeprefix("torch."),
         device=str(device),
         tokenizer=tokenizer.name,
+        max_request_sequences=config.max_num_seqs,
     )
-    return AsyncEngine(Engine(ModelRunner(model, device), tokenizer, eos), info)
+    blocks = BlockManager(num_blocks, config.block_size, prefix_caching=not config.no_prefix_caching)
+    runner = ModelRunner(model, device, num_blocks, config.block_size, batch_invariant=not config.no_batch_invariance)
+    scheduling = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
+    return AsyncEngine(Engine(runner, tokenizer, eos, blocks, scheduling), info)
+
+
+def _kv_blocks(config: EngineConfig, shape: KVShape, max_len: int, device: torch.device) -> tuple[int, int]:
+    """Blocks in the KV pool, and the context length capped so that one sequence always fits."""
+    per_block = shape.bytes_per_token * config.block_size
+    useful = config.max_num_seqs * max_len * shape.bytes_per_token  # more than this is never used
+    budget = config.kv_cache_bytes or min(_default_kv_bytes(device), useful)
+    num_blocks = budget // per_block
+    if num_blocks < 1:
+        raise ModelLoadError(f"--kv-cache-memory {budget} bytes holds no block: one block of {config.block_size} tokens takes {per_block} bytes")
+    if num_blocks * config.block_size < max_len:
+        log.warning("the KV cache holds %d tokens: context length capped from %d", num_blocks * config.block_size, max_len)
+        max_len = num_blocks * config.block_size
+    log.info("KV cache: %.1f MiB, %d blocks of %d tokens = %d tokens (%d bytes per token)",
+             num_blocks * per_block / 2**20, num_blocks, config.block_size, num_blocks * config.block_size, shape.bytes_per_token)
+    return num_blocks, max_len
+
+
+def _default_kv_bytes(device: torch.device) -> int:
+    """A quarter of the memory free now (the device's, or the machine's), at most DEFAULT_KV_CAP."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = _available_memory()
+    return min(free // 4, DEFAULT_KV_CAP)
+
+
+def _available_memory() -> int:
+    """MemAvailable from /proc/meminfo; the cap where there is none."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * DEFAULT_KV_CAP
 
 
 def _load(path: str, dtype: torch.dtype, device: torch.device):

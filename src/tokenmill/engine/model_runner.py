@@ -1,53 +1,140 @@
-"""The only code that calls the model: prefill and decode, one KV cache per sequence."""
+"""The only code that calls the model: one forward over a flat batch of every scheduled token."""
 
 from __future__ import annotations
 
-import copy
+import math
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+
+from tokenmill.engine import attention
+from tokenmill.engine.attention import Chunk, StepContext, TorchAttention
+
+
+@dataclass
+class Work:
+    """One sequence's share of a step: tokens to compute, where they go, and which logits to keep."""
+
+    token_ids: list[int]
+    start: int  # position of the first token
+    blocks: list[int]  # the sequence's block table, covering every position up to the last token
+    prefill: bool  # prompt positions (computed as a chunk) or one generated position (decode)
+    logits: int = 0  # logits wanted for the last `logits` tokens (0: none, len(token_ids): all)
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What one token's keys and values take, per layer."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @staticmethod
+    def of(model_config, dtype: torch.dtype) -> KVShape:
+        """Read layers, kv heads and head size off a transformers config."""
+        heads = model_config.num_attention_heads
+        head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        return KVShape(model_config.num_hidden_layers, kv_heads, head_dim, dtype)
 
 
 class ModelRunner:
-    """Runs a transformers causal LM, one batch-1 forward per sequence.
+    """Runs a transformers causal LM over the paged KV pool.
 
-    Batch-1 forwards make every sequence's numbers independent of what else is running, so a
-    request's output is the same alone or under load; batching comes with the paged cache.
+    batch_invariant pads every step to a multiple of 16 rows (and the logits to 16 or more), so each
+    row goes through the same matmul kernels whatever else is in the step.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, num_blocks: int, block_size: int, batch_invariant: bool = True):
+        attention.register()
+        model.set_attn_implementation(attention.NAME)
         self.model = model
         self.device = device
-        self._caches: dict[int, DynamicCache] = {}
+        self.block_size = block_size
+        self.batch_invariant = batch_invariant
+        self.shape = KVShape.of(model.config, next(model.parameters()).dtype)
+        self.scratch = num_blocks  # one extra block: padding rows write here, padded tables point here
+        s = self.shape  # zeros, not empty: a masked key weighs 0, and 0 x NaN would be NaN
+        self.kv = torch.zeros(s.layers, 2, s.kv_heads, num_blocks + 1, block_size, s.head_dim, dtype=s.dtype, device=device)
+        self.backend = TorchAttention()
+        # keys are gathered in whole value chunks, so tables are padded to this many blocks
+        self._table_multiple = math.lcm(block_size, attention.VALUE_CHUNK) // block_size
 
     @torch.inference_mode()
-    def prefill(self, seq_id: int, token_ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Run a whole prompt; logits for its last position [1, V], or for all of them [P, V]."""
-        cache = DynamicCache(config=self.model.config)
-        ids = torch.tensor([token_ids], device=self.device)  # [1, P]
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=0 if all_logits else 1)
-        self._caches[seq_id] = cache
-        return out.logits[0]
+    def execute(self, works: list[Work]) -> list[torch.Tensor | None]:
+        """One forward over every work; each work's wanted logits [n, V] (None where it wants none)."""
+        works_order = sorted(range(len(works)), key=lambda i: works[i].prefill)  # decode rows first
+        ordered = [works[i] for i in works_order]
+        ids, positions, slots, step = self._inputs(ordered)
+        keep, spans = self._logit_rows(ordered)
+        out = self.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=keep,
+                         use_cache=False, tokenmill_step=step)
+        logits = out.logits[0]  # [len(keep), V]
+        results: list[torch.Tensor | None] = [None] * len(works)
+        for i, span in zip(works_order, spans):
+            results[i] = logits[span] if span is not None else None
+        return results
 
-    def fork(self, src: int, dst: int) -> None:
-        """Give `dst` its own copy of `src`'s cache (n and best_of share one prefill)."""
-        self._caches[dst] = copy.deepcopy(self._caches[src])
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (source -> destination) in every layer: copy on write of shared blocks."""
+        if pairs:
+            src = torch.tensor([p[0] for p in pairs], device=self.device)
+            dst = torch.tensor([p[1] for p in pairs], device=self.device)
+            self.kv[:, :, :, dst] = self.kv[:, :, :, src]
 
-    @torch.inference_mode()
-    def decode(self, seq_ids: list[int], tokens: list[int]) -> torch.Tensor:
-        """One step for each sequence: logits [B, V] for the token after `tokens`."""
-        rows = []
-        for seq_id, token in zip(seq_ids, tokens):
-            ids = torch.tensor([[token]], device=self.device)  # [1, 1]
-            out = self.model(input_ids=ids, past_key_values=self._caches[seq_id], use_cache=True)
-            rows.append(out.logits[0, -1])
-        return torch.stack(rows)
+    def _inputs(self, works: list[Work]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepContext]:
+        """Flat token ids, positions and pool slots [T], padded, and the attention context."""
+        ids, positions, slots, chunks = [], [], [], []
+        decode = [w for w in works if not w.prefill]
+        for w in works:
+            row = len(ids)
+            ids += w.token_ids
+            positions += range(w.start, w.start + len(w.token_ids))
+            slots += [w.blocks[p // self.block_size] * self.block_size + p % self.block_size for p in positions[row:]]
+            if w.prefill:
+                chunks.append((slice(row, len(ids)), w.start, self._table(w.blocks, w.start + len(w.token_ids))))
+        pad = self._padding(len(ids))
+        ids += [0] * pad
+        positions += [0] * pad
+        slots += [self.scratch * self.block_size] * pad
+        t = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        step = StepContext(self.kv, t(slots), len(decode), None, None, backend=self.backend)
+        if decode:
+            tables = [self._table(w.blocks, w.start + 1) for w in decode]
+            width = max(len(tb) for tb in tables)
+            step.decode_blocks = t([tb + [self.scratch] * (width - len(tb)) for tb in tables])  # [D, nb]
+            bias = attention.visibility(t(positions[: len(decode)]), width * self.block_size, self.shape.dtype)
+            step.decode_bias = bias[:, None, :]  # [D, 1, L]
+        step.chunks = [Chunk(rows, start, t(table)) for rows, start, table in chunks]
+        return t(ids), t(positions), step.slots, step
 
-    def free(self, seq_id: int) -> None:
-        """Drop a finished or aborted sequence's cache."""
-        self._caches.pop(seq_id, None)
+    def _table(self, blocks: list[int], num_tokens: int) -> list[int]:
+        """The blocks covering positions [0, num_tokens), padded with scratch to whole value chunks."""
+        needed = -(-num_tokens // self.block_size)
+        width = -(-needed // self._table_multiple) * self._table_multiple
+        return blocks[:needed] + [self.scratch] * (width - needed)
 
-    @property
-    def active(self) -> int:
-        """How many sequences hold a cache."""
-        return len(self._caches)
+    def _padding(self, rows: int) -> int:
+        """Rows to add so the step's matmuls take the same kernels whatever its size."""
+        if not self.batch_invariant:
+            return 0
+        return max(attention.MIN_ROWS, -(-rows // attention.MIN_ROWS) * attention.MIN_ROWS) - rows
+
+    def _logit_rows(self, works: list[Work]) -> tuple[torch.Tensor, list[slice | None]]:
+        """Rows whose logits are wanted (padded to 16 or more), and each work's span among them."""
+        keep, spans, row = [], [], 0
+        for w in works:
+            row += len(w.token_ids)
+            spans.append(slice(len(keep), len(keep) + w.logits) if w.logits else None)
+            keep += range(row - w.logits, row)
+        if not keep:
+            keep = [0]
+        if self.batch_invariant and len(keep) < attention.MIN_ROWS:
+            keep += [keep[-1]] * (attention.MIN_ROWS - len(keep))
+        return torch.tensor(keep, dtype=torch.long, device=self.device), spans

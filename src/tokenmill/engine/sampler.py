@@ -26,8 +26,10 @@ class SamplingRow:
     params: SamplingParams
     prompt_ids: tuple[int, ...]
     output_ids: list[int]
-    generator: torch.Generator | None
+    generator: torch.Generator | None  # this draw's random stream (None: greedy)
     eos_ids: tuple[int, ...] = ()
+    counts: torch.Tensor | None = None  # [V] generated-token counts, kept up to date by the engine
+    seen: torch.Tensor | None = None  # [V] bool, tokens of prompt or output (repetition penalty)
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
@@ -38,60 +40,69 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
     logits = apply_penalties(logits, rows)
     logits = ban_early_eos(logits, rows)
     tokens = draw(logits, rows)  # [B]
-    chosen = logprobs.gather(1, tokens[:, None])[:, 0]  # [B]
+    chosen = logprobs.gather(1, tokens[:, None])  # [B, 1]
     k = max((r.params.logprobs or 0) for r in rows)
-    top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
-    return SamplerOutput(tokens.tolist(), chosen.tolist(), top_ids.tolist(), top_lp.tolist())
+    top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
+    packed = torch.cat([tokens[:, None].double(), chosen.double(), top_ids.double(), top_lp.double()], dim=1)
+    values = packed.tolist()  # one transfer to the host for the whole batch
+    return SamplerOutput(
+        [int(v[0]) for v in values],
+        [v[1] for v in values],
+        [[int(t) for t in v[2 : 2 + k]] for v in values],
+        [v[2 + k :] for v in values],
+    )
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Add each row's logit_bias to its logits."""
-    if not any(r.params.logit_bias for r in rows):
+    """Add each row's logit_bias to its logits: one sparse scatter for the batch."""
+    entries = [(i, token, value) for i, r in enumerate(rows) for token, value in r.params.logit_bias.items()]
+    if not entries:
         return logits
-    bias = torch.zeros_like(logits)  # [B, V]
-    for i, r in enumerate(rows):
-        for token, value in r.params.logit_bias.items():
-            bias[i, token] = value
-    return logits + bias
+    index = torch.tensor([(i, t) for i, t, _ in entries], device=logits.device).T  # [2, E]
+    values = torch.tensor([v for _, _, v in entries], dtype=logits.dtype, device=logits.device)
+    return logits.index_put((index[0], index[1]), values, accumulate=True)
 
 
 def token_counts(rows: list[SamplingRow], vocab: int, device) -> torch.Tensor:
     """How often each token has been generated so far, per row: [B, V]."""
-    counts = torch.zeros(len(rows), vocab, device=device)
-    for i, r in enumerate(rows):
-        if r.output_ids:
-            ids = torch.tensor(r.output_ids, device=device)
-            counts[i].index_add_(0, ids, torch.ones(len(ids), device=device))
-    return counts
+    return torch.stack([r.counts if r.counts is not None else _bincount(r.output_ids, vocab, device) for r in rows])
+
+
+def _bincount(ids: list[int], vocab: int, device) -> torch.Tensor:
+    """Counts of `ids` over the vocabulary (for rows that come without kept counts)."""
+    return torch.bincount(torch.tensor(ids, dtype=torch.long, device=device), minlength=vocab).float()
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """OpenAI's presence/frequency penalties, then HF-style repetition penalty."""
-    p = [r.params for r in rows]
-    if any(x.presence_penalty or x.frequency_penalty for x in p):
-        counts = token_counts(rows, logits.shape[-1], logits.device)  # [B, V]
-        freq = logits.new_tensor([x.frequency_penalty for x in p])[:, None]
-        pres = logits.new_tensor([x.presence_penalty for x in p])[:, None]
-        logits = logits - counts * freq - (counts > 0).float() * pres
-    if any(x.repetition_penalty != 1.0 for x in p):
-        seen = torch.zeros_like(logits, dtype=torch.bool)  # [B, V] prompt and output tokens
-        for i, r in enumerate(rows):
-            seen[i, torch.tensor([*r.prompt_ids, *r.output_ids], dtype=torch.long)] = True
-        rep = logits.new_tensor([x.repetition_penalty for x in p])[:, None]
-        penalized = torch.where(logits > 0, logits / rep, logits * rep)
-        logits = torch.where(seen, penalized, logits)
+    """OpenAI's presence/frequency penalties, then HF-style repetition penalty, on the rows that ask."""
+    device, vocab = logits.device, logits.shape[-1]
+    which = [i for i, r in enumerate(rows) if r.params.presence_penalty or r.params.frequency_penalty]
+    if which:
+        sub = [rows[i] for i in which]
+        counts = token_counts(sub, vocab, device)  # [P, V]
+        freq = logits.new_tensor([r.params.frequency_penalty for r in sub])[:, None]
+        pres = logits.new_tensor([r.params.presence_penalty for r in sub])[:, None]
+        index = torch.tensor(which, device=device)
+        logits = logits.index_add(0, index, -(counts * freq + (counts > 0).float() * pres))
+    which = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+    if which:
+        sub = [rows[i] for i in which]
+        seen = torch.stack([r.seen if r.seen is not None else _bincount([*r.prompt_ids, *r.output_ids], vocab, device) > 0 for r in sub])
+        rep = logits.new_tensor([r.params.repetition_penalty for r in sub])[:, None]  # [R, 1]
+        index = torch.tensor(which, device=device)
+        part = logits[index]
+        penalized = torch.where(part > 0, part / rep, part * rep)
+        logits = logits.index_copy(0, index, torch.where(seen, penalized, part))
     return logits
 
 
 def ban_early_eos(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """min_tokens: the end-of-sequence token cannot come before it."""
-    early = [(i, r) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens and r.eos_ids]
-    if not early:
+    cells = [(i, e) for i, r in enumerate(rows) if len(r.output_ids) < r.params.min_tokens for e in r.eos_ids]
+    if not cells:
         return logits
-    logits = logits.clone()
-    for i, r in early:
-        logits[i, list(r.eos_ids)] = float("-inf")
-    return logits
+    index = torch.tensor(cells, device=logits.device).T  # [2, E]
+    return logits.index_put((index[0], index[1]), logits.new_tensor(float("-inf")))
 
 
 def draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -101,15 +112,18 @@ def draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     if not hot:
         return greedy
     sub = [rows[i] for i in hot]
+    index = torch.tensor(hot, device=logits.device)
+    part = logits[index]
     temperature = logits.new_tensor([r.params.temperature for r in sub])[:, None]
-    shifted = logits[hot] - logits[hot].max(dim=-1, keepdim=True).values  # <= 0: no overflow at tiny T
+    shifted = part - part.max(dim=-1, keepdim=True).values  # <= 0: no overflow at tiny T
     probs = torch.softmax(truncate(shifted / temperature, sub), dim=-1)  # [H, V]
-    # argmax(p / E), E ~ Exp(1), is a draw from p; each row's E comes from its own generator
-    # so that a seeded request's tokens do not depend on what else is in the batch.
-    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=r.generator) for r in sub])
-    tokens = greedy.clone()
-    tokens[hot] = (probs / noise).argmax(dim=-1)
-    return tokens
+    # Inverse CDF: one uniform per row, drawn from that row's own stream, so a seeded draw
+    # depends on nothing else in the batch; float64 keeps the tail of the CDF exact enough.
+    cdf = probs.double().cumsum(dim=-1)  # [H, V]
+    uniform = torch.stack([torch.rand((), dtype=torch.float64, generator=r.generator) for r in sub])
+    target = (uniform.to(cdf.device) * cdf[:, -1])[:, None]
+    drawn = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
+    return greedy.index_copy(0, index, drawn)
 
 
 def truncate(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

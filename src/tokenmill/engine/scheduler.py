@@ -1,45 +1,122 @@
-"""Who runs this step: one waiting prompt is prefilled, every running sequence decodes."""
+"""Who runs this step: every running sequence, then waiting ones, under a token budget.
+
+Sequences carry counts, not phases: one whose cache holds fewer tokens than its prompt gets a chunk
+of the prompt; one past its prompt gets a single position. A long prompt is prefilled a chunk per
+step beside everyone else's decode. When blocks run out, the most recently admitted sequences give
+theirs back and wait at the head of the queue to be recomputed.
+"""
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from tokenmill.engine.sequence import PromptGroup, Sequence
+from tokenmill.engine.kv_cache import BlockManager
+from tokenmill.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The limits of one step."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
 
 
 @dataclass
-class Batch:
-    """The work of one step."""
+class Scheduled:
+    """A sequence and how many of its tokens this step computes."""
 
-    prefill: PromptGroup | None = None
-    decode: list[Sequence] = field(default_factory=list)
+    seq: Sequence
+    num_tokens: int
+
+
+@dataclass
+class Plan:
+    """One step's work, and the block copies (copy on write) to make before it."""
+
+    scheduled: list[Scheduled]
+    copies: list[tuple[int, int]]
 
 
 class Scheduler:
-    """First come, first served; a prefill per step keeps running streams moving."""
+    """First come, first served; running sequences before waiting ones; preemption by recompute."""
 
-    def __init__(self):
-        self.waiting: deque[PromptGroup] = deque()
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
 
-    def add(self, group: PromptGroup) -> None:
-        self.waiting.append(group)
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
 
-    def schedule(self) -> Batch:
-        """Take the next prompt to prefill and all sequences to decode."""
-        prefill = self.waiting.popleft() if self.waiting else None
-        return Batch(prefill, list(self.running))
+    def add_first(self, sequences: list[Sequence]) -> None:
+        """Queue sequences ahead of everyone waiting (candidates whose prompt is already computed)."""
+        self.waiting.extendleft(reversed(sequences))
 
-    def start(self, sequences: list[Sequence]) -> None:
-        """Prefilled sequences that still have tokens to make join the decode set."""
-        self.running += [s for s in sequences if not s.finished]
+    def schedule(self) -> Plan:
+        """Pick this step's tokens: keep running sequences going, then admit waiting ones."""
+        plan, budget = Plan([], []), self.config.max_num_batched_tokens
+        for seq in list(self.running):
+            if budget == 0 or seq not in self.running:  # preempted by a sequence before it
+                continue
+            n = seq.next_run(budget)
+            if n and self._grow(seq, n, plan):
+                plan.scheduled.append(Scheduled(seq, n))
+                budget -= n
+        while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._admit(seq, budget, plan)
+            if not n:
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            plan.scheduled.append(Scheduled(seq, n))
+            budget -= n
+        return plan
 
-    def retire(self) -> None:
-        """Drop finished sequences from the decode set."""
-        self.running = [s for s in self.running if not s.finished]
+    def finish(self, seq: Sequence) -> None:
+        """A sequence is done (finished, aborted or failed): it leaves and its blocks are freed."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.table)
 
-    def remove_request(self, request_id: str) -> None:
-        """Forget a request's waiting prompts and running sequences."""
-        self.waiting = deque(g for g in self.waiting if g.request_id != request_id)
-        self.running = [s for s in self.running if s.group.request_id != request_id]
+    def _grow(self, seq: Sequence, n: int, plan: Plan) -> bool:
+        """Blocks for n more tokens of a running sequence, preempting later ones if need be."""
+        while True:
+            copies = self.blocks.allocate(seq.table, seq.num_computed + n, seq.num_computed)
+            if copies is not None:
+                plan.copies += copies
+                return True
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+
+    def _admit(self, seq: Sequence, budget: int, plan: Plan) -> int:
+        """Tokens a waiting sequence computes on admission; 0 when its blocks are not there."""
+        fresh = seq.num_computed == 0 and not seq.table.blocks
+        if fresh and not seq.group.scoring:  # scoring needs every prompt position's logits
+            limit = seq.prompt_len - 1  # the last prompt token is always computed, for its logits
+            seq.num_computed = self.blocks.reuse_prefix(seq.table, seq.group.prompt.token_ids, limit)
+        n = seq.next_run(budget)
+        copies = self.blocks.allocate(seq.table, seq.num_computed + n, seq.num_computed) if n else None
+        if copies is None:
+            if fresh:  # give back the prefix it found, so the blocks stay evictable while it waits
+                self.blocks.free(seq.table)
+                seq.num_computed = 0
+            return 0
+        plan.copies += copies
+        return n
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Take a sequence's blocks back; it waits first in line and recomputes what it lost."""
+        self.running.remove(seq)
+        self.blocks.free(seq.table)
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1

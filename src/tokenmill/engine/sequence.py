@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from tokenmill.engine.detokenizer import Detokenizer
+from tokenmill.engine.kv_cache import BlockTable
 from tokenmill.engine.stop import StopMatcher
 from tokenmill.outputs import Logprobs
 from tokenmill.sampling_params import Prompt, SamplingParams
@@ -19,12 +20,17 @@ def finite(logprob: float) -> float:
 
 
 class Sequence:
-    """One candidate completion of one prompt."""
+    """One candidate completion of one prompt, and how much of it the KV cache holds."""
 
-    def __init__(self, seq_id: int, group: PromptGroup, decode, generator=None):
+    def __init__(self, seq_id: int, group: PromptGroup, decode, seed_key: int = 0, candidate: int = 0):
         self.seq_id = seq_id
         self.group = group
-        self.generator = generator  # the engine's per-sequence random stream
+        self.seed_key = seed_key  # with the position, fixes this candidate's random draws
+        self.candidate = candidate  # its index among the prompt's best_of candidates
+        self.table = BlockTable()
+        self.num_computed = 0  # leading tokens whose keys and values are in the cache
+        self.penalty_counts = None  # [V] tensors the sampler keeps up to date, when penalties are on
+        self.penalty_seen = None
         self.output_ids: list[int] = []
         self.logprob_sum = 0.0
         self.finish_reason: str | None = None
@@ -42,6 +48,26 @@ class Sequence:
     @property
     def params(self) -> SamplingParams:
         return self.group.params
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.group.prompt.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens known: the prompt and what has been generated."""
+        return self.prompt_len + len(self.output_ids)
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output."""
+        prompt, p = self.group.prompt.token_ids, self.prompt_len
+        return [*prompt[start:stop], *self.output_ids[max(start - p, 0) : max(stop - p, 0)]]
+
+    def next_run(self, budget: int) -> int:
+        """How many tokens to compute next: a chunk of the prompt, else one position at a time."""
+        if self.num_computed < self.prompt_len:
+            return min(self.prompt_len - self.num_computed, budget)
+        return min(1, budget, self.num_tokens - self.num_computed)
 
     @property
     def finished(self) -> bool:
@@ -140,10 +166,17 @@ class PromptGroup:
     sequences: list[Sequence] = field(default_factory=list)
     prefilled: bool = False  # before this, nothing is sent (echo logprobs come from the prefill)
     released: bool = False  # best_of > n: the chosen candidates have been sent
+    # echo + logprobs: (logprob, top ids, top logprobs) of prompt tokens 1.., gathered chunk by chunk
+    prompt_scores: list = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.sequences)
+
+    @property
+    def scoring(self) -> bool:
+        """echo with logprobs: every prompt position's logits are wanted."""
+        return self.params.echo and self.params.logprobs is not None
 
     def best(self) -> list[Sequence]:
         """The n candidates with the highest mean token logprob, best first."""

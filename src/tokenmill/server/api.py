@@ -75,7 +75,8 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         body = parse_request(await request.body())
         _check_model(engine.info, body.model)
         # Tokenizing is CPU work in proportion to the prompt: off the event loop, so others go on.
-        prompts = await run_in_threadpool(encode_prompts, body, engine.tokenizer, engine.info.max_model_len)
+        info = engine.info
+        prompts = await run_in_threadpool(encode_prompts, body, engine.tokenizer, info.max_model_len, info.max_request_sequences)
         header = Header(engine.info.name, system_fingerprint)
         outputs = engine.generate(header.id, prompts, to_sampling_params(body))
         if body.stream:

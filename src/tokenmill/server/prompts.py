@@ -7,21 +7,23 @@ from tokenmill.server.errors import APIError, invalid
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.tokenizer import Tokenizer, UnencodableText
 
-MAX_SEQUENCES = 256  # prompts x best_of in one request; each holds its own KV cache
 # A normalizer can shrink text before it is split (Hangul jamo compose three to one), so the
 # cheap lower bound on a text's tokens divides by this much more than the longest token.
 NORMALIZER_SLACK = 4
 
 
-def encode_prompts(request: CompletionRequest, tokenizer: Tokenizer, max_model_len: int) -> list[Prompt]:
-    """Every prompt of a request, tokenized, wrapped for fill-in-the-middle, and length-checked."""
+def encode_prompts(request: CompletionRequest, tokenizer: Tokenizer, max_model_len: int, max_sequences: int = 256) -> list[Prompt]:
+    """Every prompt of a request, tokenized, wrapped for fill-in-the-middle, and length-checked.
+
+    max_sequences: the most prompts x best_of the engine runs at once (its --max-num-seqs).
+    """
     if request.suffix:
         if tokenizer.fim is None:
             raise invalid("This model cannot insert text: its tokenizer has no fill-in-the-middle tokens, so 'suffix' is not supported.", "suffix")
         _checked(tokenizer.check_encodable, request.suffix, "suffix")
     items = _split(request.prompt)
-    if len(items) * request.best_of_ > MAX_SEQUENCES:
-        raise invalid(f"This request asks for {len(items) * request.best_of_} sequences (prompts x best_of); at most {MAX_SEQUENCES} are served at once.", "prompt")
+    if len(items) * request.best_of_ > max_sequences:
+        raise invalid(f"This request asks for {len(items) * request.best_of_} sequences (prompts x best_of); at most {max_sequences} are served at once.", "prompt")
     for item in items:
         if isinstance(item, str):
             _check_chars(len(item) + len(request.suffix or ""), tokenizer.max_token_chars, request.max_tokens_, max_model_len)

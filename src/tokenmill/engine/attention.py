@@ -1,0 +1,149 @@
+"""Paged attention inside transformers models, in torch ops whose numbers do not depend on the batch.
+
+transformers calls `paged_attention` (registered through its `AttentionInterface`) from every
+attention layer, with this step's `StepContext` among the forward's keyword arguments. It writes
+the step's new keys and values into the block pool, then attends each query over its own
+sequence's blocks.
+
+Why the numbers hold still (fp32, CPU, measured with torch 2.13 / MKL): a matmul row's bits depend
+on the kernel MKL picks, and it picks by shape. Rows below 12 take other kernels than rows at 12 or
+more; a reduction longer than ~200 splits differently as it grows. So every position is computed by
+one of two fixed recipes, chosen by what the position is, never by what else runs:
+
+- a prompt position (prefill) attends as part of its chunk, queries padded to >= 16 rows;
+- a generated position (decode) attends alone, its g = heads/kv_heads query rows batched beside the
+  other sequences' in one bmm (batch members never change each other's bits).
+
+Both split the weighted sum over values into chunks of VALUE_CHUNK keys and add the partial sums in
+order; keys past a query's position weigh exactly 0. The CUDA seam is `AttentionBackend`: a kernel
+that keeps these two recipes replaces `TorchAttention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+NAME = "tokenmill_paged"
+MIN_ROWS = 16  # fewer matmul rows than this take other kernels with other rounding
+VALUE_CHUNK = 64  # keys per partial sum of probabilities x values
+
+
+@dataclass
+class Chunk:
+    """A run of prompt positions of one sequence, computed together."""
+
+    rows: slice  # its rows in the step's flat batch
+    start: int  # position of its first token
+    blocks: torch.Tensor  # [nb] the sequence's block table, padded to cover the chunk's keys
+
+
+@dataclass
+class StepContext:
+    """Where this step's tokens sit in the pool: everything attention needs besides q, k and v."""
+
+    kv: torch.Tensor  # [layers, 2, kv_heads, num_blocks, block_size, head_dim] the pool
+    slots: torch.Tensor  # [T] pool slot (block * block_size + offset) written by each row
+    decode_rows: int  # rows [0, decode_rows) are generated positions, one per sequence
+    decode_blocks: torch.Tensor | None  # [D, nb] their block tables, padded
+    decode_bias: torch.Tensor | None  # [D, 1, L] 0 where a key is visible, -inf past the position
+    chunks: list[Chunk] = field(default_factory=list)
+    backend: AttentionBackend | None = None
+
+
+class AttentionBackend(Protocol):
+    """How a device runs paged attention (TorchAttention on the CPU; a CUDA kernel plugs in here)."""
+
+    def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 scaling: float, step: StepContext) -> torch.Tensor: ...
+
+
+def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tokenmill_step=None, **kwargs):
+    """transformers' attention interface: q [1, H, T, D], k/v [1, KVH, T, D] -> ([1, T, H, D], None)."""
+    if tokenmill_step is None:
+        raise RuntimeError(f"the {NAME} attention runs only inside tokenmill's model runner")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = tokenmill_step.backend(module.layer_idx, query[0], key[0], value[0], scale, tokenmill_step)
+    return out.unsqueeze(0), None
+
+
+def register() -> None:
+    """Make `attn_implementation="tokenmill_paged"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, paged_attention)
+
+
+class TorchAttention:
+    """Paged attention in plain torch ops; pads and gathers, but every row's bits are fixed."""
+
+    def __call__(self, layer, query, key, value, scaling, step):
+        """q [H, T, D], k/v [KVH, T, D] for the step's rows -> [T, H, D]."""
+        pool = step.kv[layer]  # [2, KVH, NB, BS, D]
+        kvh, nb, bs, d = pool.shape[1:]
+        pool[0].view(kvh, nb * bs, d).index_copy_(1, step.slots, key)
+        pool[1].view(kvh, nb * bs, d).index_copy_(1, step.slots, value)
+        out = query.new_zeros(query.shape[1], query.shape[0], d)  # padding rows stay 0
+        if step.decode_rows:
+            out[: step.decode_rows] = self._decode(query[:, : step.decode_rows], pool, step, scaling)
+        for chunk in step.chunks:
+            out[chunk.rows] = self._chunk(query[:, chunk.rows], pool, chunk, scaling)
+        return out
+
+    def _decode(self, query, pool, step, scaling):
+        """Generated positions: q [H, B, D], one per sequence -> [B, H, D]."""
+        kvh, d = pool.shape[1], pool.shape[-1]
+        h, b = query.shape[:2]
+        q = query.reshape(kvh, h // kvh, b, d).transpose(1, 2)  # [KVH, B, g, D]
+        keys, values = _gather(pool, step.decode_blocks)  # [KVH, B, L, D]
+        out = _attend(q, keys, values, step.decode_bias, scaling)  # [KVH, B, g, D]
+        return out.permute(1, 0, 2, 3).reshape(b, h, d)
+
+    def _chunk(self, query, pool, chunk, scaling):
+        """Prompt positions of one sequence: q [H, C, D] -> [C, H, D]."""
+        kvh, d = pool.shape[1], pool.shape[-1]
+        h, c = query.shape[:2]
+        g = h // kvh
+        q = query.reshape(kvh, 1, g * c, d)  # rows ordered (head in group, position)
+        rows = max(g * c, MIN_ROWS)
+        if rows > g * c:
+            q = torch.cat([q, q.new_zeros(kvh, 1, rows - g * c, d)], dim=2)
+        keys, values = _gather(pool, chunk.blocks[None])  # [KVH, 1, L, D]
+        positions = torch.arange(chunk.start, chunk.start + c, device=q.device).repeat(g)
+        positions = torch.cat([positions, positions.new_zeros(rows - g * c)])  # padding rows see key 0
+        bias = visibility(positions, keys.shape[2], q.dtype)[None]  # [1, rows, L]
+        out = _attend(q, keys, values, bias, scaling)[:, 0, : g * c]  # [KVH, g*C, D]
+        return out.reshape(h, c, d).transpose(0, 1)
+
+
+def visibility(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N, length] additive mask: 0 for keys at or before each position, -inf after."""
+    keys = torch.arange(length, device=positions.device)
+    bias = torch.zeros(len(positions), length, device=positions.device, dtype=dtype)
+    return bias.masked_fill_(keys[None, :] > positions[:, None], float("-inf"))
+
+
+def _gather(pool: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the given block tables [B, nb] -> two [KVH, B, nb * BS, D]."""
+    kvh, bs, d = pool.shape[1], pool.shape[3], pool.shape[4]
+    b, nb = blocks.shape
+    flat = blocks.reshape(-1)
+    keys = pool[0].index_select(1, flat).view(kvh, b, nb * bs, d)
+    values = pool[1].index_select(1, flat).view(kvh, b, nb * bs, d)
+    return keys, values
+
+
+def _attend(q, keys, values, bias, scaling):
+    """softmax(q k^T * scale + bias) v, the sum over keys taken VALUE_CHUNK at a time.
+
+    q [KVH, B, M, D], keys/values [KVH, B, L, D] with L a multiple of VALUE_CHUNK, bias [B, M, L].
+    """
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scaling).add_(bias)  # [KVH, B, M, L]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    kvh, b, m, length = probs.shape
+    n = length // VALUE_CHUNK
+    probs = probs.view(kvh, b, m, n, VALUE_CHUNK).transpose(2, 3)  # [KVH, B, n, M, C]
+    partial = torch.matmul(probs, values.view(kvh, b, n, VALUE_CHUNK, -1))  # [KVH, B, n, M, D]
+    return partial.sum(dim=2)
