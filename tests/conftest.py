@@ -32,14 +32,14 @@ def train_tokenizer(fim: bool):
 
 
 def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0) -> Path:
-    """Save a random-weight llama (with FIM tokens) or gpt2 (without) and its tokenizer.
+    """Save a random-weight llama (with FIM tokens), qwen2 or gpt2 (without) and its tokenizer.
 
     bos: the tokenizer puts <|endoftext|> before every text; padding: extra embedding rows past the
     tokenizer's vocabulary, as many real models have.
     """
     import torch
     from tokenizers import processors
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = train_tokenizer(fim=kind == "llama")
     if bos:
@@ -50,6 +50,10 @@ def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0) -> P
         config = LlamaConfig(vocab_size=len(tokenizer) + padding, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
         model = LlamaForCausalLM(config)
+    elif kind == "qwen2":  # biases on q/k/v, unlike llama
+        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
+        model = Qwen2ForCausalLM(config)
     else:
         config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
         model = GPT2LMHeadModel(config)
@@ -66,6 +70,11 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bos_llama_dir(tmp_path_factory) -> Path:
     return build_model("llama", tmp_path_factory.mktemp("tiny-llama-bos"), bos=True, padding=40)
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> Path:
+    return build_model("qwen2", tmp_path_factory.mktemp("tiny-qwen2"))
 
 
 @pytest.fixture(scope="session")

@@ -92,9 +92,14 @@ class AsyncEngine:
                 self.engine.abort(command[1])
 
     def _add(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> None:
-        """Add a request, unless its client already left."""
-        if request_id in self._outboxes:
+        """Add a request, unless its client already left; one the engine refuses fails alone."""
+        if request_id not in self._outboxes:
+            return
+        try:
             self.engine.add_request(request_id, prompts, params)
+        except ValueError as exc:
+            log.warning("request %s refused: %s", request_id, exc)
+            self._post(RequestOutput(request_id, [], 0, 0, finished=True, error=f"The server cannot serve this request: {exc}."))
 
     def _post(self, output: RequestOutput) -> None:
         """Hand an output to its request's event loop."""

@@ -55,7 +55,14 @@ class Engine:
         self._seq_ids = itertools.count()
 
     def add_request(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> None:
-        """Queue a request: each prompt's first candidate computes the prompt for all best_of of them."""
+        """Queue a request: each prompt's first candidate computes the prompt for all best_of of them.
+
+        Raises ValueError for a request whose longest sequence could never fit the KV cache.
+        """
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        longest = max(len(p.token_ids) for p in prompts) + params.max_tokens
+        if longest > capacity:
+            raise ValueError(f"a sequence of {longest} tokens does not fit the KV cache ({capacity} tokens)")
         groups = [self._group(request_id, i, p, params) for i, p in enumerate(prompts)]
         self._requests[request_id] = groups
         for group in groups:

@@ -92,10 +92,14 @@ class Scheduler:
             if copies is not None:
                 plan.copies += copies
                 return True
-            victim = self.running[-1]
+            victim = self._idle_holder() or self.running[-1]
             self._preempt(victim)
             if victim is seq:
                 return False
+
+    def _idle_holder(self) -> Sequence | None:
+        """The last waiting sequence that holds blocks (forked candidates do): the cheapest to take."""
+        return next((s for s in reversed(self.waiting) if s.table.blocks), None)
 
     def _admit(self, seq: Sequence, budget: int, plan: Plan) -> int:
         """Tokens a waiting sequence computes on admission; 0 when its blocks are not there."""
@@ -105,6 +109,9 @@ class Scheduler:
             seq.num_computed = self.blocks.reuse_prefix(seq.table, seq.group.prompt.token_ids, limit)
         n = seq.next_run(budget)
         copies = self.blocks.allocate(seq.table, seq.num_computed + n, seq.num_computed) if n else None
+        while copies is None and not self.running and self._idle_holder() not in (None, seq):
+            self._preempt(self._idle_holder())  # nothing runs: what waiting ones hold is all there is
+            copies = self.blocks.allocate(seq.table, seq.num_computed + n, seq.num_computed)
         if copies is None:
             if fresh:  # give back the prefix it found, so the blocks stay evictable while it waits
                 self.blocks.free(seq.table)
@@ -114,9 +121,10 @@ class Scheduler:
         return n
 
     def _preempt(self, seq: Sequence) -> None:
-        """Take a sequence's blocks back; it waits first in line and recomputes what it lost."""
-        self.running.remove(seq)
+        """Take a sequence's blocks back; it waits (first in line if it ran) and recomputes what it lost."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.waiting.appendleft(seq)
         self.blocks.free(seq.table)
         seq.num_computed = 0
-        self.waiting.appendleft(seq)
         self.preemptions += 1

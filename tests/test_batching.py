@@ -1,0 +1,130 @@
+"""Continuous batching: a request's tokens and logprobs are the same alone or in any crowd.
+
+Checked with chunked prompts, prefix-cache hits and preemption, on llama, qwen2 and gpt2 (fp32, CPU).
+"""
+
+import random
+
+import pytest
+
+from tokenmill.config import EngineConfig
+from tokenmill.engine.loader import load_engine
+from tokenmill.outputs import Logprobs
+from tokenmill.sampling_params import Prompt, SamplingParams
+
+
+def engine_for(path, **options):
+    return load_engine(EngineConfig(model=str(path), **options), str(path), "tiny").engine
+
+
+def mixed_requests(count: int, vocab: int, seed: int = 0) -> list[tuple[list[Prompt], SamplingParams]]:
+    """Prompts of 1-120 tokens (some sharing a 40-token prefix), 1-40 output tokens, greedy or seeded."""
+    rng = random.Random(seed)
+    shared = [rng.randrange(1, vocab) for _ in range(40)]
+    requests = []
+    for i in range(count):
+        ids = [rng.randrange(1, vocab) for _ in range(rng.randint(1, 120))]
+        if i % 5 == 0:
+            ids = shared + ids[:30]
+        knobs = {"temperature": 0.0} if i % 2 else {"temperature": rng.choice([0.7, 1.0, 1.3]), "seed": i, "top_p": rng.choice([1.0, 0.9])}
+        if i % 7 == 3:
+            knobs.update(n=2, best_of=3, seed=i, temperature=1.0)
+        if i % 6 == 1:
+            knobs.update(presence_penalty=0.5, frequency_penalty=0.3, logit_bias={5: 2.0})
+        params = SamplingParams(max_tokens=rng.randint(1, 40), logprobs=2, ignore_eos=i % 3 == 0, **knobs)
+        requests.append(([Prompt(tuple(ids))], params))
+    return requests
+
+
+def collect(engine, requests, ids) -> dict[str, list]:
+    """Run the requests to the end; per request, each choice's (text, logprobs)."""
+    for rid, (prompts, params) in zip(ids, requests):
+        engine.add_request(rid, prompts, params)
+    texts: dict[str, dict[int, list]] = {rid: {} for rid in ids}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None
+            for d in out.choices:
+                text, lp = texts[out.request_id].setdefault(d.index, ["", Logprobs()])
+                texts[out.request_id][d.index] = [text + d.text, lp]
+                lp.extend(d.logprobs or Logprobs())
+    return {rid: [(c[0], c[1].tokens, c[1].token_logprobs, c[1].top_logprobs) for _, c in sorted(texts[rid].items())] for rid in ids}
+
+
+def alone(engine, requests) -> dict[str, list]:
+    results = {}
+    for i, request in enumerate(requests):
+        results |= collect(engine, [request], [f"r{i}"])
+    return results
+
+
+def together(engine, requests) -> dict[str, list]:
+    return collect(engine, requests, [f"r{i}" for i in range(len(requests))])
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt2"])
+def model_dir(request, llama_dir, qwen2_dir, gpt2_dir):
+    return {"llama": llama_dir, "qwen2": qwen2_dir, "gpt2": gpt2_dir}[request.param]
+
+
+@pytest.fixture(scope="module")
+def solo_results(model_dir):
+    engine = engine_for(model_dir, no_prefix_caching=True)
+    requests = mixed_requests(40, engine.tokenizer.vocab_size)
+    return requests, alone(engine, requests), engine.runner.shape.bytes_per_token
+
+
+def test_forty_mixed_requests_batched_equal_each_alone(model_dir, solo_results):
+    requests, solo, _ = solo_results
+    engine = engine_for(model_dir, max_num_batched_tokens=64)  # prompts are chunked beside decodes
+    crowd = together(engine, requests)
+    assert crowd == solo
+    assert engine.blocks.hit_tokens > 0  # the shared prefixes were served from the cache
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_pool_small_enough_to_preempt_gives_the_same_outputs(model_dir, solo_results):
+    requests, solo, bytes_per_token = solo_results
+    # room for 200 tokens: the longest request (160) fits alone, a few together do not
+    engine = engine_for(model_dir, kv_cache_memory=str(200 * bytes_per_token), block_size=4)
+    crowd = together(engine, requests)
+    assert engine.scheduler.preemptions > 0
+    assert crowd == solo
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_a_shared_prefix_is_a_counted_cache_hit_with_the_same_output(llama_dir):
+    cold = engine_for(llama_dir, no_prefix_caching=True)
+    warm = engine_for(llama_dir)
+    rng = random.Random(3)
+    prefix = [rng.randrange(1, 900) for _ in range(50)]
+    first, second = ([Prompt(tuple(prefix + tail))] for tail in ([7, 8, 9], [10, 11]))
+    params = SamplingParams(max_tokens=12, logprobs=3, seed=4)
+    collect(warm, [(first, params)], ["a"])
+    before = warm.blocks.hit_tokens
+    got = collect(warm, [(second, params)], ["b"])
+    assert warm.blocks.hit_tokens - before == 48  # three full blocks of 16
+    assert got == collect(cold, [(second, params)], ["b"])
+
+
+def test_after_a_burst_with_aborts_every_block_is_free(llama_dir):
+    engine = engine_for(llama_dir, max_num_batched_tokens=48)
+    requests = mixed_requests(20, engine.tokenizer.vocab_size, seed=1)
+    for i, (prompts, params) in enumerate(requests):
+        engine.add_request(f"r{i}", prompts, params)
+    for _ in range(4):
+        engine.step()
+    for i in range(0, 20, 2):
+        engine.abort(f"r{i}")
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.num_active() == 0 and not engine.scheduler.running and not engine.scheduler.waiting
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_chunked_scoring_equals_one_chunk(llama_dir):
+    text_ids = tuple(random.Random(5).randrange(1, 900) for _ in range(100))
+    params = SamplingParams(max_tokens=0, echo=True, logprobs=2)
+    whole = collect(engine_for(llama_dir), [([Prompt(text_ids)], params)], ["s"])
+    chunked = collect(engine_for(llama_dir, max_num_batched_tokens=16), [([Prompt(text_ids)], params)], ["s"])
+    assert whole == chunked

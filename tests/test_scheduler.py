@@ -1,0 +1,72 @@
+"""The scheduler: token budget, chunked prompts, first come first served, preemption and resumption."""
+
+from tokenmill.engine.kv_cache import BlockManager
+from tokenmill.engine.scheduler import Scheduler, SchedulerConfig
+from tokenmill.engine.sequence import PromptGroup, Sequence
+from tokenmill.sampling_params import Prompt, SamplingParams
+
+
+def sequence(prompt_len: int, request_id: str = "r", first_token: int = 1) -> Sequence:
+    prompt = Prompt(tuple(range(first_token, first_token + prompt_len)))
+    group = PromptGroup(request_id, 0, prompt, SamplingParams(max_tokens=100), str)
+    seq = Sequence(0, group, lambda ids: "")
+    group.sequences.append(seq)
+    return seq
+
+
+def run(scheduler: Scheduler) -> dict[str, int]:
+    """One step as the engine takes it: tokens computed, a token drawn at the end of what is known."""
+    plan = scheduler.schedule()
+    for item in plan.scheduled:
+        item.seq.num_computed += item.num_tokens
+        scheduler.blocks.cache_full_blocks(item.seq.table, item.seq.group.prompt.token_ids, item.seq.num_computed)
+        if item.seq.num_computed == item.seq.num_tokens:
+            item.seq.output_ids.append(7)
+            item.seq.group.prefilled = True
+    return {item.seq.group.request_id: item.num_tokens for item in plan.scheduled}
+
+
+def test_a_long_prompt_is_chunked_beside_running_decodes():
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=10), BlockManager(64, 4))
+    for name in "ab":
+        s.add(sequence(3, name))
+    assert run(s) == {"a": 3, "b": 3}
+    s.add(sequence(30, "long"))
+    steps = [run(s) for _ in range(4)]
+    assert steps == [{"a": 1, "b": 1, "long": 8}] * 3 + [{"a": 1, "b": 1, "long": 6}]
+    assert run(s) == {"a": 1, "b": 1, "long": 1}
+
+
+def test_the_budget_and_sequence_limit_hold_and_waiting_is_first_come_first_served():
+    s = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=5), BlockManager(64, 4))
+    for name in "abc":
+        s.add(sequence(4, name))
+    assert run(s) == {"a": 4, "b": 1}
+    assert run(s) == {"a": 1, "b": 3}  # c waits: two sequences run at most
+    assert list(s.waiting)[0].group.request_id == "c"
+
+
+def test_when_blocks_run_out_the_latest_sequence_is_preempted_and_resumes_later():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), blocks)
+    first, second = sequence(8, "first"), sequence(8, "second", first_token=100)
+    s.add(first)
+    s.add(second)
+    assert run(s) == {"first": 8, "second": 8}  # 4 blocks in use
+    assert run(s) == {"first": 1}  # first needs a third block: second gives its two back
+    assert s.preemptions == 1 and second.num_computed == 0 and s.waiting[0] is second
+    assert second.output_ids == [7]  # it keeps its tokens, to recompute them
+    s.finish(first)
+    # its first prompt block is still cached; the rest of the prompt again, then its token
+    assert run(s) == {"second": 4} and run(s) == {"second": 1}
+    assert second.num_computed == 9
+
+
+def test_a_finished_sequence_leaves_and_frees_its_blocks():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    s = Scheduler(SchedulerConfig(), blocks)
+    seq = sequence(6)
+    s.add(seq)
+    run(s)
+    s.finish(seq)
+    assert not s.running and blocks.num_free == 4
