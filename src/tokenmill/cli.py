@@ -1,4 +1,4 @@
-"""The command line: `tokenmill serve`, `tokenmill pull`, `tokenmill models`."""
+"""The command line: `tokenmill serve`, `tokenmill pull`, `tokenmill models`, `tokenmill bench`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,27 @@ def build_parser() -> argparse.ArgumentParser:
     pull = commands.add_parser("pull", parents=[common], help="fetch a model into the cache: the default, a hub id, or a .gguf file")
     pull.add_argument("model", nargs="?", default=None, help="hub id (org/name) or path/to/file.gguf (default: SmolLM2-135M-Instruct)")
     commands.add_parser("models", parents=[common], help="list the cached models")
+    _add_bench(commands, common)
     return parser
+
+
+BENCHMARKS = {
+    "serve": "load any OpenAI-compatible /v1/completions server: throughput, TTFT, TPOT, ITL",
+    "offline": "the engine alone, in-process, no HTTP: what the server costs on top",
+    "ceiling": "one decode step's matmul time per batch size, and the batch-1 memory floor",
+    "compare": "tokenmill, an older tokenmill, vLLM and llama.cpp side by side, one server at a time",
+}
+
+
+def _add_bench(commands, common: argparse.ArgumentParser) -> None:
+    """`tokenmill bench NAME`: each benchmark module adds its own options."""
+    import importlib
+
+    bench = commands.add_parser("bench", help="measure a server, the engine, or this machine's ceiling")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    for name, summary in BENCHMARKS.items():
+        module = importlib.import_module(f"tokenmill.benchmarks.{name}")  # their imports are light: no torch, no httpx
+        module.add_arguments(kinds.add_parser(name, parents=[common], help=summary, description=summary))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")  # progress as log lines, not bars, in logs
-    return {"serve": serve, "pull": pull, "models": models}[args.command](args)
+    return {"serve": serve, "pull": pull, "models": models, "bench": bench}[args.command](args)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -85,6 +105,13 @@ def models(args: argparse.Namespace) -> int:
     for e in entries:
         print(f"{e.name}\t{e.size / 1e6:.0f} MB\t{e.source}\t{e.path}")
     return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run the benchmark named on the command line."""
+    import importlib
+
+    return importlib.import_module(f"tokenmill.benchmarks.{args.bench}").run(args)
 
 
 def _cache():

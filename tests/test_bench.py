@@ -1,0 +1,117 @@
+"""The benchmarks run end to end on tiny models, so they cannot rot: bench serve, offline, ceiling, compare's table."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tokenmill import cli
+from tokenmill.benchmarks import compare, metrics
+from tokenmill.benchmarks.metrics import RequestResult
+from tokenmill.benchmarks.serve import ServeOptions, benchmark, long_prompt_report, sse_events
+
+
+def test_sse_parser_skips_pings_and_joins_data_lines():
+    lines = [": ping", "", 'data: {"a": 1}', "", ":another comment", "event: x", "data:{", "data: \"b\": 2}", "",
+             "data: [DONE]"]  # the last event has no blank line after it
+    assert sse_events(lines) == ['{"a": 1}', '{\n"b": 2}', "[DONE]"]
+
+
+def test_bench_serve_streams_and_times_every_request(llama, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    code = cli.main(["bench", "serve", "--base-url", llama.url, "--tokenizer", str(llama.model_dir), "--num-prompts", "4",
+                     "--input-len", "8", "--output-len", "4", "--max-concurrency", "2", "--prompt-format", "ids",
+                     "--result-json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    s = report["summary"]
+    assert (s["completed"], s["failed"], s["total_output_tokens"], s["total_input_tokens"]) == (4, 0, 16, 32)
+    assert report["options"]["model"] == llama.model  # the first id of GET /v1/models
+    for key in ("ttft_ms", "itl_ms", "tpot_ms", "latency_ms"):
+        assert all(v > 0 for v in s[key].values()), key
+    assert s["output_throughput"] > 0 and len(report["requests"]) == 4
+    assert "Serving Benchmark Result" in capsys.readouterr().out
+
+
+def test_bench_serve_text_prompts_poisson_arrivals_and_one_long_prompt(llama):
+    options = ServeOptions(base_url=llama.url + "/v1", num_prompts=3, input_len=8, output_len=4, request_rate=50.0,
+                           prompt_format="text", tokenizer=str(llama.model_dir), warmup=0, long_prompt_len=64,
+                           long_prompt_at=0.0, long_prompt_output_len=2)
+    report = asyncio.run(benchmark(options))
+    assert report["summary"]["completed"] == 3
+    assert all(abs(r["prompt_tokens"] - 8) <= 1 for r in report["requests"][:3])  # text re-tokenizes to about as many
+    long = report["long_prompt"]
+    assert long["ok"] and abs(long["prompt_tokens"] - 64) <= 1 and long["ttft_ms"] > 0
+    assert report["requests"][-1]["long_prompt"] and report["requests"][1]["sent"] > 0
+
+
+def test_long_prompt_report_splits_the_others_gaps_at_its_first_token():
+    long = RequestResult(ok=True, sent=1.0, latency=2.0, token_times=[0.5, 1.0])  # waits from 1.0 s to 1.5 s
+    other = RequestResult(ok=True, sent=0.0, latency=1.8, token_times=[0.2, 0.9, 1.6, 1.8])
+    report = long_prompt_report(long, [other])
+    assert report["others_gaps_during"] == 1 and round(report["others_itl_ms_during"]["max"]) == 700
+    assert round(report["others_itl_ms_outside"]["max"]) == 700 and report["ttft_ms"] == 500
+
+
+def test_bench_serve_reports_a_failed_request(llama):
+    options = ServeOptions(base_url=llama.url, model="no-such-model", num_prompts=2, input_len=4, output_len=2,
+                           vocab_size=1000, warmup=0)
+    s = asyncio.run(benchmark(options))["summary"]
+    assert (s["completed"], s["failed"]) == (0, 2) and s["errors"][0].startswith("HTTP 404")
+
+
+def test_bench_offline_runs_the_engine_in_process(llama_dir, tmp_path, capsys):
+    out = tmp_path / "offline.json"
+    code = cli.main(["bench", "offline", "--model", str(llama_dir), "--num-prompts", "3", "--input-len", "8",
+                     "--output-len", "4", "--max-concurrency", "2", "--result-json", str(out)])
+    assert code == 0
+    s = json.loads(out.read_text())["summary"]
+    assert (s["completed"], s["failed"], s["total_output_tokens"]) == (3, 0, 12)
+    assert s["ttft_ms"]["p50"] > 0 and s["itl_ms"]["p50"] > 0 and s["output_throughput"] > 0
+    assert "Offline Engine Benchmark Result" in capsys.readouterr().out
+
+
+def test_bench_ceiling_times_every_matmul(llama_dir, tmp_path, capsys):
+    out = tmp_path / "ceiling.json"
+    code = cli.main(["bench", "ceiling", "--model", str(llama_dir), "--rows", "1", "16", "--repeat", "2",
+                     "--copy-mib", "16", "--result-json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["matmul_modules"] == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head
+    assert [r["m"] for r in report["rows"]] == [1, 16] and all(r["tok_s"] > 0 for r in report["rows"])
+    assert report["floor_batch1"]["tok_s"] > 0
+    assert "| 16 |" in capsys.readouterr().out
+
+
+def test_compare_table_has_a_row_per_system_and_ratios():
+    def system(tok_s: float) -> dict:
+        summary = {"output_throughput": tok_s, "failed": 0, "ttft_ms": {"p99": 120.0}, "itl_ms": {"p99": 30.0}}
+        return {"runs": {1: {"summary": summary, "memory_mib": {"start": 1, "peak": 600, "end": 2}},
+                         16: {"summary": summary, "memory_mib": {"start": 1, "peak": 700, "end": 2}}}}
+
+    text = compare.table({"tokenmill": system(40.0), "vLLM (CPU)": system(80.0), "llama.cpp": {"error": "x"}}, [1, 16], False)
+    lines = text.splitlines()
+    assert len(lines) == 5 and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "| vLLM (CPU) | 80.0 | 80.0 | 120 | 30 | 700 | 0.50x / 0.50x |" in text
+    assert "| llama.cpp | failed to start |" in text
+
+
+def test_percentiles_interpolate_like_numpy():
+    assert metrics.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert metrics.percentile([5.0], 99) == 5.0
+    assert metrics.stats_ms([])["p99"] is None
+
+
+@pytest.mark.slow  # starts `python -m tokenmill serve` in a subprocess: ~8 s
+def test_compare_serves_tokenmill_and_samples_its_memory(llama_dir, tmp_path, capsys):
+    code = compare.main(["--model", str(llama_dir), "--concurrency", "1", "2", "--num-prompts", "2", "--input-len", "8",
+                         "--output-len", "4", "--log-dir", str(tmp_path)])
+    assert code == 0
+    report = json.loads((tmp_path / "compare.json").read_text())
+    runs = report["systems"]["tokenmill"]["runs"]
+    assert [runs[c]["summary"]["completed"] for c in ("1", "2")] == [2, 2]
+    assert 0 < runs["2"]["memory_mib"]["start"] <= runs["2"]["memory_mib"]["peak"]
+    out = capsys.readouterr().out
+    assert "| tokenmill | " in out and "1.00x / 1.00x" in out
