@@ -40,6 +40,22 @@ class Chunk:
     blocks: torch.Tensor  # [nb] the sequence's block table, padded to cover the chunk's keys
 
 
+class Workspace:
+    """One buffer for gathered keys and one for values, reused by every layer and step.
+
+    Gathering into fresh tensors costs a page fault per 4 KiB each time; this memory stays mapped.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self._buffers = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]
+
+    def take(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two flat buffers of at least `numel` elements."""
+        if self._buffers[0].numel() < numel:
+            self._buffers = [torch.empty(numel, dtype=b.dtype, device=b.device) for b in self._buffers]
+        return self._buffers[0][:numel], self._buffers[1][:numel]
+
+
 @dataclass
 class StepContext:
     """Where this step's tokens sit in the pool: everything attention needs besides q, k and v."""
@@ -51,6 +67,7 @@ class StepContext:
     decode_bias: torch.Tensor | None  # [D, 1, L] 0 where a key is visible, -inf past the position
     chunks: list[Chunk] = field(default_factory=list)
     backend: AttentionBackend | None = None
+    workspace: Workspace | None = None
 
 
 class AttentionBackend(Protocol):
@@ -89,7 +106,7 @@ class TorchAttention:
         if step.decode_rows:
             out[: step.decode_rows] = self._decode(query[:, : step.decode_rows], pool, step, scaling)
         for chunk in step.chunks:
-            out[chunk.rows] = self._chunk(query[:, chunk.rows], pool, chunk, scaling)
+            out[chunk.rows] = self._chunk(query[:, chunk.rows], pool, chunk, scaling, step.workspace)
         return out
 
     def _decode(self, query, pool, step, scaling):
@@ -97,11 +114,11 @@ class TorchAttention:
         kvh, d = pool.shape[1], pool.shape[-1]
         h, b = query.shape[:2]
         q = query.reshape(kvh, h // kvh, b, d).transpose(1, 2)  # [KVH, B, g, D]
-        keys, values = _gather(pool, step.decode_blocks)  # [KVH, B, L, D]
+        keys, values = _gather(pool, step.decode_blocks, step.workspace)  # [KVH, B, L, D]
         out = _attend(q, keys, values, step.decode_bias, scaling)  # [KVH, B, g, D]
         return out.permute(1, 0, 2, 3).reshape(b, h, d)
 
-    def _chunk(self, query, pool, chunk, scaling):
+    def _chunk(self, query, pool, chunk, scaling, workspace):
         """Prompt positions of one sequence: q [H, C, D] -> [C, H, D]."""
         kvh, d = pool.shape[1], pool.shape[-1]
         h, c = query.shape[:2]
@@ -110,7 +127,7 @@ class TorchAttention:
         rows = max(g * c, MIN_ROWS)
         if rows > g * c:
             q = torch.cat([q, q.new_zeros(kvh, 1, rows - g * c, d)], dim=2)
-        keys, values = _gather(pool, chunk.blocks[None])  # [KVH, 1, L, D]
+        keys, values = _gather(pool, chunk.blocks[None], workspace)  # [KVH, 1, L, D]
         positions = torch.arange(chunk.start, chunk.start + c, device=q.device).repeat(g)
         positions = torch.cat([positions, positions.new_zeros(rows - g * c)])  # padding rows see key 0
         bias = visibility(positions, keys.shape[2], q.dtype)[None]  # [1, rows, L]
@@ -125,14 +142,16 @@ def visibility(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torc
     return bias.masked_fill_(keys[None, :] > positions[:, None], float("-inf"))
 
 
-def _gather(pool: torch.Tensor, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather(pool: torch.Tensor, blocks: torch.Tensor, workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of the given block tables [B, nb] -> two [KVH, B, nb * BS, D]."""
-    kvh, bs, d = pool.shape[1], pool.shape[3], pool.shape[4]
+    kvh, num_blocks, bs, d = pool.shape[1:]
     b, nb = blocks.shape
-    flat = blocks.reshape(-1)
-    keys = pool[0].index_select(1, flat).view(kvh, b, nb * bs, d)
-    values = pool[1].index_select(1, flat).view(kvh, b, nb * bs, d)
-    return keys, values
+    # one row per (kv head, block) of [KVH * NB, BS * D]: a single gather along the first dim
+    rows = (torch.arange(kvh, device=blocks.device)[:, None] * num_blocks + blocks.reshape(1, -1)).reshape(-1)
+    keys, values = workspace.take(kvh * b * nb * bs * d)
+    torch.index_select(pool[0].view(kvh * num_blocks, bs * d), 0, rows, out=keys.view(-1, bs * d))
+    torch.index_select(pool[1].view(kvh * num_blocks, bs * d), 0, rows, out=values.view(-1, bs * d))
+    return keys.view(kvh, b, nb * bs, d), values.view(kvh, b, nb * bs, d)
 
 
 def _attend(q, keys, values, bias, scaling):

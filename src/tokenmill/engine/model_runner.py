@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenmill.engine import attention
-from tokenmill.engine.attention import Chunk, StepContext, TorchAttention
+from tokenmill.engine.attention import Chunk, StepContext, TorchAttention, Workspace
 
 
 @dataclass
@@ -63,6 +63,7 @@ class ModelRunner:
         s = self.shape  # zeros, not empty: a masked key weighs 0, and 0 x NaN would be NaN
         self.kv = torch.zeros(s.layers, 2, s.kv_heads, num_blocks + 1, block_size, s.head_dim, dtype=s.dtype, device=device)
         self.backend = TorchAttention()
+        self.workspace = Workspace(s.dtype, device)
         # keys are gathered in whole value chunks, so tables are padded to this many blocks
         self._table_multiple = math.lcm(block_size, attention.VALUE_CHUNK) // block_size
 
@@ -104,7 +105,7 @@ class ModelRunner:
         positions += [0] * pad
         slots += [self.scratch * self.block_size] * pad
         t = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        step = StepContext(self.kv, t(slots), len(decode), None, None, backend=self.backend)
+        step = StepContext(self.kv, t(slots), len(decode), None, None, backend=self.backend, workspace=self.workspace)
         if decode:
             tables = [self._table(w.blocks, w.start + 1) for w in decode]
             width = max(len(tb) for tb in tables)
