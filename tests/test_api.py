@@ -395,3 +395,23 @@ def test_system_fingerprint_follows_model_dtype_and_version(monkeypatch):
 def test_a_wrong_method_is_an_openai_error(llama):
     assert_error(httpx.get(llama.url + "/v1/completions"), 405)
     assert_error(httpx.delete(llama.url + "/v1/models"), 405)
+
+
+def test_a_burst_where_half_the_clients_leave_frees_every_block(llama):
+    body = {"model": llama.model, "max_tokens": 60, "ignore_eos": True, "stream": True}
+
+    async def one(client, i):
+        async with client.stream("POST", llama.url + "/v1/completions", json={**body, "prompt": f"def f{i}(x):"}) as response:
+            seen = 0
+            async for line in response.aiter_lines():
+                seen += line.startswith("data: ")
+                if i % 2 and seen == 2:
+                    return "left"  # leaving the block closes the connection mid-stream
+            return "done"
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(12)))
+
+    assert asyncio.run(burst()) == ["done", "left"] * 6
+    assert llama.idle(timeout=10)

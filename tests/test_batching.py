@@ -128,3 +128,24 @@ def test_chunked_scoring_equals_one_chunk(llama_dir):
     whole = collect(engine_for(llama_dir), [([Prompt(text_ids)], params)], ["s"])
     chunked = collect(engine_for(llama_dir, max_num_batched_tokens=16), [([Prompt(text_ids)], params)], ["s"])
     assert whole == chunked
+
+
+def test_a_failed_step_frees_the_blocks_of_the_requests_it_fails(llama_dir, monkeypatch):
+    engine = engine_for(llama_dir)
+    real = engine.runner.execute
+    engine.add_request("survivor", [Prompt(tuple(range(1, 30)))], SamplingParams(max_tokens=30, temperature=0.0))
+    engine.step()
+
+    def execute(works):
+        if any(w.prefill for w in works):
+            raise MemoryError("simulated")
+        return real(works)
+
+    monkeypatch.setattr(engine.runner, "execute", execute)
+    engine.add_request("victim", [Prompt(tuple(range(1, 40)))], SamplingParams(max_tokens=5))
+    outputs = {o.request_id: o for o in engine.step()}
+    assert outputs["victim"].error and outputs["victim"].finished
+    assert not outputs["survivor"].error
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.blocks.num_free == engine.blocks.num_blocks and engine.num_active() == 0
