@@ -72,15 +72,14 @@ def test_a_finished_sequence_leaves_and_frees_its_blocks():
     assert not s.running and blocks.num_free == 4
 
 
-def test_prompts_get_a_share_of_a_step_that_decodes_and_all_of_one_that_does_not():
-    config = SchedulerConfig(max_num_batched_tokens=512, prefill_share=2, min_prefill_tokens=8)
-    s = Scheduler(config, BlockManager(256, 16))
+def test_while_sequences_decode_each_prompt_advances_a_slice_and_alone_it_takes_the_budget():
+    config = SchedulerConfig(max_num_batched_tokens=512, chunk_while_decoding=16)
+    s = Scheduler(config, BlockManager(512, 16))
     s.add(sequence(1000, "alone"))
     assert run(s) == {"alone": 512}  # nothing decodes: the whole budget
     s.finish(s.running[0])
-    for name in "abcdef":
-        s.add(sequence(2, name, first_token=500))
+    s.add(sequence(2, "short", first_token=500))
     run(s)
-    s.add(sequence(1000, "long"))
-    step = run(s)
-    assert step["long"] == 12 and all(step[name] == 1 for name in "abcdef")  # 2 x 6 decoding
+    for name in ("long", "other"):
+        s.add(sequence(1000, name, first_token=2000))
+    assert run(s) == {"short": 1, "long": 16, "other": 16}

@@ -15,10 +15,10 @@ import argparse
 def run_engine(path: str, prompts: list[list[int]], output_len: int) -> list[list[int]]:
     """tokenmill's greedy token ids for every prompt, all in one batch."""
     from tokenmill.config import EngineConfig
-    from tokenmill.engine.loader import load_engine
+    from tokenmill.engine.loader import build_engine
     from tokenmill.sampling_params import Prompt, SamplingParams
 
-    engine = load_engine(EngineConfig(model=path), path, "agreement").engine
+    engine, _ = build_engine(EngineConfig(model=path), path, "agreement")  # built and run in this thread
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     groups = {}
     for i, ids in enumerate(prompts):

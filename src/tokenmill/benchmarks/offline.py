@@ -83,12 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load(config: EngineConfig):
     """The engine (not its thread) and the model directory it came from."""
-    from tokenmill.engine.loader import load_engine
+    from tokenmill.engine.loader import build_engine
     from tokenmill.models.cache import ModelCache, default_home
     from tokenmill.models.sources import resolve
 
     path = resolve(config.model, ModelCache(default_home())).path
-    return load_engine(config, path, "bench").engine, path
+    return build_engine(config, path, "bench")[0], path  # built and run in this thread, as a server's is
 
 
 def run(args: argparse.Namespace) -> int:

@@ -127,6 +127,8 @@ class Engine:
             suspects = suspects or {s.seq.group.request_id for s in plan.scheduled}
             failed = [self.fail(rid, exc) for rid in suspects if rid in self._requests]
         plan.scheduled = [s for s in plan.scheduled if s.seq.group.request_id in self._requests]
+        if not plan.scheduled:
+            return [], failed
         try:
             return self.runner.execute([self._work(s) for s in plan.scheduled]), failed
         except Exception as exc:
@@ -226,7 +228,7 @@ class Engine:
         for i, seq in enumerate(seqs):
             token, lp, k = out.tokens[i], out.logprobs[i], seq.params.logprobs
             top = None if k is None else self._top(token, lp, out.top_ids[i][:k], out.top_logprobs[i][:k])
-            self._count(seq, token, logits.shape[-1])
+            self._count(seq, token, logits)
             seq.append(token, lp, top, token in self.eos_ids)
         self._queue_candidates(seqs)
 
@@ -244,13 +246,13 @@ class Engine:
                            seq.penalty_counts, seq.penalty_seen)
 
     @staticmethod
-    def _count(seq: Sequence, token: int, vocab: int) -> None:
+    def _count(seq: Sequence, token: int, logits: torch.Tensor) -> None:
         """Keep a sequence's penalty state up to date, one token at a time."""
-        p = seq.params
+        p, vocab, device = seq.params, logits.shape[-1], logits.device
         if (p.presence_penalty or p.frequency_penalty) and seq.penalty_counts is None:
-            seq.penalty_counts = torch.zeros(vocab)
+            seq.penalty_counts = torch.zeros(vocab, device=device)
         if p.repetition_penalty != 1.0 and seq.penalty_seen is None:
-            seq.penalty_seen = torch.zeros(vocab, dtype=torch.bool)
+            seq.penalty_seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             seq.penalty_seen[list(seq.group.prompt.token_ids)] = True
         if seq.penalty_counts is not None:
             seq.penalty_counts[token] += 1

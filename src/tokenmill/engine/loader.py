@@ -46,7 +46,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_engine(config: EngineConfig, model_path: str, served_name: str) -> AsyncEngine:
-    """Load weights and tokenizer from `model_path` and wrap them in a ready engine."""
+    """An engine thread serving the model at `model_path`, loaded in that thread."""
+    return AsyncEngine(lambda: build_engine(config, model_path, served_name))
+
+
+def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tuple[Engine, ModelInfo]:
+    """Load weights and tokenizer from `model_path` and build the engine, in the calling thread."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     model, hf_tokenizer = _load(model_path, dtype, device)
@@ -67,7 +72,7 @@ def load_engine(config: EngineConfig, model_path: str, served_name: str) -> Asyn
     blocks = BlockManager(num_blocks, config.block_size, prefix_caching=not config.no_prefix_caching)
     runner = ModelRunner(model, device, num_blocks, config.block_size, batch_invariant=not config.no_batch_invariance)
     scheduling = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
-    return AsyncEngine(Engine(runner, tokenizer, eos, blocks, scheduling), info)
+    return Engine(runner, tokenizer, eos, blocks, scheduling), info
 
 
 def _kv_blocks(config: EngineConfig, shape: KVShape, max_len: int, device: torch.device) -> tuple[int, int]:

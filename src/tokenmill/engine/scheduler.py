@@ -19,16 +19,15 @@ from tokenmill.engine.sequence import Sequence
 class SchedulerConfig:
     """The limits of one step.
 
-    A step that carries decodes spends at most prefill_share x their number (and at least
-    min_prefill_tokens) on prompt chunks, so a long prompt arriving mid-run keeps every running
-    stream's inter-token time within about twice its usual; with nothing decoding, prompts get the
-    whole budget.
+    While any sequence decodes, one prompt advances at most chunk_while_decoding tokens a step, so
+    a long prompt arriving mid-run adds a slice to many steps instead of stalling every stream for
+    one long step; several prompts' slices still fill the budget, and with nothing decoding a prompt
+    takes the whole budget.
     """
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 512
-    prefill_share: int = 2
-    min_prefill_tokens: int = 64
+    chunk_while_decoding: int = 64
 
 
 @dataclass
@@ -67,20 +66,17 @@ class Scheduler:
     def schedule(self) -> Plan:
         """Pick this step's tokens: keep running sequences going, then admit waiting ones."""
         plan, budget = Plan([], []), self.config.max_num_batched_tokens
-        prompt_budget = self._prompt_budget()
+        chunk = self._chunk_limit()
         for seq in list(self.running):
             if budget == 0 or seq not in self.running:  # preempted by a sequence before it
                 continue
-            prefill = seq.num_computed < seq.prompt_len
-            n = seq.next_run(min(budget, prompt_budget) if prefill else budget)
+            n = seq.next_run(min(budget, chunk))
             if n and self._grow(seq, n, plan):
                 plan.scheduled.append(Scheduled(seq, n))
                 budget -= n
-                prompt_budget -= n if prefill else 0
-        budget = min(budget, prompt_budget)
         while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = self._admit(seq, budget, plan)
+            n = self._admit(seq, min(budget, chunk), plan)
             if not n:
                 break
             self.waiting.popleft()
@@ -89,12 +85,11 @@ class Scheduler:
             budget -= n
         return plan
 
-    def _prompt_budget(self) -> int:
-        """Tokens this step may spend on prompts, given how many running sequences decode."""
-        decoding = sum(1 for s in self.running if s.num_computed >= s.prompt_len)
-        if not decoding:
-            return self.config.max_num_batched_tokens
-        return max(self.config.prefill_share * decoding, self.config.min_prefill_tokens)
+    def _chunk_limit(self) -> int:
+        """The most tokens one prompt computes this step."""
+        if any(s.num_computed >= s.prompt_len for s in self.running):
+            return self.config.chunk_while_decoding
+        return self.config.max_num_batched_tokens
 
     def finish(self, seq: Sequence) -> None:
         """A sequence is done (finished, aborted or failed): it leaves and its blocks are freed."""
