@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, device: torch.device, num_blocks: int, block_size: int, batch_invariant: bool = True):
         attention.register()
         model.set_attn_implementation(attention.NAME)
+        if device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            pack_linears(model)
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -139,3 +142,23 @@ class ModelRunner:
         if self.batch_invariant and len(keep) < attention.MIN_ROWS:
             keep += [keep[-1]] * (attention.MIN_ROWS - len(keep))
         return torch.tensor(keep, dtype=torch.long, device=self.device), spans
+
+
+def pack_linears(model: torch.nn.Module) -> None:
+    """Run every nn.Linear through oneDNN with its weight packed once, ahead of time.
+
+    Measured here (fp32, 2 threads): 2x MKL's speed at 16 rows, 1.5x at 64, and every row's bits
+    are the same whatever the number of rows (MKL's are not below 12). Costs a second copy of
+    the weights.
+    """
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_size=16)
+            module.forward = types.MethodType(_packed_forward, module)
+
+
+def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward on the packed weight: x [..., in] -> [..., out]."""
+    bias = self.bias.detach() if self.bias is not None else None
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed_weight, bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
