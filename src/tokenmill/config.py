@@ -27,8 +27,8 @@ class EngineConfig:
     kv_cache_memory: str | None = _opt(None, "KV cache size: bytes or a size such as 512MiB or 2GiB (default: a quarter of free memory, at most 2GiB)")
     block_size: int = _opt(16, "tokens per KV cache block")
     no_prefix_caching: bool = _opt(False, "do not reuse the cached keys and values of a prompt prefix seen before")
-    no_batch_invariance: bool = _opt(False, "do not pad steps to 16 rows: faster below 16 concurrent sequences, "
-                                            "but a request's tokens may then depend on what else runs")
+    no_batch_invariance: bool = _opt(False, "do not pad steps to 16 rows where the model needs it (MKL matmuls): faster "
+                                            "below 16 sequences, but a request's tokens may then depend on what else runs")
 
     def __post_init__(self):
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -48,19 +48,21 @@ class KVShape:
 class ModelRunner:
     """Runs a transformers causal LM over the paged KV pool.
 
-    batch_invariant pads every step to a multiple of 16 rows (and the logits to 16 or more), so each
-    row goes through the same matmul kernels whatever else is in the step.
+    batch_invariant pads every step to a multiple of 16 rows (and the logits to 16 or more) where a
+    matmul layer runs on MKL, so each row goes through the same kernels whatever else is in the step.
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, num_blocks: int, block_size: int, batch_invariant: bool = True):
         attention.register()
         model.set_attn_implementation(attention.NAME)
-        if device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        packed = device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and torch.backends.mkldnn.is_available()
+        if packed:
             pack_linears(model)
         self.model = model
         self.device = device
         self.block_size = block_size
-        self.batch_invariant = batch_invariant
+        # packed linears agree at every row count; only other matmul layers (GPT-2's Conv1D, MKL) need padding
+        self.pad_rows = batch_invariant and not (packed and not _unpacked_matmuls(model))
         self.shape = KVShape.of(model.config, next(model.parameters()).dtype)
         self.scratch = num_blocks  # one extra block: padding rows write here, padded tables point here
         s = self.shape  # zeros, not empty: a masked key weighs 0, and 0 x NaN would be NaN
@@ -126,7 +128,7 @@ class ModelRunner:
 
     def _padding(self, rows: int) -> int:
         """Rows to add so the step's matmuls take the same kernels whatever its size."""
-        if not self.batch_invariant:
+        if not self.pad_rows:
             return 0
         return max(attention.MIN_ROWS, -(-rows // attention.MIN_ROWS) * attention.MIN_ROWS) - rows
 
@@ -139,7 +141,7 @@ class ModelRunner:
             keep += range(row - w.logits, row)
         if not keep:
             keep = [0]
-        if self.batch_invariant and len(keep) < attention.MIN_ROWS:
+        if self.pad_rows and len(keep) < attention.MIN_ROWS:
             keep += [keep[-1]] * (attention.MIN_ROWS - len(keep))
         return torch.tensor(keep, dtype=torch.long, device=self.device), spans
 
@@ -155,6 +157,12 @@ def pack_linears(model: torch.nn.Module) -> None:
         if type(module) is torch.nn.Linear:
             module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_size=16)
             module.forward = types.MethodType(_packed_forward, module)
+
+
+def _unpacked_matmuls(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Layers with a matrix of weights that pack_linears left alone (not nn.Linear, not a lookup)."""
+    return [m for m in model.modules() if type(m) is not torch.nn.Linear and not isinstance(m, torch.nn.Embedding)
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
 
 
 def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
