@@ -100,6 +100,7 @@ class Engine:
             rows += self._advance(item, row_logits)
         if rows:
             self._sample([s for s, _ in rows], torch.stack([r for _, r in rows]))
+            self._queue_candidates([s for s, _ in rows])
         for seq, _ in rows:
             if seq.finished:
                 self.scheduler.finish(seq)
@@ -230,7 +231,6 @@ class Engine:
             top = None if k is None else self._top(token, lp, out.top_ids[i][:k], out.top_logprobs[i][:k])
             self._count(seq, token, logits)
             seq.append(token, lp, top, token in self.eos_ids)
-        self._queue_candidates(seqs)
 
     def _queue_candidates(self, seqs: list[Sequence]) -> None:
         """Candidates that just drew their first token queue first in line for their next one."""

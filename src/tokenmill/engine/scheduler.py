@@ -68,7 +68,7 @@ class Scheduler:
         plan, budget = Plan([], []), self.config.max_num_batched_tokens
         chunk = self._chunk_limit()
         for seq in list(self.running):
-            if budget == 0 or seq not in self.running:  # preempted by a sequence before it
+            if budget == 0 or not seq.table.blocks:  # no blocks: preempted by a sequence before it
                 continue
             n = seq.next_run(min(budget, chunk))
             if n and self._grow(seq, n, plan):
