@@ -114,17 +114,19 @@ class Served:
         return False
 
 
-def serve(model_dir: Path, name: str, api_key: str | None = None):
-    """Start uvicorn in a thread on a free port; yield a Served; stop it after."""
+def serve(model_dir: Path, name: str, api_key: str | None = None, engine_options: dict | None = None, **server_options):
+    """Start tokenmill's uvicorn server in a thread on a free port; yield a Served; stop it after."""
     import uvicorn
 
     from tokenmill.config import EngineConfig, ServerConfig
     from tokenmill.engine.loader import load_engine
     from tokenmill.server.api import create_app
+    from tokenmill.server.lifecycle import Server
 
-    engine = load_engine(EngineConfig(model=str(model_dir)), str(model_dir), name)
-    config = ServerConfig(port=free_port(), api_key=api_key)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, config), host="127.0.0.1", port=config.port, log_level="warning"))
+    engine = load_engine(EngineConfig(model=str(model_dir), **(engine_options or {})), str(model_dir), name)
+    config = ServerConfig(port=free_port(), api_key=api_key, **server_options)
+    app = create_app(engine, config)
+    server = Server(uvicorn.Config(app, host="127.0.0.1", port=config.port, log_level="warning", log_config=None), app.state.lifecycle)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:

@@ -8,7 +8,7 @@ import os
 import sys
 
 from tokenmill import __version__
-from tokenmill.config import EngineConfig, ServerConfig, add_options, api_key_from_env, from_args
+from tokenmill.config import EngineConfig, ServerConfig, add_options, api_keys_from, from_args
 
 log = logging.getLogger("tokenmill")
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tokenmill {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    common.add_argument("--log-format", default="text", choices=("text", "json"), help="json: one object a line, for log collectors")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", parents=[common], help="serve a model on /v1/completions (default: SmolLM2-135M-Instruct)")
     add_options(serve, EngineConfig)
@@ -51,7 +52,9 @@ def _add_bench(commands, common: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tokenmill.logs import configure
+
+    configure(args.log_level, args.log_format)
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")  # progress as log lines, not bars, in logs
     return {"serve": serve, "pull": pull, "models": models, "bench": bench}[args.command](args)
@@ -61,14 +64,13 @@ def serve(args: argparse.Namespace) -> int:
     """Resolve and load the model, then serve it until interrupted."""
     try:
         engine_config = from_args(EngineConfig, args)
-        server_config = from_args(ServerConfig, args, api_key=api_key_from_env(args.api_key))
+        server_config = from_args(ServerConfig, args, api_key=api_keys_from(args.api_key, args.api_key_file))
     except ValueError as exc:
         return _fail(str(exc), 2)
-    import uvicorn
-
     from tokenmill.engine.loader import ModelLoadError, load_engine  # torch loads here, not at import
     from tokenmill.models.sources import FetchError, resolve
     from tokenmill.server.api import create_app
+    from tokenmill.server.lifecycle import run
 
     try:
         model = resolve(engine_config.model, _cache())
@@ -79,8 +81,7 @@ def serve(args: argparse.Namespace) -> int:
     log.info("loaded %s from %s: %.1fM parameters, %s on %s, context %d tokens, %s tokenizer",
              i.name, i.source, i.parameters / 1e6, i.dtype, i.device, i.max_model_len, i.tokenizer)
     app = create_app(engine, server_config)
-    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=args.log_level)
-    return 0
+    return run(app, app.state.lifecycle, server_config.host, server_config.port, args.log_level)
 
 
 def pull(args: argparse.Namespace) -> int:

@@ -47,16 +47,50 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How the HTTP server listens and whom it answers."""
+    """How the HTTP server listens, whom it answers, and the limits that keep it standing."""
 
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "port to listen on")
     served_model_name: str | None = _opt(None, "the model name clients send (default: --model as given)")
-    api_key: str | None = _opt(None, "require `Authorization: Bearer KEY` on /v1/* (or set TOKENMILL_API_KEY)")
+    api_key: tuple[str, ...] = _opt((), "require `Authorization: Bearer KEY` on /v1/* and the docs; repeat the flag or "
+                                        "give a comma list for several keys (or set TOKENMILL_API_KEY)", action="append")
+    api_key_file: str | None = _opt(None, "a file of API keys, one a line (added to --api-key)")
+    protect_metrics: bool = _opt(False, "require the API key on /metrics too")
+    allowed_origins: str | None = _opt(None, "comma list of origins allowed by CORS (`*` for any; default: CORS off)")
+    max_queued_requests: int = _opt(256, "most requests waiting for the engine; beyond it, 429 with Retry-After")
+    max_request_bytes: str = _opt("32MiB", "largest request body: bytes or a size such as 32MiB; larger is a 413")
+    request_timeout: float | None = _opt(None, "seconds a request may run before it ends with an error (default: no limit)")
+    stream_stall_timeout: float = _opt(60.0, "seconds a stream may go unread (its generation paused) before it is aborted")
+    shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish after SIGTERM before they end with an error")
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ValueError("--port must be between 0 and 65535")
+        object.__setattr__(self, "api_key", _split_keys(self.api_key))
+        if self.max_queued_requests < 0:
+            raise ValueError("--max-queued-requests must be 0 or more")
+        parse_size(self.max_request_bytes)
+        for name in ("request_timeout", "stream_stall_timeout", "shutdown_timeout"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+
+    @property
+    def request_bytes(self) -> int:
+        return parse_size(self.max_request_bytes)
+
+    @property
+    def origins(self) -> list[str]:
+        return [o.strip() for o in (self.allowed_origins or "").split(",") if o.strip()]
+
+
+def _split_keys(keys) -> tuple[str, ...]:
+    """Keys given as one string, a comma list, or several of either -> a tuple of non-empty keys."""
+    if keys is None:
+        return ()
+    if isinstance(keys, str):
+        keys = [keys]
+    return tuple(k.strip() for entry in keys for k in entry.split(",") if k.strip())
 
 
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
@@ -81,7 +115,10 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         if f.type in (bool, "bool"):
             parser.add_argument(flag, dest=f.name, action="store_true", help=helptext)
             continue
-        kind = int if "int" in str(f.type) else str
+        if f.metadata.get("action") == "append":
+            parser.add_argument(flag, dest=f.name, action="append", default=[], help=helptext)
+            continue
+        kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
         extra = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
         parser.add_argument(flag, dest=f.name, type=kind, default=f.default, help=helptext, **extra)
 
@@ -92,6 +129,20 @@ def from_args(cls, args: argparse.Namespace, **overrides):
     return cls(**{**values, **overrides})
 
 
-def api_key_from_env(configured: str | None) -> str | None:
-    """--api-key wins over TOKENMILL_API_KEY; empty means none."""
-    return configured or os.environ.get("TOKENMILL_API_KEY") or None
+def api_keys_from(flags: list[str] | tuple[str, ...], key_file: str | None) -> tuple[str, ...]:
+    """Every accepted key: --api-key (repeated or comma lists), --api-key-file, else TOKENMILL_API_KEY.
+
+    Raises ValueError when the key file cannot be read.
+    """
+    keys = list(_split_keys(tuple(flags)))
+    if key_file:
+        try:
+            with open(key_file, encoding="utf-8") as f:
+                keys += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        except OSError as exc:
+            raise ValueError(f"--api-key-file {key_file}: {exc.strerror or exc}") from None
+        if not keys:
+            raise ValueError(f"--api-key-file {key_file} holds no key")
+    if not keys:
+        keys = list(_split_keys(os.environ.get("TOKENMILL_API_KEY")))
+    return tuple(keys)

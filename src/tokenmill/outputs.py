@@ -54,6 +54,25 @@ class RequestOutput:
     completion_tokens: int
     finished: bool = False
     error: str | None = None  # the engine failed this request; the message says why
+    error_status: int = 500  # the HTTP status that error answers (503 shutting down, 408 timed out)
+    queue_time: float | None = None  # seconds from arrival to first scheduled, on the first output after it
+
+
+def failure(request_id: str, message: str, status: int = 500) -> RequestOutput:
+    """The last output of a request that ends with an error."""
+    return RequestOutput(request_id, [], 0, 0, finished=True, error=message, error_status=status)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine holds, published after each step for /metrics and admission control."""
+
+    running_requests: int = 0  # requests with a sequence in the running batch
+    waiting_requests: int = 0  # requests the engine holds with none running (queued, preempted, paused)
+    kv_usage: float = 0.0  # share of KV blocks held by sequences (free cached blocks count as free)
+    prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache, since start
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in it, since start
+    preemptions: int = 0  # sequences that gave back their blocks to be recomputed, since start
 
 
 @dataclass(frozen=True)

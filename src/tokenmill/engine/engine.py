@@ -6,16 +6,17 @@ import hashlib
 import itertools
 import logging
 import secrets
+import time
 
 import torch
 
 from tokenmill.engine.detokenizer import Detokenizer
 from tokenmill.engine.kv_cache import BlockManager
 from tokenmill.engine.model_runner import ModelRunner, Work
-from tokenmill.engine.sampler import SamplingRow, prompt_logprobs, sample
+from tokenmill.engine.sampler import SamplerOutput, SamplingRow, prompt_logprobs, sample
 from tokenmill.engine.scheduler import Plan, Scheduled, Scheduler, SchedulerConfig
 from tokenmill.engine.sequence import PromptGroup, Sequence, finite
-from tokenmill.outputs import ChoiceDelta, Logprobs, RequestOutput
+from tokenmill.outputs import ChoiceDelta, EngineStats, Logprobs, RequestOutput, failure
 from tokenmill.sampling_params import Prompt, SamplingParams
 from tokenmill.tokenizer import Tokenizer
 
@@ -52,6 +53,9 @@ class Engine:
         self.scheduler = Scheduler(config, blocks)
         self._requests: dict[str, list[PromptGroup]] = {}
         self._ready: set[str] = set()  # requests done without computing anything, to report
+        self._paused: dict[str, list[Sequence]] = {}  # requests whose client stopped reading, off the batch
+        self._arrived: dict[str, float] = {}  # requests not yet scheduled: when they were added
+        self._queue_times: dict[str, float] = {}  # first scheduled this step: seconds they waited
         self._seq_ids = itertools.count()
 
     def add_request(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> None:
@@ -65,6 +69,7 @@ class Engine:
             raise ValueError(f"a sequence of {longest} tokens does not fit the KV cache ({capacity} tokens)")
         groups = [self._group(request_id, i, p, params) for i, p in enumerate(prompts)]
         self._requests[request_id] = groups
+        self._arrived[request_id] = time.monotonic()
         for group in groups:
             if params.max_tokens == 0 and not group.scoring:  # nothing to compute
                 group.prefilled = True
@@ -76,12 +81,41 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks."""
+        self._paused.pop(request_id, None)
+        self._arrived.pop(request_id, None)
         for group in self._requests.pop(request_id, []):
             for seq in group.sequences:
                 self.scheduler.finish(seq)
 
+    def pause(self, request_id: str) -> None:
+        """Stop computing a request whose outputs nobody reads: its blocks go back, to be recomputed."""
+        if request_id in self._requests and request_id not in self._paused:
+            sequences = [s for g in self._requests[request_id] for s in g.sequences]
+            self._paused[request_id] = self.scheduler.pause(sequences)
+
+    def resume(self, request_id: str) -> None:
+        """Put a paused request back in line, ahead of newcomers (it had its turn)."""
+        self.scheduler.add_first(self._paused.pop(request_id, []))
+
+    def stats(self) -> EngineStats:
+        """Counts for /metrics and admission: cheap, one pass over the running batch."""
+        running = {s.group.request_id for s in self.scheduler.running}
+        b = self.blocks
+        return EngineStats(
+            running_requests=len(running),
+            waiting_requests=len(self._requests) - len(running) - len(self._paused),
+            kv_usage=1.0 - b.num_free / b.num_blocks,
+            prefix_hit_tokens=b.hit_tokens,
+            prefix_queried_tokens=b.queried_tokens,
+            preemptions=self.scheduler.preemptions,
+        )
+
     def has_unfinished(self) -> bool:
         return bool(self._requests)
+
+    def has_work(self) -> bool:
+        """Whether a step would do anything: a request not paused, or one to report."""
+        return bool(self._ready) or len(self._requests) > len(self._paused)
 
     def request_ids(self) -> list[str]:
         return list(self._requests)
@@ -93,25 +127,75 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward over every scheduled token, sample, and report."""
         plan = self.scheduler.schedule()
+        self._note_scheduled(plan)
         touched, self._ready = self._ready, set()
         logits, failed = self._run(plan) if plan.scheduled else ([], [])
         rows: list[tuple[Sequence, torch.Tensor]] = []
         for item, row_logits in zip(plan.scheduled, logits):
             rows += self._advance(item, row_logits)
         if rows:
-            self._sample([s for s, _ in rows], torch.stack([r for _, r in rows]))
+            rows, failed_rows = self._sample_rows(rows)
+            failed += failed_rows
             self._queue_candidates([s for s, _ in rows])
         for seq, _ in rows:
             if seq.finished:
                 self.scheduler.finish(seq)
         touched |= {item.seq.group.request_id for item in plan.scheduled}
-        return failed + [self._output(rid) for rid in touched if rid in self._requests]
+        return failed + [self._report(rid) for rid in touched if rid in self._requests]
+
+    def _note_scheduled(self, plan: Plan) -> None:
+        """Record how long each request scheduled for the first time waited."""
+        now = time.monotonic()
+        for item in plan.scheduled:
+            arrived = self._arrived.pop(item.seq.group.request_id, None)
+            if arrived is not None:
+                self._queue_times[item.seq.group.request_id] = now - arrived
+
+    def _report(self, request_id: str) -> RequestOutput:
+        """A request's output for this step; one that cannot be put together fails alone."""
+        try:
+            output = self._output(request_id)
+        except Exception as exc:
+            log.exception("request %s: its output failed", request_id)
+            return self.fail(request_id, exc)
+        output.queue_time = self._queue_times.pop(request_id, None)
+        return output
+
+    def _sample_rows(self, rows: list[tuple[Sequence, torch.Tensor]]) -> tuple[list, list[RequestOutput]]:
+        """Sample every row at once and hand each its token; a request whose row fails, fails alone.
+
+        NaN logits fail their request; if batched sampling raises, rows are sampled one by one (the
+        failure path only) to find the request that causes it.
+        """
+        logits = torch.stack([r for _, r in rows])  # [B, V]
+        bad = torch.isnan(logits).any(dim=-1).tolist()
+        failed = [self.fail(rid, FloatingPointError("NaN logits")) for rid in {s.group.request_id for (s, _), b in zip(rows, bad) if b}]
+        rows = [(s, r) for s, r in rows if s.group.request_id in self._requests]
+        drawn: list[tuple[Sequence, torch.Tensor, SamplerOutput, int]] = []
+        try:
+            out = sample(torch.stack([r for _, r in rows]), [self._row(s) for s, _ in rows]) if rows else None
+            drawn = [(s, r, out, i) for i, (s, r) in enumerate(rows)]
+        except Exception:
+            log.exception("a batched sampling step failed; sampling its rows one by one")
+            for seq, row in rows:
+                try:
+                    drawn.append((seq, row, sample(row[None], [self._row(seq)]), 0))
+                except Exception as exc:
+                    failed.append(self.fail(seq.group.request_id, exc))
+        for seq, row, out, i in drawn:
+            if seq.group.request_id not in self._requests:
+                continue
+            try:
+                self._take(seq, out, i, row.shape[-1], row.device)
+            except Exception as exc:  # detokenizing, stop strings: this request's own
+                log.exception("request %s: taking its token failed", seq.group.request_id)
+                failed.append(self.fail(seq.group.request_id, exc))
+        return [(s, r) for s, r, _, _ in drawn if s.group.request_id in self._requests], failed
 
     def fail(self, request_id: str, exc: Exception) -> RequestOutput:
         """Abort a request the engine could not serve; its output says so (no internals)."""
         self.abort(request_id)
-        message = f"The server failed while generating this completion ({type(exc).__name__})."
-        return RequestOutput(request_id, [], 0, 0, finished=True, error=message)
+        return failure(request_id, f"The server failed while generating this completion ({type(exc).__name__}).")
 
     def _run(self, plan: Plan) -> tuple[list[torch.Tensor | None], list[RequestOutput]]:
         """Run the model; if it fails, fail the requests with a prompt chunk in it and retry the rest.
@@ -223,14 +307,12 @@ class Engine:
         logits[..., self.tokenizer.vocab_size :] = float("-inf")
         return logits
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Sample one token per sequence from logits [B, V] and hand it over."""
-        out = sample(logits, [self._row(s) for s in seqs])
-        for i, seq in enumerate(seqs):
-            token, lp, k = out.tokens[i], out.logprobs[i], seq.params.logprobs
-            top = None if k is None else self._top(token, lp, out.top_ids[i][:k], out.top_logprobs[i][:k])
-            self._count(seq, token, logits)
-            seq.append(token, lp, top, token in self.eos_ids)
+    def _take(self, seq: Sequence, out: SamplerOutput, i: int, vocab: int, device: torch.device) -> None:
+        """Hand a sequence the token drawn for it in row i of `out`."""
+        token, lp, k = out.tokens[i], out.logprobs[i], seq.params.logprobs
+        top = None if k is None else self._top(token, lp, out.top_ids[i][:k], out.top_logprobs[i][:k])
+        self._count(seq, token, vocab, device)
+        seq.append(token, lp, top, token in self.eos_ids)
 
     def _queue_candidates(self, seqs: list[Sequence]) -> None:
         """Candidates that just drew their first token queue first in line for their next one."""
@@ -246,9 +328,9 @@ class Engine:
                            seq.penalty_counts, seq.penalty_seen)
 
     @staticmethod
-    def _count(seq: Sequence, token: int, logits: torch.Tensor) -> None:
+    def _count(seq: Sequence, token: int, vocab: int, device: torch.device) -> None:
         """Keep a sequence's penalty state up to date, one token at a time."""
-        p, vocab, device = seq.params, logits.shape[-1], logits.device
+        p = seq.params
         if (p.presence_penalty or p.frequency_penalty) and seq.penalty_counts is None:
             seq.penalty_counts = torch.zeros(vocab, device=device)
         if p.repetition_penalty != 1.0 and seq.penalty_seen is None:
@@ -266,6 +348,7 @@ class Engine:
         finished = all(g.finished for g in groups)
         if finished:
             del self._requests[request_id]
+            self._paused.pop(request_id, None)
         return RequestOutput(
             request_id,
             choices,

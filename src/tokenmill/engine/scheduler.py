@@ -4,11 +4,15 @@ Sequences carry counts, not phases: one whose cache holds fewer tokens than its 
 of the prompt; one past its prompt gets a single position. A long prompt is prefilled a chunk per
 step beside everyone else's decode. When blocks run out, the most recently admitted sequences give
 theirs back and wait at the head of the queue to be recomputed.
+
+No request starves another: when every seat (max_num_seqs) is taken and the request at the head of
+the queue has nothing running, the request running the most sequences gives up its newest one, so
+the newcomer is admitted at the next step (a request with one sequence is never displaced).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from tokenmill.engine.kv_cache import BlockManager
@@ -66,6 +70,7 @@ class Scheduler:
     def schedule(self) -> Plan:
         """Pick this step's tokens: keep running sequences going, then admit waiting ones."""
         plan, budget = Plan([], []), self.config.max_num_batched_tokens
+        self._make_room()
         chunk = self._chunk_limit()
         for seq in list(self.running):
             if budget == 0 or not seq.table.blocks:  # no blocks: preempted by a sequence before it
@@ -90,6 +95,30 @@ class Scheduler:
         if any(s.num_computed >= s.prompt_len for s in self.running):
             return self.config.chunk_while_decoding
         return self.config.max_num_batched_tokens
+
+    def _make_room(self) -> None:
+        """Seats are full and the head of the queue runs nothing: take one from the largest request."""
+        if len(self.running) < self.config.max_num_seqs or not self.waiting:
+            return
+        counts = Counter(s.group.request_id for s in self.running)
+        if counts[self.waiting[0].group.request_id]:
+            return
+        request_id, most = counts.most_common(1)[0]
+        if most > 1:
+            victim = next(s for s in reversed(self.running) if s.group.request_id == request_id)
+            self._preempt(victim, behind=1)  # it waits right behind the newcomer
+
+    def pause(self, sequences: list[Sequence]) -> list[Sequence]:
+        """Take sequences out of the queue and the batch, blocks given back; returns those taken."""
+        taken = [s for s in sequences if s in self.running or s in self.waiting]
+        for seq in taken:
+            if seq in self.running:
+                self.running.remove(seq)
+            else:
+                self.waiting.remove(seq)
+            self.blocks.free(seq.table)
+            seq.num_computed = 0
+        return taken
 
     def finish(self, seq: Sequence) -> None:
         """A sequence is done (finished, aborted or failed): it leaves and its blocks are freed."""
@@ -134,11 +163,11 @@ class Scheduler:
         plan.copies += copies
         return n
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Take a sequence's blocks back; it waits (first in line if it ran) and recomputes what it lost."""
+    def _preempt(self, seq: Sequence, behind: int = 0) -> None:
+        """Take a sequence's blocks back; it waits (first in line, or `behind` others, if it ran) and recomputes."""
         if seq in self.running:
             self.running.remove(seq)
-            self.waiting.appendleft(seq)
+            self.waiting.insert(behind, seq)
         self.blocks.free(seq.table)
         seq.num_computed = 0
         self.preemptions += 1

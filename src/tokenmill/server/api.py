@@ -7,27 +7,37 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from tokenmill import __version__
 from tokenmill.config import ServerConfig
-from tokenmill.outputs import ModelInfo, RequestOutput
+from tokenmill.outputs import EngineStats, ModelInfo, RequestOutput
 from tokenmill.sampling_params import Prompt, SamplingParams
 from tokenmill.server import errors
-from tokenmill.server.errors import APIError, clip
+from tokenmill.server.errors import APIError, ErrorResponse, clip
+from tokenmill.server.lifecycle import Lifecycle
+from tokenmill.server.metrics import Metrics, RequestTimer
+from tokenmill.server.middleware import RequestMiddleware
 from tokenmill.server.prompts import encode_prompts
-from tokenmill.server.protocol import CompletionRequest, parse_request, to_sampling_params
+from tokenmill.server.protocol import Completion, CompletionRequest, parse_request, to_sampling_params
 from tokenmill.server.responses import Accumulator, Header, choice_of, fingerprint, usage_of
 from tokenmill.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+PARSE_INLINE_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread, not on the event loop
+RETRY_AFTER = "1"  # seconds, on 429 and 503
 
 
 class EngineClient(Protocol):
@@ -35,31 +45,57 @@ class EngineClient(Protocol):
 
     info: ModelInfo
     tokenizer: Tokenizer
+    stats: EngineStats
+    alive: bool
 
     def start(self) -> None: ...
     def shutdown(self) -> None: ...
-    def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> AsyncIterator[RequestOutput]: ...
+    def queued(self) -> int: ...
+    def on_death(self, callback: Callable[[], None]) -> None: ...
+    def fail_all(self, message: str, status: int = 503) -> None: ...
+    def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams, timeout: float | None = None,
+                 stall_timeout: float = 60.0) -> AsyncIterator[RequestOutput]: ...
 
 
 def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
-    """The app, serving `engine` under `config`; the engine thread runs while the app does."""
+    """The app, serving `engine` under `config`; the engine thread runs while the app does.
+
+    app.state.lifecycle says whether it is draining, and the exit status once it has stopped.
+    """
+    lifecycle = Lifecycle(config.shutdown_timeout)
+    metrics = Metrics(lambda: engine.stats, engine.queued)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        engine.on_death(lifecycle.engine_died)
+        lifecycle.attach(engine.fail_all)
         log.info("serving %s on http://%s:%d", engine.info.name, config.host, config.port)
         yield
         engine.shutdown()
 
-    app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan, redirect_slashes=False)
+    app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan, redirect_slashes=False,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.lifecycle = lifecycle
     errors.install(app)
+    if config.origins:
+        app.add_middleware(CORSMiddleware, allow_origins=config.origins, allow_methods=["*"], allow_headers=["*"],
+                           expose_headers=["X-Request-Id", "Retry-After"])
+    app.add_middleware(RequestMiddleware, lifecycle=lifecycle, metrics=metrics)
     started = int(time.time())
     system_fingerprint = fingerprint(engine.info)  # fixed for the life of the app
     auth = [Depends(_bearer(config.api_key))]
+    _add_docs(app, auth)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
+        if not engine.alive or lifecycle.draining:
+            return JSONResponse({"status": "unavailable"}, status_code=503, headers={"Retry-After": RETRY_AFTER})
         return {"status": "ok"}
+
+    @app.get("/metrics", dependencies=auth if config.protect_metrics else [], include_in_schema=False)
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=auth)
     async def list_models():
@@ -70,15 +106,24 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         _check_model(engine.info, model_id)
         return _model_card(engine.info, started)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, openapi_extra=_request_body(CompletionRequest),
+              responses={200: {"model": Completion, "description": "A text_completion object, or server-sent events of them"},
+                         **{status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 500, 503)}})
     async def create_completion(request: Request):
-        body = parse_request(await request.body())
+        arrived = time.monotonic()
+        _admit(engine, lifecycle, config.max_queued_requests)
+        raw = await _read_body(request, config.request_bytes)
+        # Parsing megabytes of JSON takes a while: off the event loop, so /health and streams go on.
+        body = parse_request(raw) if len(raw) <= PARSE_INLINE_BYTES else await run_in_threadpool(parse_request, raw)
+        del raw
         _check_model(engine.info, body.model)
         # Tokenizing is CPU work in proportion to the prompt: off the event loop, so others go on.
         info = engine.info
         prompts = await run_in_threadpool(encode_prompts, body, engine.tokenizer, info.max_model_len, info.max_request_sequences)
         header = Header(engine.info.name, system_fingerprint)
-        outputs = engine.generate(header.id, prompts, to_sampling_params(body))
+        request.state.request_id = header.id
+        timer = RequestTimer(metrics, request.state, arrived, body.n_ * len(prompts))
+        outputs = timer.watch(engine.generate(header.id, prompts, to_sampling_params(body), config.request_timeout, config.stream_stall_timeout))
         if body.stream:
             return EventSourceResponse(_stream(outputs, header, body.include_usage), sep="\n", ping=15)
         return await _complete(request, outputs, header, body, len(prompts))
@@ -86,14 +131,76 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     return app
 
 
-def _bearer(api_key: str | None):
-    """A dependency that checks `Authorization: Bearer KEY` in constant time."""
+def _admit(engine: EngineClient, lifecycle: Lifecycle, max_queued: int) -> None:
+    """503 while shutting down or without an engine; 429 when the waiting queue is full."""
+    if lifecycle.draining or not engine.alive:
+        raise APIError(503, "The server is shutting down and takes no new requests; retry on another instance.",
+                       type="server_error", code="service_unavailable", headers={"Retry-After": RETRY_AFTER})
+    if engine.queued() >= max_queued:
+        raise APIError(429, f"Too many requests are waiting ({max_queued} queued at most); retry after a second.",
+                       type="requests", code="rate_limit_exceeded", headers={"Retry-After": RETRY_AFTER})
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to pass `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body is larger than this server's limit of {limit} bytes.", code="request_too_large")
+
+
+def _request_body(model) -> dict:
+    """OpenAPI's requestBody for a route that parses its own body (off the event loop)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _add_docs(app: FastAPI, auth: list) -> None:
+    """/openapi.json, /docs and /redoc, behind the API key when one is set."""
+
+    def schema() -> dict:
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = spec.setdefault("components", {}).setdefault("schemas", {})
+            request_schema = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(request_schema.pop("$defs", {}))
+            components[CompletionRequest.__name__] = request_schema
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+    async def openapi_json():
+        return JSONResponse(schema())
+
+    @app.get("/docs", dependencies=auth, include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="tokenmill")
+
+    @app.get("/redoc", dependencies=auth, include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title="tokenmill")
+
+
+def _bearer(api_keys: tuple[str, ...]):
+    """A dependency that checks `Authorization: Bearer KEY` against every key, each in constant time."""
+    keys = [k.encode() for k in api_keys]
 
     async def check(request: Request) -> None:
-        if api_key is None:
+        if not keys:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        sent = given.strip().encode("utf-8", "replace")
+        matches = [hmac.compare_digest(sent, key) for key in keys]  # every key compared: no early exit
+        if scheme.lower() != "bearer" or not any(matches):
             raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.", type="authentication_error", code="invalid_api_key")
 
     return check
@@ -116,7 +223,7 @@ async def _complete(request: Request, outputs: AsyncIterator[RequestOutput], hea
         async with aclosing(outputs):  # closing it early aborts the request in the engine
             async for output in outputs:
                 if output.error:
-                    raise errors.server_error(output.error)
+                    raise errors.engine_error(output.error, output.error_status)
                 acc.add(output)
 
     work = asyncio.ensure_future(collect())
@@ -127,7 +234,9 @@ async def _complete(request: Request, outputs: AsyncIterator[RequestOutput], hea
         gone.cancel()
         if not work.done():
             work.cancel()
+            await asyncio.gather(work, return_exceptions=True)  # its aclosing has aborted the request
     if work.cancelled():
+        request.state.gone = True
         return Response(status_code=499)  # the client has gone; nobody reads this
     work.result()
     return JSONResponse(header.completion(acc.choices(), usage_of(acc.last)).model_dump())
@@ -145,7 +254,7 @@ async def _stream(outputs: AsyncIterator[RequestOutput], header: Header, include
         async with aclosing(outputs):  # a client that leaves cancels this, which aborts the request
             async for output in outputs:
                 if output.error:
-                    yield _event(errors.server_error(output.error).body())
+                    yield _event(errors.engine_error(output.error, output.error_status).body())
                     break
                 for delta in output.choices:
                     chunk = header.completion([choice_of(delta)])

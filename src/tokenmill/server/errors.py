@@ -6,7 +6,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -17,9 +17,11 @@ log = logging.getLogger(__name__)
 class APIError(Exception):
     """A failure to report as `{"error": {"message", "type", "param", "code"}}`."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -32,6 +34,24 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 def server_error(message: str = "The server had an error while processing your request.") -> APIError:
     return APIError(500, message, type="server_error")
+
+
+def engine_error(message: str, status: int) -> APIError:
+    """A request the engine ended with an error: 500, 503 (shutting down) or 408 (over its time)."""
+    return APIError(status, message, type="server_error", code={408: "request_timeout", 503: "service_unavailable"}.get(status))
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error object, for the OpenAPI description."""
+
+    error: ErrorDetail
 
 
 def from_validation(exc: ValidationError) -> APIError:
@@ -78,7 +98,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
