@@ -77,9 +77,9 @@ class RequestTimer:
                 yield output
 
     def _finished(self, output: RequestOutput, now: float) -> None:
-        self.state.usage = (output.prompt_tokens, output.completion_tokens)
         if output.error:
             return
+        self.state.usage = (output.prompt_tokens, output.completion_tokens)
         m = self.metrics
         m.prompt_tokens.inc(output.prompt_tokens)
         m.generation_tokens.inc(output.completion_tokens)
