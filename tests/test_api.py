@@ -305,7 +305,7 @@ def test_streaming_client_that_leaves_stops_its_generation(llama):
 
 
 def test_waiting_client_that_leaves_stops_its_generation(llama):
-    body = {"model": llama.model, "prompt": "x", "max_tokens": 230, "ignore_eos": True, "n": 8}
+    body = {"model": llama.model, "prompt": "x", "max_tokens": 230, "ignore_eos": True, "n": 24}  # ~1.5 s of work
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(llama.url + "/v1/completions", json=body, timeout=0.5)
     assert llama.idle(timeout=5)

@@ -89,20 +89,29 @@ class AsyncEngine:
         """End every request the engine holds with an error (shutting down)."""
         self._inbox.put(("fail_all", message, status))
 
-    async def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
-                       timeout: float | None = None, stall_timeout: float = 60.0) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as the engine makes them; leaving early aborts it.
+    def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
+                 timeout: float | None = None, stall_timeout: float = 60.0) -> AsyncIterator[RequestOutput]:
+        """Submit a request now; iterate the result for its outputs. Leaving early aborts it.
 
         After `timeout` seconds, or paused unread for `stall_timeout`, the request is aborted and
-        its last output is a 408 error.
+        its last output is a 408 error. Whoever submits calls release() when done with it, in case
+        the outputs are never iterated.
         """
         if not self.alive:
-            yield failure(request_id, "The engine is not running; the server is shutting down.", 503)
-            return
+            return _single(failure(request_id, "The engine is not running; the server is shutting down.", 503))
         box = Outbox(asyncio.get_running_loop(), stall_timeout=stall_timeout)
         self._outboxes[request_id] = box
         self._submitted += 1
         self._inbox.put(("add", request_id, prompts, params))
+        return self._outputs(request_id, box, timeout)
+
+    def release(self, request_id: str) -> None:
+        """Forget a request's outbox and abort it, unless it has already finished (idempotent)."""
+        if self._outboxes.pop(request_id, None) is not None:
+            self.abort(request_id)
+
+    async def _outputs(self, request_id: str, box: Outbox, timeout: float | None) -> AsyncIterator[RequestOutput]:
+        """A submitted request's outputs, until it finishes, fails, times out or is closed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         finished = timed_out = False
         try:
@@ -248,3 +257,7 @@ class AsyncEngine:
             box.queue.get_nowait()
         box.paused = False
         box.queue.put_nowait(failure(request_id, f"The stream was not read for {box.stall_timeout:g} s; its generation was stopped.", 408))
+
+
+async def _single(output: RequestOutput) -> AsyncIterator[RequestOutput]:
+    yield output

@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from typing import Protocol
 
 from fastapi import Depends, FastAPI, Request
@@ -55,6 +55,7 @@ class EngineClient(Protocol):
     def fail_all(self, message: str, status: int = 503) -> None: ...
     def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams, timeout: float | None = None,
                  stall_timeout: float = 60.0) -> AsyncIterator[RequestOutput]: ...
+    def release(self, request_id: str) -> None: ...
 
 
 def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
@@ -63,7 +64,8 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     app.state.lifecycle says whether it is draining, and the exit status once it has stopped.
     """
     lifecycle = Lifecycle(config.shutdown_timeout)
-    metrics = Metrics(lambda: engine.stats, engine.queued)
+    admission = Admission(engine, lifecycle, config.max_queued_requests)
+    metrics = Metrics(lambda: engine.stats, lambda: admission.preparing + engine.queued())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -87,7 +89,8 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     auth = [Depends(_bearer(config.api_key))]
     _add_docs(app, auth)
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.head("/health", include_in_schema=False)
+    @app.get("/health")
     async def health():
         if not engine.alive or lifecycle.draining:
             return JSONResponse({"status": "unavailable"}, status_code=503, headers={"Retry-After": RETRY_AFTER})
@@ -97,11 +100,13 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def prometheus_metrics():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=auth)
+    @app.head("/v1/models", dependencies=auth, include_in_schema=False)
+    @app.get("/v1/models", dependencies=auth)
     async def list_models():
         return {"object": "list", "data": [_model_card(engine.info, started)]}
 
-    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"], dependencies=auth)
+    @app.head("/v1/models/{model_id:path}", dependencies=auth, include_in_schema=False)
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
     async def get_model(model_id: str):
         _check_model(engine.info, model_id)
         return _model_card(engine.info, started)
@@ -111,19 +116,13 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
                          **{status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 500, 503)}})
     async def create_completion(request: Request):
         arrived = time.monotonic()
-        _admit(engine, lifecycle, config.max_queued_requests)
-        raw = await _read_body(request, config.request_bytes)
-        # Parsing megabytes of JSON takes a while: off the event loop, so /health and streams go on.
-        body = parse_request(raw) if len(raw) <= PARSE_INLINE_BYTES else await run_in_threadpool(parse_request, raw)
-        del raw
-        _check_model(engine.info, body.model)
-        # Tokenizing is CPU work in proportion to the prompt: off the event loop, so others go on.
-        info = engine.info
-        prompts = await run_in_threadpool(encode_prompts, body, engine.tokenizer, info.max_model_len, info.max_request_sequences)
-        header = Header(engine.info.name, system_fingerprint)
-        request.state.request_id = header.id
-        timer = RequestTimer(metrics, request.state, arrived, body.n_ * len(prompts))
-        outputs = timer.watch(engine.generate(header.id, prompts, to_sampling_params(body), config.request_timeout, config.stream_stall_timeout))
+        with admission.admit():
+            body, prompts = await _prepare(request, engine, config)
+            header = Header(engine.info.name, system_fingerprint)
+            request.state.request_id = header.id
+            request.state.on_close = lambda: engine.release(header.id)  # however the response ends
+            timer = RequestTimer(metrics, request.state, arrived, body.n_ * len(prompts))
+            outputs = timer.watch(engine.generate(header.id, prompts, to_sampling_params(body), config.request_timeout, config.stream_stall_timeout))
         if body.stream:
             return EventSourceResponse(_stream(outputs, header, body.include_usage), sep="\n", ping=15)
         return await _complete(request, outputs, header, body, len(prompts))
@@ -131,14 +130,41 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     return app
 
 
-def _admit(engine: EngineClient, lifecycle: Lifecycle, max_queued: int) -> None:
-    """503 while shutting down or without an engine; 429 when the waiting queue is full."""
-    if lifecycle.draining or not engine.alive:
-        raise APIError(503, "The server is shutting down and takes no new requests; retry on another instance.",
-                       type="server_error", code="service_unavailable", headers={"Retry-After": RETRY_AFTER})
-    if engine.queued() >= max_queued:
-        raise APIError(429, f"Too many requests are waiting ({max_queued} queued at most); retry after a second.",
-                       type="requests", code="rate_limit_exceeded", headers={"Retry-After": RETRY_AFTER})
+class Admission:
+    """Who gets in: 503 while shutting down or without an engine, 429 when the waiting queue is full.
+
+    A request counts as waiting from admission, through parsing and tokenizing, until the engine runs it.
+    """
+
+    def __init__(self, engine: EngineClient, lifecycle: Lifecycle, max_queued: int):
+        self.engine, self.lifecycle, self.max_queued = engine, lifecycle, max_queued
+        self.preparing = 0  # admitted, not yet handed to the engine
+
+    @contextmanager
+    def admit(self):
+        """Hold a place in the queue while the request is prepared; raise 503 or 429 if there is none."""
+        if self.lifecycle.draining or not self.engine.alive:
+            raise APIError(503, "The server is shutting down and takes no new requests; retry on another instance.",
+                           type="server_error", code="service_unavailable", headers={"Retry-After": RETRY_AFTER})
+        if self.preparing + self.engine.queued() >= self.max_queued:
+            raise APIError(429, f"Too many requests are waiting ({self.max_queued} queued at most); retry after a second.",
+                           type="requests", code="rate_limit_exceeded", headers={"Retry-After": RETRY_AFTER})
+        self.preparing += 1
+        try:
+            yield
+        finally:
+            self.preparing -= 1
+
+
+async def _prepare(request: Request, engine: EngineClient, config: ServerConfig) -> tuple[CompletionRequest, list[Prompt]]:
+    """Read, parse and tokenize a completion request; big bodies and prompts off the event loop."""
+    raw = await _read_body(request, config.request_bytes)
+    body = parse_request(raw) if len(raw) <= PARSE_INLINE_BYTES else await run_in_threadpool(parse_request, raw)
+    del raw
+    _check_model(engine.info, body.model)
+    info = engine.info
+    prompts = await run_in_threadpool(encode_prompts, body, engine.tokenizer, info.max_model_len, info.max_request_sequences)
+    return body, prompts
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -24,7 +24,8 @@ class RequestMiddleware:
     """A pure ASGI middleware, so that streams are counted and logged until their last byte.
 
     Routes add what they know to `scope["state"]`: `request_id` (a completion's id, unless the
-    client sent its own), `usage` (prompt, completion tokens) and `ttft` (seconds).
+    client sent its own), `usage` (prompt, completion tokens), `ttft` (seconds), and `on_close`, a
+    callback run however the response ends (it frees a request whose outputs were never read).
     """
 
     def __init__(self, app, lifecycle: Lifecycle, metrics: Metrics):
@@ -55,6 +56,8 @@ class RequestMiddleware:
             status = status or 499
             state["gone"] = True
         finally:
+            if state.get("on_close"):
+                state["on_close"]()
             self.lifecycle.in_flight -= 1
             self._record(scope, state, status or 499, time.monotonic() - started)
 

@@ -1,0 +1,251 @@
+"""How `tokenmill serve` stops: a drain on SIGTERM, a quick exit on a second SIGINT, an exit when the engine dies."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+
+LONG = 6000  # tokens: outlasts a 1 s shutdown timeout by far
+CRASHING_SERVER = '''
+import os, sys
+from tokenmill.cli import main
+from tokenmill.engine.async_engine import AsyncEngine
+
+class Crash(BaseException):
+    pass
+
+trigger, take = sys.argv[1], AsyncEngine._take_commands
+
+def crashing(self, block):
+    if self.engine.request_ids() and os.path.exists(trigger):
+        raise Crash("the engine loop dies on purpose")
+    return take(self, block)
+
+AsyncEngine._take_commands = crashing
+raise SystemExit(main(sys.argv[2:]))
+'''
+
+
+@pytest.fixture(scope="module")
+def long_llama_dir(llama_dir, tmp_path_factory) -> Path:
+    """The tiny llama with an 8192-token context, so that a request can take seconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama-long")
+    config = LlamaConfig.from_pretrained(llama_dir)
+    config.max_position_embeddings = 8192
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(path)
+    return path
+
+
+@dataclass
+class Proc:
+    """A `tokenmill serve` process, its URL, its model's name and its log file."""
+
+    proc: subprocess.Popen
+    url: str
+    model: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def exit_status(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not exit within {timeout} s; its log:\n{self.output()[-4000:]}")
+
+
+@contextlib.contextmanager
+def served(model_dir: Path, tmp_path: Path, shutdown_timeout: float, prefix: list[str] | None = None):
+    """Start the server in a subprocess, wait for /health to be 200; kill it after, whatever happened."""
+    port = free_port()
+    serve = ["serve", "--model", str(model_dir), "--port", str(port), "--shutdown-timeout", str(shutdown_timeout)]
+    cmd = prefix or [sys.executable, "-m", "tokenmill"]
+    log = tmp_path / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*cmd, *serve], stdout=out, stderr=subprocess.STDOUT)
+    server = Proc(proc, f"http://127.0.0.1:{port}", str(model_dir), log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"the server exited while starting:\n{server.output()[-4000:]}"
+            assert time.monotonic() < deadline, f"the server did not start in 60 s:\n{server.output()[-4000:]}"
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(server.url + "/health", timeout=5).status_code == 200:
+                    break
+            time.sleep(0.2)
+        assert httpx.get(server.url + "/v1/models", timeout=5).json()["data"][0]["id"] == server.model
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def complete(server: Proc, max_tokens: int) -> httpx.Response:
+    body = {"model": server.model, "prompt": "a", "max_tokens": max_tokens, "ignore_eos": True}
+    return httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+
+
+def stream(server: Proc, max_tokens: int, started: threading.Event, lines: list[str]) -> list[str]:
+    """Append a stream's `data:` payloads to `lines` as they come; set `started` at the first."""
+    body = {"model": server.model, "prompt": "a", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                lines.append(line[len("data: "):])
+                started.set()
+    return lines
+
+
+def running(server: Proc) -> int:
+    """Requests in the engine's running batch, from /metrics."""
+    for line in httpx.get(server.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("tokenmill_requests_running "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no tokenmill_requests_running in /metrics")
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def health_status(server: Proc) -> int:
+    return httpx.get(server.url + "/health", timeout=5).status_code
+
+
+def assert_unavailable(response: httpx.Response) -> None:
+    """A 503 with OpenAI's error object, code service_unavailable."""
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "service_unavailable"
+    assert error["message"]
+
+
+def assert_ends_with_error(lines: list[str]) -> None:
+    """A stream whose last events are an error object, then [DONE]."""
+    assert len(lines) >= 2 and lines[-1] == "[DONE]", lines[-3:]
+    error = json.loads(lines[-2])["error"]
+    assert error["type"] == "server_error" and error["code"] == "service_unavailable" and error["message"]
+    assert "[DONE]" not in lines[:-1]
+
+
+def completion_chunks(lines: list[str]) -> list[dict]:
+    return [json.loads(line) for line in lines if line != "[DONE]" and "error" not in json.loads(line)]
+
+
+@pytest.mark.slow
+def test_sigterm_drains_then_ends_what_is_left(long_llama_dir, tmp_path):
+    """In-flight requests get the shutdown timeout, then an error; new ones get 503; exit 0."""
+    with served(long_llama_dir, tmp_path, shutdown_timeout=1) as server, ThreadPoolExecutor(3) as pool:
+        started, lines = threading.Event(), []
+        long_stream = pool.submit(stream, server, LONG, started, lines)
+        assert started.wait(30), "the long stream sent nothing"
+        long_whole = pool.submit(complete, server, LONG)
+        wait_until(lambda: running(server) >= 2, 30, "both long requests to run")
+        short = pool.submit(complete, server, 5)
+        wait_until(lambda: short.done() or running(server) >= 3, 30, "the short request to run")
+        server.proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+
+        wait_until(lambda: health_status(server) == 503, 0.5, "/health to answer 503")
+        refused = complete(server, 5)
+        assert time.monotonic() - signalled < 1, "the server took a new request's 503 past the shutdown timeout"
+        assert_unavailable(refused)
+        assert refused.headers["retry-after"]
+
+        answer = short.result(timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["finish_reason"] == "length"
+        assert answer.json()["usage"]["completion_tokens"] == 5
+        lines = long_stream.result(timeout=30)
+        assert_ends_with_error(lines)
+        assert completion_chunks(lines), "the long stream sent no tokens before its error"
+        assert_unavailable(long_whole.result(timeout=30))
+        assert server.exit_status(timeout=1 + 10) == 0
+        assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_sigterm_lets_a_stream_finish_within_the_timeout(long_llama_dir, tmp_path):
+    """A stream in flight at SIGTERM that finishes within the shutdown timeout ends normally; exit 0."""
+    with served(long_llama_dir, tmp_path, shutdown_timeout=30) as server, ThreadPoolExecutor(1) as pool:
+        started, lines = threading.Event(), []
+        flowing = pool.submit(stream, server, 1500, started, lines)
+        assert started.wait(30), "the stream sent nothing"
+        server.proc.send_signal(signal.SIGTERM)
+        at_signal = len(lines)
+        wait_until(lambda: health_status(server) == 503, 0.5, "/health to answer 503")
+        lines = flowing.result(timeout=60)
+        assert lines[-1] == "[DONE]" and "[DONE]" not in lines[:-1]
+        chunks = completion_chunks(lines)
+        assert len(chunks) == len(lines) - 1, "the stream had an error event"
+        assert at_signal < len(chunks), "the stream had already finished at SIGTERM"
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+        assert server.exit_status(timeout=30) == 0
+        assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow
+def test_a_second_sigint_exits_at_once(long_llama_dir, tmp_path):
+    """SIGINT starts the drain; a second SIGINT during it exits with status 130."""
+    with served(long_llama_dir, tmp_path, shutdown_timeout=60) as server, ThreadPoolExecutor(1) as pool:
+        started = threading.Event()
+        pool.submit(stream, server, LONG, started, [])
+        assert started.wait(30), "the stream sent nothing"
+        server.proc.send_signal(signal.SIGINT)
+        wait_until(lambda: health_status(server) == 503, 2, "/health to answer 503 after the first SIGINT")
+        time.sleep(0.5)
+        assert server.proc.poll() is None, "the first SIGINT did not wait for the request in flight"
+        server.proc.send_signal(signal.SIGINT)
+        assert server.exit_status(timeout=5) == 130
+
+
+@pytest.mark.slow
+def test_the_server_exits_1_when_its_engine_dies(long_llama_dir, tmp_path):
+    """An exception out of the engine loop fails every waiting request, /health says 503, and the process exits 1."""
+    script = tmp_path / "crashing_server.py"
+    script.write_text(CRASHING_SERVER)
+    trigger = tmp_path / "crash-now"
+    with served(long_llama_dir, tmp_path, shutdown_timeout=30, prefix=[sys.executable, str(script), str(trigger)]) as server, \
+            ThreadPoolExecutor(2) as pool:
+        first = complete(server, 5)
+        assert first.status_code == 200, first.text
+        started, lines = threading.Event(), []
+        long_stream = pool.submit(stream, server, LONG, started, lines)
+        assert started.wait(30), "the long stream sent nothing"
+        long_whole = pool.submit(complete, server, LONG)
+        wait_until(lambda: running(server) >= 2, 30, "both long requests to run")
+        trigger.touch()
+
+        lines = long_stream.result(timeout=30)
+        assert_ends_with_error(lines)
+        assert_unavailable(long_whole.result(timeout=30))
+        with contextlib.suppress(httpx.TransportError):  # it may be gone already
+            assert health_status(server) == 503
+        assert server.exit_status(timeout=10) == 1
+    log = server.output()
+    assert "the engine thread died" in log and "Crash" in log
