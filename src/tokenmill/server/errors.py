@@ -59,7 +59,7 @@ def from_validation(exc: ValidationError) -> APIError:
     error = exc.errors()[0]
     loc = [str(part) for part in error["loc"]]
     if error["type"] == "json_invalid":
-        return invalid(f"{_BAD_JSON} Parser: {error.get('ctx', {}).get('error', error['msg'])}.")
+        return invalid(f"{BAD_JSON} Parser: {error.get('ctx', {}).get('error', error['msg'])}.")
     if not loc:
         return invalid("The request body must be a JSON object with 'model' and 'prompt'.")
     param = _param(loc)
@@ -68,7 +68,7 @@ def from_validation(exc: ValidationError) -> APIError:
     if error["type"] == "missing":
         return invalid(f"Missing required parameter: '{param}'.", param=param)
     if param == "prompt":
-        return invalid(_PROMPT_TYPES, param="prompt")
+        return invalid(PROMPT_TYPES, param="prompt")
     got = clip(repr(error.get("input")))
     return invalid(f"Invalid value for '{param}': {error['msg'].lower()} (got {got}).", param=param)
 
@@ -78,11 +78,11 @@ def clip(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
-_BAD_JSON = (
+BAD_JSON = (
     "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
     "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
 )
-_PROMPT_TYPES = "'prompt' must be a string, an array of strings, an array of token ids, or an array of token-id arrays."
+PROMPT_TYPES = "'prompt' must be a string, an array of strings, an array of token ids, or an array of token-id arrays."
 
 
 def _param(loc: list[str]) -> str | None:

@@ -24,9 +24,11 @@ def encode_prompts(request: CompletionRequest, tokenizer: Tokenizer, max_model_l
     items = _split(request.prompt)
     if len(items) * request.best_of_ > max_sequences:
         raise invalid(f"This request asks for {len(items) * request.best_of_} sequences (prompts x best_of); at most {max_sequences} are served at once.", "prompt")
-    for item in items:
+    for item in items:  # what is surely too long is refused before it is tokenized or copied
         if isinstance(item, str):
             _check_chars(len(item) + len(request.suffix or ""), tokenizer.max_token_chars, request.max_tokens_, max_model_len)
+        elif isinstance(item, list):
+            _check_length(len(item), request.max_tokens_, max_model_len)
     prompts = [_encode(item, tokenizer, request.suffix) for item in items]
     for prompt in prompts:
         _check_ids(prompt.token_ids, tokenizer.vocab_size, "prompt")

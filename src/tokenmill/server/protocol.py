@@ -6,9 +6,10 @@ import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import from_json
 
 from tokenmill.sampling_params import SamplingParams
-from tokenmill.server.errors import APIError, clip, from_validation, invalid
+from tokenmill.server.errors import BAD_JSON, PROMPT_TYPES, APIError, clip, from_validation, invalid
 
 MAX_STOP = 4
 Strict = ConfigDict(extra="forbid", strict=True)
@@ -71,15 +72,46 @@ class CompletionRequest(BaseModel):
 
 
 def parse_request(body: bytes) -> CompletionRequest:
-    """Validate a request body, or raise the 400 that names what is wrong."""
+    """Validate a request body, or raise the 400 that names what is wrong.
+
+    The prompt is checked here in one pass over plain Python objects: pydantic's union validation
+    of a 10-million-id array took 11 s and 3 GB. The parsed body costs about 8 bytes per id (40
+    past the ids Python caches), a few times the body's own size.
+    """
     if not body.strip():
         raise invalid("The request body is empty; send a JSON object with 'model' and 'prompt'.")
     try:
-        request = CompletionRequest.model_validate_json(body)
+        data = from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise invalid(f"{BAD_JSON} Parser: {exc}.") from None
+    if not isinstance(data, dict):
+        raise invalid("The request body must be a JSON object with 'model' and 'prompt'.")
+    prompt = _prompt(data.get("prompt", _MISSING))
+    try:
+        request = CompletionRequest.model_validate({**data, "prompt": None} if prompt is not _MISSING else data)
     except ValidationError as exc:
         raise from_validation(exc) from None
+    request.prompt = prompt
     check_request(request)
     return request
+
+
+_MISSING = object()
+
+
+def _prompt(value):
+    """A prompt as OpenAI takes it: a string, strings, token ids or arrays of them (else a 400)."""
+    if value is None or value is _MISSING or type(value) is str or value == []:
+        return value
+    if type(value) is list:
+        kind = type(value[0])
+        if kind is int and all(type(x) is int for x in value):
+            return value
+        if kind is str and all(type(x) is str for x in value):
+            return value
+        if kind is list and all(type(x) is list and all(type(i) is int for i in x) for x in value):
+            return value
+    raise invalid(PROMPT_TYPES, param="prompt")
 
 
 def check_request(r: CompletionRequest) -> None:
