@@ -52,6 +52,7 @@ class AsyncEngine:
         self._death_watchers: list[tuple[asyncio.AbstractEventLoop, Callable[[], None]]] = []
         self.stats = EngineStats()  # replaced (never mutated) by the engine thread after each step
         self.dead: BaseException | None = None  # why the engine thread stopped, if it died
+        self._closing: tuple[str, int] | None = None  # fail_all's message and status: new requests get them too
         self._submitted = 0  # adds put in the inbox (event loop)
         self._taken = 0  # adds taken from it (engine thread)
         built: Future = Future()
@@ -86,7 +87,8 @@ class AsyncEngine:
             self._thread = None
 
     def fail_all(self, message: str, status: int = 503) -> None:
-        """End every request the engine holds with an error (shutting down)."""
+        """End every request the engine holds, and any submitted later, with an error (shutting down)."""
+        self._closing = (message, status)
         self._inbox.put(("fail_all", message, status))
 
     def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
@@ -99,10 +101,14 @@ class AsyncEngine:
         """
         if not self.alive:
             return _single(failure(request_id, "The engine is not running; the server is shutting down.", 503))
+        if self._closing is not None:
+            return _single(failure(request_id, *self._closing))
         box = Outbox(asyncio.get_running_loop(), stall_timeout=stall_timeout)
         self._outboxes[request_id] = box
         self._submitted += 1
         self._inbox.put(("add", request_id, prompts, params))
+        if self.dead is not None:  # it died after the check above, before this request was there to fail
+            box.queue.put_nowait(failure(request_id, "The server's engine stopped; the server is restarting.", 503))
         return self._outputs(request_id, box, timeout)
 
     def release(self, request_id: str) -> None:

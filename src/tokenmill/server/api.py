@@ -124,7 +124,8 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
             timer = RequestTimer(metrics, request.state, arrived, body.n_ * len(prompts))
             outputs = timer.watch(engine.generate(header.id, prompts, to_sampling_params(body), config.request_timeout, config.stream_stall_timeout))
         if body.stream:
-            return EventSourceResponse(_stream(outputs, header, body.include_usage), sep="\n", ping=15)
+            return EventSourceResponse(_stream(outputs, header, body.include_usage), sep="\n", ping=15,
+                                       client_close_handler_callable=lambda message: _note_gone(request))
         return await _complete(request, outputs, header, body, len(prompts))
 
     return app
@@ -266,6 +267,11 @@ async def _complete(request: Request, outputs: AsyncIterator[RequestOutput], hea
         return Response(status_code=499)  # the client has gone; nobody reads this
     work.result()
     return JSONResponse(header.completion(acc.choices(), usage_of(acc.last)).model_dump())
+
+
+async def _note_gone(request: Request) -> None:
+    """The client of a stream left before its end (its log line says so)."""
+    request.state.gone = True
 
 
 async def _disconnected(request: Request) -> None:

@@ -62,9 +62,10 @@ def from_validation(exc: ValidationError) -> APIError:
         return invalid(f"{BAD_JSON} Parser: {error.get('ctx', {}).get('error', error['msg'])}.")
     if not loc:
         return invalid("The request body must be a JSON object with 'model' and 'prompt'.")
+    if error["type"] == "extra_forbidden":  # every part is a field name here, even "123" or "str"
+        name = clip(".".join(loc))
+        return invalid(f"Unrecognized request argument supplied: {name}", param=name)
     param = _param(loc)
-    if error["type"] == "extra_forbidden":
-        return invalid(f"Unrecognized request argument supplied: {param}", param=param)
     if error["type"] == "missing":
         return invalid(f"Missing required parameter: '{param}'.", param=param)
     if param == "prompt":
@@ -73,9 +74,18 @@ def from_validation(exc: ValidationError) -> APIError:
     return invalid(f"Invalid value for '{param}': {error['msg'].lower()} (got {got}).", param=param)
 
 
-def clip(text: str, limit: int = 100) -> str:
-    """A client's value as an error message quotes it: not a megabyte of it."""
+def clip(text, limit: int = 100) -> str:
+    """A client's value as an error message quotes it: not a megabyte of it (nor 4,000 digits)."""
+    text = text if isinstance(text, str) else _digits(text)
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _digits(value) -> str:
+    """str() of a value; an int too long for str() (over 4,300 digits) is described instead."""
+    try:
+        return str(value)
+    except ValueError:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
 
 
 BAD_JSON = (

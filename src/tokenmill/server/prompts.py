@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokenmill.sampling_params import Prompt
-from tokenmill.server.errors import APIError, invalid
+from tokenmill.server.errors import APIError, clip, invalid
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.tokenizer import Tokenizer, UnencodableText
 
@@ -75,7 +75,7 @@ def _check_ids(ids, vocab_size: int, param: str) -> None:
     """Token ids must name tokens of this model."""
     bad = next((i for i in ids if not 0 <= i < vocab_size), None)
     if bad is not None:
-        raise invalid(f"Token id {bad} in '{param}' is out of range: this model's token ids are 0..{vocab_size - 1}.", param)
+        raise invalid(f"Token id {clip(bad)} in '{param}' is out of range: this model's token ids are 0..{vocab_size - 1}.", param)
 
 
 def _check_chars(chars: int, max_token_chars: int, max_tokens: int, max_model_len: int) -> None:
@@ -83,14 +83,14 @@ def _check_chars(chars: int, max_token_chars: int, max_tokens: int, max_model_le
     at_least = -(-chars // (max_token_chars * NORMALIZER_SLACK))
     if at_least + max_tokens > max_model_len:
         raise _too_long(max_model_len, f"your prompt is {chars} characters, which is at least {at_least} tokens, "
-                        f"and {max_tokens} are requested for the completion")
+                        f"and {clip(max_tokens)} are requested for the completion")
 
 
 def _check_length(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     """Prompt plus completion must fit the context window."""
     if prompt_tokens + max_tokens > max_model_len:
-        raise _too_long(max_model_len, f"you requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in "
-                        f"your prompt; {max_tokens} for the completion)")
+        raise _too_long(max_model_len, f"you requested {clip(prompt_tokens + max_tokens)} tokens ({prompt_tokens} in "
+                        f"your prompt; {clip(max_tokens)} for the completion)")
 
 
 def _too_long(max_model_len: int, detail: str) -> APIError:

@@ -86,6 +86,7 @@ def parse_request(body: bytes) -> CompletionRequest:
         raise invalid(f"{BAD_JSON} Parser: {exc}.") from None
     if not isinstance(data, dict):
         raise invalid("The request body must be a JSON object with 'model' and 'prompt'.")
+    _check_collections(data)
     prompt = _prompt(data.get("prompt", _MISSING))
     try:
         request = CompletionRequest.model_validate({**data, "prompt": None} if prompt is not _MISSING else data)
@@ -97,6 +98,31 @@ def parse_request(body: bytes) -> CompletionRequest:
 
 
 _MISSING = object()
+FIELDS = set(CompletionRequest.model_fields)
+
+
+def _check_collections(data: dict) -> None:
+    """Refuse oversized or mistyped collections in one cheap pass, before pydantic sees them.
+
+    pydantic records one error per bad element: 1.5 million ints as `stop` cost it 5 s and 1.6 GB.
+    """
+    unknown = next((key for key in data if key not in FIELDS), None)
+    if unknown is not None:
+        raise invalid(f"Unrecognized request argument supplied: {clip(unknown)}", param=clip(unknown))
+    options = data.get("stream_options")
+    if isinstance(options, dict):
+        unknown = next((key for key in options if key != "include_usage"), None)
+        if unknown is not None:
+            name = clip(f"stream_options.{unknown}")
+            raise invalid(f"Unrecognized request argument supplied: {name}", param=name)
+    stop = data.get("stop")
+    if isinstance(stop, list) and not (1 <= len(stop) <= MAX_STOP and all(type(s) is str for s in stop)):
+        raise invalid(f"'stop' takes a string or an array of 1 to {MAX_STOP} strings.", "stop")
+    bias = data.get("logit_bias")
+    if isinstance(bias, dict):
+        bad = next((k for k, v in bias.items() if type(v) is not int), None)
+        if bad is not None:
+            raise invalid(f"Invalid value in 'logit_bias' for token {clip(repr(bad))}: {clip(repr(bias[bad]))} is not an integer.", "logit_bias")
 
 
 def _prompt(value):
@@ -132,7 +158,7 @@ def check_request(r: CompletionRequest) -> None:
         if not re.fullmatch(r"-?[0-9]{1,18}", key):
             raise invalid(f"Invalid key in 'logit_bias': {clip(repr(key))} is not a token id.", "logit_bias")
         if not -100 <= value <= 100:
-            raise invalid(f"Invalid value in 'logit_bias' for token {key}: {value} is outside -100..100.", "logit_bias")
+            raise invalid(f"Invalid value in 'logit_bias' for token {key}: {clip(str(value))} is outside -100..100.", "logit_bias")
 
 
 def to_sampling_params(r: CompletionRequest) -> SamplingParams:
