@@ -82,6 +82,37 @@ def gpt2_dir(tmp_path_factory) -> Path:
     return build_model("gpt2", tmp_path_factory.mktemp("tiny-gpt2"))
 
 
+@pytest.fixture(scope="session")
+def long_llama_dir(llama_dir, tmp_path_factory) -> Path:
+    """The tiny llama with an 8192-token context, so that a request can take seconds (6,000 tokens: ~7 s)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama-long")
+    config = LlamaConfig.from_pretrained(llama_dir)
+    config.max_position_embeddings = 8192
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(path)
+    return path
+
+
+def wait_healthy(url: str, timeout: float, proc=None) -> None:
+    """Wait until `url`/health answers 200 (failing early if `proc`, the server's process, exits)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc is None or proc.poll() is None, "the server exited while starting"
+        assert time.monotonic() < deadline, f"the server did not start in {timeout} s"
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,12 +3,11 @@
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_healthy
 
 
 def tokenmill(*args, **kwargs):
@@ -68,13 +67,7 @@ def test_serve_as_a_user_runs_it(llama_dir):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_healthy(url, 90, proc)
         headers = {"Authorization": "Bearer sk-env"}
         models = httpx.get(url + "/v1/models", headers=headers).json()
         assert models["data"][0]["id"] == "tiny" and models["data"][0]["max_model_len"] == 128

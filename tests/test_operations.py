@@ -14,21 +14,6 @@ from tests.test_api import assert_error, events, post
 
 
 @pytest.fixture(scope="module")
-def long_llama_dir(llama_dir, tmp_path_factory):
-    """The tiny llama with an 8k context: 6,000 tokens take ~7 s, long enough to time things."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig.from_pretrained(llama_dir)
-    config.max_position_embeddings = 8192
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-llama-long")
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def one_seat(llama_dir):
     """One sequence at a time, two requests waiting at most."""
     yield from serve(llama_dir, "tiny-llama", engine_options={"max_num_seqs": 1}, max_queued_requests=2)

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_healthy
 
 LONG = 8000  # tokens: far more than a 2 s shutdown timeout lets through
 CRASHING_SERVER = '''
@@ -37,21 +37,6 @@ def crashing(self, block):
 AsyncEngine._take_commands = crashing
 raise SystemExit(main(sys.argv[2:]))
 '''
-
-
-@pytest.fixture(scope="module")
-def long_llama_dir(llama_dir, tmp_path_factory) -> Path:
-    """The tiny llama with an 8192-token context, so that a request can take seconds."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama-long")
-    config = LlamaConfig.from_pretrained(llama_dir)
-    config.max_position_embeddings = 8192
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(llama_dir).save_pretrained(path)
-    return path
 
 
 @dataclass
@@ -84,14 +69,10 @@ def served(model_dir: Path, tmp_path: Path, shutdown_timeout: float, prefix: lis
         proc = subprocess.Popen([*cmd, *serve], stdout=out, stderr=subprocess.STDOUT)
     server = Proc(proc, f"http://127.0.0.1:{port}", str(model_dir), log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"the server exited while starting:\n{server.output()[-4000:]}"
-            assert time.monotonic() < deadline, f"the server did not start in 60 s:\n{server.output()[-4000:]}"
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(server.url + "/health", timeout=5).status_code == 200:
-                    break
-            time.sleep(0.2)
+        try:
+            wait_healthy(server.url, 60, proc)
+        except AssertionError as exc:
+            pytest.fail(f"{exc}:\n{server.output()[-4000:]}")
         assert httpx.get(server.url + "/v1/models", timeout=5).json()["data"][0]["id"] == server.model
         yield server
     finally:

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_healthy
 
 SOAK_REQUESTS = 2400
 CONCURRENCY = 64
@@ -32,13 +32,7 @@ def server(llama_dir, tmp_path_factory):
                                  "--served-model-name", "tiny", "--stream-stall-timeout", "2"], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_healthy(url, 120, proc)
         yield url, proc, log
     finally:
         proc.terminate()

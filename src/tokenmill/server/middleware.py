@@ -8,7 +8,6 @@ import time
 import uuid
 
 import anyio
-from sse_starlette.sse import SendTimeoutError
 from starlette.requests import ClientDisconnect
 
 from tokenmill.server.lifecycle import Lifecycle
@@ -17,7 +16,7 @@ from tokenmill.server.metrics import Metrics
 log = logging.getLogger("tokenmill.requests")
 
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")  # a client's id is echoed only if it is short, printable ASCII
-GONE = (ClientDisconnect, anyio.ClosedResourceError, anyio.BrokenResourceError, ConnectionError, SendTimeoutError)
+GONE = (ClientDisconnect, anyio.ClosedResourceError, anyio.BrokenResourceError, ConnectionError)
 
 
 class RequestMiddleware:
