@@ -274,3 +274,46 @@ def test_nan_logits_fail_only_their_request(llama_dir, monkeypatch):
     text = lambda outs: "".join(c.text for o in outs for c in o.choices)  # noqa: E731
     assert text(together["good"]) == text(alone["good"]) and not together["good"][-1].error
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("fault", ["sampling", "detokenizing"])
+def test_an_exception_in_one_requests_sampling_or_detokenizing_fails_it_alone(llama_dir, monkeypatch, fault):
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine import engine as engine_module
+    from tokenmill.engine.loader import build_engine
+    from tokenmill.engine.sequence import Sequence
+    from tokenmill.sampling_params import Prompt, SamplingParams
+
+    engine, _ = build_engine(EngineConfig(model=str(llama_dir)), str(llama_dir), "tiny")
+
+    def run(requests):
+        outputs = {}
+        for rid, seed in requests:
+            engine.add_request(rid, [Prompt((5, 6, 7))], SamplingParams(max_tokens=6, temperature=0.7, seed=seed))
+        while engine.has_unfinished():
+            for o in engine.step():
+                outputs.setdefault(o.request_id, []).append(o)
+        return outputs
+
+    alone = run([("good", 1)])
+    sample, append = engine_module.sample, Sequence.append
+
+    def failing_sample(logits, rows):
+        if any(r.params.seed == 666 for r in rows):
+            raise RuntimeError("a row this sampler cannot take")
+        return sample(logits, rows)
+
+    def failing_append(seq, *args):
+        if seq.params.seed == 666:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "a token this detokenizer cannot take")
+        return append(seq, *args)
+
+    if fault == "sampling":
+        monkeypatch.setattr(engine_module, "sample", failing_sample)
+    else:
+        monkeypatch.setattr(Sequence, "append", failing_append)
+    together = run([("bad", 666), ("good", 1)])
+    assert together["bad"][-1].error and together["bad"][-1].finished
+    text = lambda outs: "".join(c.text for o in outs for c in o.choices)  # noqa: E731
+    assert text(together["good"]) == text(alone["good"]) and not together["good"][-1].error
+    assert engine.blocks.num_free == engine.blocks.num_blocks
