@@ -54,6 +54,9 @@ class RequestMiddleware:
         except GONE:
             status = status or 499
             state["gone"] = True
+        except Exception:  # answered 500 by Starlette's outermost error middleware
+            status = status or 500
+            raise
         finally:
             if state.get("on_close"):
                 state["on_close"]()
