@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import secrets
 import time
 
@@ -164,16 +165,14 @@ class Engine:
     def _sample_rows(self, rows: list[tuple[Sequence, torch.Tensor]]) -> tuple[list, list[RequestOutput]]:
         """Sample every row at once and hand each its token; a request whose row fails, fails alone.
 
-        NaN logits fail their request; if batched sampling raises, rows are sampled one by one (the
-        failure path only) to find the request that causes it.
+        NaN logits show as a NaN chosen logprob (the sampler brings those to the host anyway) and fail
+        their request; if batched sampling raises, rows are sampled one by one (the failure path
+        only) to find the request that causes it.
         """
-        logits = torch.stack([r for _, r in rows])  # [B, V]
-        bad = torch.isnan(logits).any(dim=-1).tolist()
-        failed = [self.fail(rid, FloatingPointError("NaN logits")) for rid in {s.group.request_id for (s, _), b in zip(rows, bad) if b}]
-        rows = [(s, r) for s, r in rows if s.group.request_id in self._requests]
         drawn: list[tuple[Sequence, torch.Tensor, SamplerOutput, int]] = []
+        failed: list[RequestOutput] = []
         try:
-            out = sample(torch.stack([r for _, r in rows]), [self._row(s) for s, _ in rows]) if rows else None
+            out = sample(torch.stack([r for _, r in rows]), [self._row(s) for s, _ in rows])  # [B, V] in
             drawn = [(s, r, out, i) for i, (s, r) in enumerate(rows)]
         except Exception:
             log.exception("a batched sampling step failed; sampling its rows one by one")
@@ -184,6 +183,9 @@ class Engine:
                     failed.append(self.fail(seq.group.request_id, exc))
         for seq, row, out, i in drawn:
             if seq.group.request_id not in self._requests:
+                continue
+            if math.isnan(out.logprobs[i]):
+                failed.append(self.fail(seq.group.request_id, FloatingPointError("NaN logits")))
                 continue
             try:
                 self._take(seq, out, i, row.shape[-1], row.device)
