@@ -68,6 +68,7 @@ class StepContext:
     chunks: list[Chunk] = field(default_factory=list)
     backend: AttentionBackend | None = None
     workspace: Workspace | None = None
+    memo: dict = field(default_factory=dict)  # what every layer of this step shares (gather rows, masks)
 
 
 class AttentionBackend(Protocol):
@@ -105,8 +106,8 @@ class TorchAttention:
         out = query.new_zeros(query.shape[1], query.shape[0], d)  # padding rows stay 0
         if step.decode_rows:
             out[: step.decode_rows] = self._decode(query[:, : step.decode_rows], pool, step, scaling)
-        for chunk in step.chunks:
-            out[chunk.rows] = self._chunk(query[:, chunk.rows], pool, chunk, scaling, step.workspace)
+        for i, chunk in enumerate(step.chunks):
+            out[chunk.rows] = self._chunk(query[:, chunk.rows], pool, chunk, scaling, step, i)
         return out
 
     def _decode(self, query, pool, step, scaling):
@@ -114,11 +115,13 @@ class TorchAttention:
         kvh, d = pool.shape[1], pool.shape[-1]
         h, b = query.shape[:2]
         q = query.reshape(kvh, h // kvh, b, d).transpose(1, 2)  # [KVH, B, g, D]
-        keys, values = _gather(pool, step.decode_blocks, step.workspace)  # [KVH, B, L, D]
+        if "decode" not in step.memo:  # the same for every layer of the step
+            step.memo["decode"] = gather_rows(step.decode_blocks, kvh, pool.shape[2])
+        keys, values = _gather(pool, step.decode_blocks, step.memo["decode"], step.workspace)  # [KVH, B, L, D]
         out = _attend(q, keys, values, step.decode_bias, scaling)  # [KVH, B, g, D]
         return out.permute(1, 0, 2, 3).reshape(b, h, d)
 
-    def _chunk(self, query, pool, chunk, scaling, workspace):
+    def _chunk(self, query, pool, chunk, scaling, step, index):
         """Prompt positions of one sequence: q [H, C, D] -> [C, H, D]."""
         kvh, d = pool.shape[1], pool.shape[-1]
         h, c = query.shape[:2]
@@ -127,10 +130,14 @@ class TorchAttention:
         rows = max(g * c, MIN_ROWS)
         if rows > g * c:
             q = torch.cat([q, q.new_zeros(kvh, 1, rows - g * c, d)], dim=2)
-        keys, values = _gather(pool, chunk.blocks[None], workspace)  # [KVH, 1, L, D]
-        positions = torch.arange(chunk.start, chunk.start + c, device=q.device).repeat(g)
-        positions = torch.cat([positions, positions.new_zeros(rows - g * c)])  # padding rows see key 0
-        bias = visibility(positions, keys.shape[2], q.dtype)[None]  # [1, rows, L]
+        if ("chunk", index) not in step.memo:  # the same for every layer of the step
+            positions = torch.arange(chunk.start, chunk.start + c, device=q.device).repeat(g)
+            positions = torch.cat([positions, positions.new_zeros(rows - g * c)])  # padding rows see key 0
+            length = chunk.blocks.shape[0] * pool.shape[3]
+            step.memo["chunk", index] = (gather_rows(chunk.blocks[None], kvh, pool.shape[2]),
+                                         visibility(positions, length, q.dtype)[None])  # [1, rows, L]
+        gather, bias = step.memo["chunk", index]
+        keys, values = _gather(pool, chunk.blocks[None], gather, step.workspace)  # [KVH, 1, L, D]
         out = _attend(q, keys, values, bias, scaling)[:, 0, : g * c]  # [KVH, g*C, D]
         return out.reshape(h, c, d).transpose(0, 1)
 
@@ -142,12 +149,16 @@ def visibility(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torc
     return bias.masked_fill_(keys[None, :] > positions[:, None], float("-inf"))
 
 
-def _gather(pool: torch.Tensor, blocks: torch.Tensor, workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of the given block tables [B, nb] -> two [KVH, B, nb * BS, D]."""
+def gather_rows(blocks: torch.Tensor, kv_heads: int, num_blocks: int) -> torch.Tensor:
+    """Block tables [B, nb] -> the rows [KVH * B * nb] of a layer's pool viewed as [KVH * NB, BS * D]."""
+    return (torch.arange(kv_heads, device=blocks.device)[:, None] * num_blocks + blocks.reshape(1, -1)).reshape(-1)
+
+
+def _gather(pool: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor, workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the given block tables [B, nb] (at `rows`) -> two [KVH, B, nb * BS, D]."""
     kvh, num_blocks, bs, d = pool.shape[1:]
     b, nb = blocks.shape
     # one row per (kv head, block) of [KVH * NB, BS * D]: a single gather along the first dim
-    rows = (torch.arange(kvh, device=blocks.device)[:, None] * num_blocks + blocks.reshape(1, -1)).reshape(-1)
     keys, values = workspace.take(kvh * b * nb * bs * d)
     torch.index_select(pool[0].view(kvh * num_blocks, bs * d), 0, rows, out=keys.view(-1, bs * d))
     torch.index_select(pool[1].view(kvh * num_blocks, bs * d), 0, rows, out=values.view(-1, bs * d))
