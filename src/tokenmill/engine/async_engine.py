@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 MAX_UNREAD = 8  # outputs a request may have waiting unread before its generation pauses
 RESUME_AT = MAX_UNREAD // 2  # ... and how few before it goes on
+ENGINE_DIED = "The server's engine stopped; the server is restarting."
 
 
 @dataclass
@@ -108,7 +109,7 @@ class AsyncEngine:
         self._submitted += 1
         self._inbox.put(("add", request_id, prompts, params))
         if self.dead is not None:  # it died after the check above, before this request was there to fail
-            box.queue.put_nowait(failure(request_id, "The server's engine stopped; the server is restarting.", 503))
+            box.queue.put_nowait(failure(request_id, ENGINE_DIED, 503))
         return self._outputs(request_id, box, timeout)
 
     def release(self, request_id: str) -> None:
@@ -174,7 +175,7 @@ class AsyncEngine:
         log.critical("the engine thread died: %r", exc, exc_info=exc)
         self.dead = exc
         for request_id in list(self._outboxes):
-            self._post(failure(request_id, "The server's engine stopped; the server is restarting.", 503))
+            self._post(failure(request_id, ENGINE_DIED, 503))
         for loop, callback in self._death_watchers:
             try:
                 loop.call_soon_threadsafe(callback)
@@ -201,6 +202,7 @@ class AsyncEngine:
             try:
                 command = self._inbox.get(block=block)
             except queue.Empty:
+                self.stats = self.engine.stats()  # once for all the commands just applied
                 return True
             block = False
             kind = command[0]
@@ -217,7 +219,6 @@ class AsyncEngine:
                 for request_id in self.engine.request_ids():
                     self.engine.abort(request_id)
                     self._post(failure(request_id, command[1], command[2]))
-            self.stats = self.engine.stats()
 
     def _add(self, request_id: str, prompts: list[Prompt], params: SamplingParams) -> None:
         """Add a request, unless its client already left; one the engine refuses fails alone."""

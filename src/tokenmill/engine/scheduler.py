@@ -112,11 +112,7 @@ class Scheduler:
         """Take sequences out of the queue and the batch, blocks given back; returns those taken."""
         taken = [s for s in sequences if s in self.running or s in self.waiting]
         for seq in taken:
-            if seq in self.running:
-                self.running.remove(seq)
-            else:
-                self.waiting.remove(seq)
-            self.blocks.free(seq.table)
+            self.finish(seq)
             seq.num_computed = 0
         return taken
 

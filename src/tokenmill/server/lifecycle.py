@@ -31,10 +31,6 @@ class Lifecycle:
         self.stop: Callable[[], None] = lambda: None  # set by whoever runs the server
         self._fail_all: Callable[[str], None] = lambda message: None
 
-    @property
-    def accepting(self) -> bool:
-        return not self.draining
-
     def attach(self, fail_all: Callable[[str], None]) -> None:
         """How to end every request the engine still holds."""
         self._fail_all = fail_all

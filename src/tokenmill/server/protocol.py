@@ -150,8 +150,6 @@ def check_request(r: CompletionRequest) -> None:
         raise invalid("best_of > n cannot be streamed: the best completions are known only at the end.", "best_of")
     if r.stream_options is not None and not r.stream:
         raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
-    if isinstance(r.stop, list) and not 1 <= len(r.stop) <= MAX_STOP:
-        raise invalid(f"'stop' takes a string or an array of 1 to {MAX_STOP} strings.", "stop")
     if r.suffix and r.echo:
         raise invalid("echo cannot be combined with suffix.", "suffix")
     for key, value in (r.logit_bias or {}).items():
