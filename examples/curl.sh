@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A completion, a streamed completion, and an error, with curl. Start a server first:
+# A completion, a streamed completion, an error, and a chat reply, with curl. Start a server first:
 #   tokenmill serve            (then MODEL=SmolLM2-135M-Instruct, the default)
 set -euo pipefail
 BASE=${BASE:-http://127.0.0.1:8000}
@@ -13,4 +13,7 @@ curl -sN "$BASE/v1/completions" "${AUTH[@]}" -H 'Content-Type: application/json'
   -d "{\"model\": \"$MODEL\", \"prompt\": \"Once upon a time\", \"max_tokens\": 16, \"stream\": true, \"stream_options\": {\"include_usage\": true}}"
 curl -s "$BASE/v1/completions" "${AUTH[@]}" -H 'Content-Type: application/json' \
   -d "{\"model\": \"$MODEL\", \"prompt\": \"x\", \"temperature\": 3}"
+echo
+curl -s "$BASE/v1/chat/completions" "${AUTH[@]}" -H 'Content-Type: application/json' \
+  -d "{\"model\": \"$MODEL\", \"messages\": [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}], \"max_completion_tokens\": 32, \"temperature\": 0}"
 echo

@@ -14,9 +14,21 @@ from pathlib import Path
 import pytest
 
 SPECIALS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>"]
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+# ChatML, as SmolLM2 and Qwen2 write it, plus a refusal to test how a template's error is reported.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['content'] == 'RAISE' %}{{ raise_exception('this template refuses RAISE') }}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is not none %}{{- message['content'] }}{%- endif %}"
+    "{%- for call in message.get('tool_calls') or [] %}{{- '<tool_call>' + call['function']['name'] + '</tool_call>' }}{%- endfor %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
 
 
-def train_tokenizer(fim: bool):
+def train_tokenizer(fim: bool, chat: bool = False):
     """A byte-level BPE with a 1k vocabulary, trained on a few stdlib files (~0.5 s)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -25,23 +37,25 @@ def train_tokenizer(fim: bool):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = SPECIALS if fim else SPECIALS[:1]
+    specials = (SPECIALS if fim else SPECIALS[:1]) + (CHAT_SPECIALS if chat else [])
     trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train(files, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0) -> Path:
+def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0, chat: bool = False) -> Path:
     """Save a random-weight llama (with FIM tokens), qwen2 or gpt2 (without) and its tokenizer.
 
     bos: the tokenizer puts <|endoftext|> before every text; padding: extra embedding rows past the
-    tokenizer's vocabulary, as many real models have.
+    tokenizer's vocabulary, as many real models have; chat: ChatML's special tokens and CHAT_TEMPLATE.
     """
     import torch
     from tokenizers import processors
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    tokenizer = train_tokenizer(fim=kind == "llama")
+    tokenizer = train_tokenizer(fim=kind == "llama", chat=chat)
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
     if bos:
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
             single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
@@ -70,6 +84,11 @@ def llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bos_llama_dir(tmp_path_factory) -> Path:
     return build_model("llama", tmp_path_factory.mktemp("tiny-llama-bos"), bos=True, padding=40)
+
+
+@pytest.fixture(scope="session")
+def chat_llama_dir(tmp_path_factory) -> Path:
+    return build_model("llama", tmp_path_factory.mktemp("tiny-llama-chat"), chat=True)
 
 
 @pytest.fixture(scope="session")

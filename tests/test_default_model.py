@@ -56,6 +56,17 @@ def test_the_capital_of_france_is_paris(smollm2):
     assert "Paris" in out["choices"][0]["text"]
 
 
+def test_chat_answers_that_the_capital_of_france_is_paris(smollm2):
+    client = smollm2.client()
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    out = client.chat.completions.create(model=smollm2.model, messages=question, temperature=0, max_completion_tokens=32)
+    reply = out.choices[0].message.content
+    assert "Paris" in reply and "<|im_end|>" not in reply and "<|im_start|>" not in reply
+    assert out.choices[0].finish_reason == "stop"  # SmolLM2 ends its turn with <|im_end|>, its EOS
+    streamed = client.chat.completions.create(model=smollm2.model, messages=question, temperature=0, max_completion_tokens=32, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply
+
+
 def test_streamed_text_equals_the_non_streamed(smollm2):
     for extra in ({"temperature": 0}, {"seed": 7}):
         body = {"model": smollm2.model, "prompt": FRANCE, "max_tokens": 24, **extra}

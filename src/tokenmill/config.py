@@ -27,6 +27,7 @@ class EngineConfig:
     kv_cache_memory: str | None = _opt(None, "KV cache size: bytes or a size such as 512MiB or 2GiB (default: a quarter of free memory, at most 2GiB)")
     block_size: int = _opt(16, "tokens per KV cache block")
     no_prefix_caching: bool = _opt(False, "do not reuse the cached keys and values of a prompt prefix seen before")
+    chat_template: str | None = _opt(None, "a Jinja chat template file for /v1/chat/completions, instead of the model's own")
     no_batch_invariance: bool = _opt(False, "do not pad steps to 16 rows where the model needs it (MKL matmuls): faster "
                                             "below 16 sequences, but a request's tokens may then depend on what else runs")
 

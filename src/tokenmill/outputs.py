@@ -7,31 +7,38 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Logprobs:
-    """OpenAI's legacy logprobs object: four parallel lists, one entry per token."""
+    """OpenAI's legacy logprobs object (the first four lists), and the ids behind it; one entry per token.
+
+    Chat's logprobs are built from `token_ids` and `ranked`: the top alternatives by id, in rank order,
+    exactly as many as asked (the legacy `top_logprobs` dict adds the chosen token, and merges tokens
+    that spell the same text).
+    """
 
     tokens: list[str] = field(default_factory=list)
     token_logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    ranked: list[list[tuple[int, float]] | None] = field(default_factory=list)
 
     def extend(self, other: Logprobs) -> None:
         """Append another run of tokens after these."""
-        self.tokens += other.tokens
-        self.token_logprobs += other.token_logprobs
-        self.top_logprobs += other.top_logprobs
-        self.text_offset += other.text_offset
+        for name in LOGPROB_LISTS:
+            getattr(self, name).extend(getattr(other, name))
 
     def slice(self, start: int, stop: int | None = None) -> Logprobs:
         """The entries for tokens start..stop."""
-        return Logprobs(
-            self.tokens[start:stop],
-            self.token_logprobs[start:stop],
-            self.top_logprobs[start:stop],
-            self.text_offset[start:stop],
-        )
+        return Logprobs(*(getattr(self, name)[start:stop] for name in LOGPROB_LISTS))
+
+    def legacy(self) -> dict:
+        """The four lists of the completions endpoint's logprobs object."""
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+
+LOGPROB_LISTS = ("tokens", "token_logprobs", "top_logprobs", "text_offset", "token_ids", "ranked")
 
 
 @dataclass

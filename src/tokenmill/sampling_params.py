@@ -26,6 +26,7 @@ class SamplingParams:
     best_of: int | None = None  # None: n
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    skip_special_tokens: bool = False  # leave special tokens out of the text (chat replies do)
     # Extensions beyond OpenAI's request, as vLLM spells them.
     ignore_eos: bool = False
     min_tokens: int = 0

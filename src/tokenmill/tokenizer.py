@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import threading
@@ -25,6 +26,14 @@ FIM_SPELLINGS = (
 
 class UnencodableText(ValueError):
     """Text holds a character this vocabulary has no bytes for."""
+
+
+class NoChatTemplate(ValueError):
+    """The model has no chat template, and none was given."""
+
+
+class ChatTemplateError(ValueError):
+    """The chat template raised on a conversation."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,7 @@ def _unicode_to_byte() -> dict[str, int]:
 class Tokenizer:
     """Encode, decode and name tokens for one model."""
 
-    def __init__(self, hf_tokenizer, model_vocab_size: int | None = None, fast: bool = True):
+    def __init__(self, hf_tokenizer, model_vocab_size: int | None = None, fast: bool = True, chat_template: str | None = None):
         self.hf = hf_tokenizer
         size = len(hf_tokenizer)
         self.vocab_size = min(size, model_vocab_size) if model_vocab_size else size
@@ -75,6 +84,10 @@ class Tokenizer:
         self.max_token_chars = _longest_token(hf_tokenizer, self.token_bytes)
         self.added_prefix = len(self._fast.prefix) if self._fast else _prefix_length(hf_tokenizer)
         self._lock = threading.Lock()  # HF fast tokenizers are not safe to share between threads
+        self.special_ids = _special_ids(hf_tokenizer)
+        self.chat_template = chat_template or getattr(hf_tokenizer, "chat_template", None) or None
+        # apply_chat_template's own arguments (tokenize, tools, ...): not for chat_template_kwargs to set
+        self.reserved_template_args = frozenset(inspect.signature(hf_tokenizer.apply_chat_template).parameters) - {"kwargs"}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text -> ids, with the model's usual special tokens (BOS) when asked."""
@@ -101,6 +114,35 @@ class Tokenizer:
             return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", "replace")
         with self._lock:
             return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        """Ids -> text, special tokens left out (a chat reply's text)."""
+        if self.token_bytes is not None:
+            return b"".join(self.token_bytes[i] for i in ids if i not in self.special_ids).decode("utf-8", "replace")
+        with self._lock:
+            return self.hf.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    **template_kwargs) -> str:
+        """A conversation as the model's chat template writes it.
+
+        Raises NoChatTemplate when the model has none, and ChatTemplateError with the template's own
+        message when it refuses the conversation.
+        """
+        if self.chat_template is None:
+            raise NoChatTemplate("this model has no chat template")
+        kwargs = {**template_kwargs, "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
+        try:
+            with self._lock:
+                return self.hf.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False, **kwargs)
+        except Exception as exc:  # jinja's TemplateError from raise_exception(), or a template's own bug
+            raise ChatTemplateError(str(exc) or type(exc).__name__) from None
+
+    def token_bytes_of(self, token_id: int) -> list[int]:
+        """One token's UTF-8 bytes, as chat logprobs give them."""
+        if self.token_bytes is not None:
+            return list(self.token_bytes[token_id])
+        return list(self.decode([token_id]).encode("utf-8"))
 
     def token_text(self, token_id: int) -> str:
         """One token as logprobs show it; bytes that are not whole UTF-8 as `bytes:\\x..`."""
@@ -169,6 +211,12 @@ def _prefix_length(hf_tokenizer) -> int:
         return len(fast_bpe.special_affixes(hf_tokenizer)[0])
     except fast_bpe.UnsupportedTokenizer:
         return 0
+
+
+def _special_ids(hf_tokenizer) -> frozenset[int]:
+    """Ids of the special tokens (BOS, EOS, chat markers): what skip_special_tokens leaves out."""
+    ids = {i for i, token in hf_tokenizer.added_tokens_decoder.items() if token.special}
+    return frozenset(ids | set(hf_tokenizer.all_special_ids))
 
 
 def _single(token_bytes: list[bytes]) -> bytes:

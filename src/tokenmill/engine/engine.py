@@ -16,7 +16,7 @@ from tokenmill.engine.kv_cache import BlockManager
 from tokenmill.engine.model_runner import ModelRunner, Work
 from tokenmill.engine.sampler import SamplerOutput, SamplingRow, prompt_logprobs, sample
 from tokenmill.engine.scheduler import Plan, Scheduled, Scheduler, SchedulerConfig
-from tokenmill.engine.sequence import PromptGroup, Sequence, finite
+from tokenmill.engine.sequence import PromptGroup, Sequence, record_token
 from tokenmill.outputs import ChoiceDelta, EngineStats, Logprobs, RequestOutput, failure
 from tokenmill.sampling_params import Prompt, SamplingParams
 from tokenmill.tokenizer import Tokenizer
@@ -277,9 +277,10 @@ class Engine:
             decoded = self.tokenizer.decode(prompt.token_ids[prompt.skip :])
             echo = prompt.text if prompt.text == decoded else decoded
         group = PromptGroup(request_id, index, prompt, params, self.tokenizer.token_text, echo)
+        decode = self.tokenizer.decode_text if params.skip_special_tokens else self.tokenizer.decode
         for j in range(params.best_of):
             key = candidate_seed(params.seed, j)
-            group.sequences.append(Sequence(next(self._seq_ids), group, self.tokenizer.decode, key, j))
+            group.sequences.append(Sequence(next(self._seq_ids), group, decode, key, j))
         return group
 
     def _echo_logprobs(self, prompt: Prompt, scores: list, k: int) -> Logprobs:
@@ -288,18 +289,18 @@ class Engine:
         scores = [None, *scores]  # position i: log p(ids[i] | ids[:i])
         out, detok, offset = Logprobs(), Detokenizer(self.tokenizer.decode), 0
         for token, score in zip(ids[prompt.skip :], scores[prompt.skip :]):
-            out.tokens.append(self.tokenizer.token_text(token))
             out.text_offset.append(offset)
             offset += len(detok.add(token))
-            out.token_logprobs.append(None if score is None else finite(score[0]))
-            out.top_logprobs.append(None if score is None else self._top(token, *score))
+            if score is None:  # the first token: nothing before it to predict it from
+                out.tokens.append(self.tokenizer.token_text(token))
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                out.token_ids.append(token)
+                out.ranked.append(None)
+            else:
+                logprob, top_ids, top_lps = score
+                record_token(out, self.tokenizer.token_text, token, logprob, list(zip(top_ids, top_lps)))
         return out
-
-    def _top(self, token: int, logprob: float, top_ids: list[int], top_lps: list[float]) -> dict[str, float]:
-        """The top-k alternatives, with the chosen token always among them."""
-        top = {self.tokenizer.token_text(t): finite(lp) for t, lp in zip(top_ids, top_lps)}
-        top.setdefault(self.tokenizer.token_text(token), finite(logprob))
-        return top
 
     def _within_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits [.., V] with the ids past the tokenizer's vocabulary (padding) made impossible."""
@@ -312,9 +313,9 @@ class Engine:
     def _take(self, seq: Sequence, out: SamplerOutput, i: int, vocab: int, device: torch.device) -> None:
         """Hand a sequence the token drawn for it in row i of `out`."""
         token, lp, k = out.tokens[i], out.logprobs[i], seq.params.logprobs
-        top = None if k is None else self._top(token, lp, out.top_ids[i][:k], out.top_logprobs[i][:k])
+        ranked = None if k is None else list(zip(out.top_ids[i][:k], out.top_logprobs[i][:k]))
         self._count(seq, token, vocab, device)
-        seq.append(token, lp, top, token in self.eos_ids)
+        seq.append(token, lp, ranked, token in self.eos_ids)
 
     def _queue_candidates(self, seqs: list[Sequence]) -> None:
         """Candidates that just drew their first token queue first in line for their next one."""

@@ -57,7 +57,7 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
     model, hf_tokenizer = _load(model_path, dtype, device)
     max_len = _context_length(model.config, config.max_model_len)
     num_blocks, max_len = _kv_blocks(config, KVShape.of(model.config, dtype), max_len, device)
-    tokenizer = Tokenizer(hf_tokenizer, model.config.vocab_size)
+    tokenizer = Tokenizer(hf_tokenizer, model.config.vocab_size, chat_template=read_chat_template(config.chat_template))
     eos = _eos_ids(model, tokenizer)
     info = ModelInfo(
         name=served_name,
@@ -73,6 +73,25 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
     runner = ModelRunner(model, device, num_blocks, config.block_size, batch_invariant=not config.no_batch_invariance)
     scheduling = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
     return Engine(runner, tokenizer, eos, blocks, scheduling), info
+
+
+def read_chat_template(path: str | None) -> str | None:
+    """The text of --chat-template FILE, compiled once so that a broken template stops the start, not each request."""
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"--chat-template {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template  # private, so only a check
+    except ImportError:
+        return text
+    try:
+        _compile_jinja_template(text)
+    except Exception as exc:  # jinja2's TemplateSyntaxError
+        raise ModelLoadError(f"--chat-template {path} is not a valid Jinja template: {exc}") from None
+    return text
 
 
 def _kv_blocks(config: EngineConfig, shape: KVShape, max_len: int, device: torch.device) -> tuple[int, int]:

@@ -78,8 +78,8 @@ class Sequence:
         """What best_of ranks candidates by: log probability per generated token."""
         return self.logprob_sum / len(self.output_ids) if self.output_ids else 0.0
 
-    def append(self, token_id: int, logprob: float, top: dict[str, float] | None, is_eos: bool) -> None:
-        """Take one sampled token: text, logprobs, stop strings, length."""
+    def append(self, token_id: int, logprob: float, ranked: list[tuple[int, float]] | None, is_eos: bool) -> None:
+        """Take one sampled token: text, logprobs (ranked: the top alternatives), stop strings, length."""
         self.output_ids.append(token_id)
         self.logprob_sum += logprob
         if is_eos and not self.params.ignore_eos:
@@ -87,7 +87,7 @@ class Sequence:
         start = len(self.text)
         self.text += self._detok.add(token_id)
         if self._records is not None:
-            self._record(token_id, logprob, top, self._base + start)
+            self._record(token_id, logprob, ranked, self._base + start)
         cut = self._stop.find(self.text, start)
         if cut >= 0:
             self.text, self._cut = self.text[:cut], True
@@ -120,12 +120,9 @@ class Sequence:
         self._sent_finish = self.finished
         return text, records, finish
 
-    def _record(self, token_id: int, logprob: float, top: dict[str, float] | None, offset: int) -> None:
+    def _record(self, token_id: int, logprob: float, ranked: list[tuple[int, float]] | None, offset: int) -> None:
         """Log one token for the logprobs object."""
-        text = self.group.token_text(token_id)
-        self._records.tokens.append(text)
-        self._records.token_logprobs.append(finite(logprob))
-        self._records.top_logprobs.append(top if top is not None else {text: finite(logprob)})
+        record_token(self._records, self.group.token_text, token_id, logprob, ranked or [])
         self._records.text_offset.append(offset)
 
     def _take_records(self, limit: int) -> Logprobs | None:
@@ -142,6 +139,18 @@ class Sequence:
         taken = self._records.slice(self._sent_records, end)
         self._sent_records = end
         return taken
+
+
+def record_token(records: Logprobs, token_text, token_id: int, logprob: float, ranked: list[tuple[int, float]]) -> None:
+    """Append one token's entries (all but its text offset): the chosen token is always in the legacy top dict."""
+    ranked = [(t, finite(lp)) for t, lp in ranked]
+    top = {token_text(t): lp for t, lp in ranked}
+    top.setdefault(token_text(token_id), finite(logprob))
+    records.tokens.append(token_text(token_id))
+    records.token_logprobs.append(finite(logprob))
+    records.top_logprobs.append(top)
+    records.token_ids.append(token_id)
+    records.ranked.append(ranked)
 
 
 def _concat(first: Logprobs, second: Logprobs) -> Logprobs:

@@ -28,9 +28,11 @@ from tokenmill.server.errors import APIError, ErrorResponse, clip
 from tokenmill.server.lifecycle import Lifecycle
 from tokenmill.server.metrics import Metrics, RequestTimer
 from tokenmill.server.middleware import RequestMiddleware
-from tokenmill.server.prompts import encode_prompts
+from tokenmill.server.chat_protocol import ChatCompletion, ChatCompletionRequest, parse_chat_request, to_chat_sampling_params
+from tokenmill.server.chat_responses import ChatRender
+from tokenmill.server.prompts import encode_chat, encode_prompts
 from tokenmill.server.protocol import Completion, CompletionRequest, parse_request, to_sampling_params
-from tokenmill.server.responses import Accumulator, Header, choice_of, fingerprint, usage_of
+from tokenmill.server.responses import Accumulator, Header, completion_chunks, fingerprint, new_id, usage_of
 from tokenmill.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 PARSE_INLINE_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread, not on the event loop
 RETRY_AFTER = "1"  # seconds, on 429 and 503
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 500, 503)}
 
 
 class EngineClient(Protocol):
@@ -111,22 +114,43 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         _check_model(engine.info, model_id)
         return _model_card(engine.info, started)
 
+    def start(request: Request, header: Header, arrived: float, prompts: list[Prompt], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Hand a prepared request to the engine; however its response ends, the engine lets it go."""
+        request.state.request_id = header.id
+        request.state.on_close = lambda: engine.release(header.id)
+        timer = RequestTimer(metrics, request.state, arrived, params.n * len(prompts))
+        return timer.watch(engine.generate(header.id, prompts, params, config.request_timeout, config.stream_stall_timeout))
+
     @app.post("/v1/completions", dependencies=auth, openapi_extra=_request_body(CompletionRequest),
-              responses={200: {"model": Completion, "description": "A text_completion object, or server-sent events of them"},
-                         **{status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 500, 503)}})
+              responses={200: {"model": Completion, "description": "A text_completion object, or server-sent events of them"}, **ERRORS})
     async def create_completion(request: Request):
         arrived = time.monotonic()
         with admission.admit():
             body, prompts = await _prepare(request, engine, config)
             header = Header(engine.info.name, system_fingerprint)
-            request.state.request_id = header.id
-            request.state.on_close = lambda: engine.release(header.id)  # however the response ends
-            timer = RequestTimer(metrics, request.state, arrived, body.n_ * len(prompts))
-            outputs = timer.watch(engine.generate(header.id, prompts, to_sampling_params(body), config.request_timeout, config.stream_stall_timeout))
+            outputs = start(request, header, arrived, prompts, to_sampling_params(body))
         if body.stream:
-            return EventSourceResponse(_stream(outputs, header, body.include_usage), sep="\n", ping=15,
-                                       client_close_handler_callable=lambda message: _note_gone(request))
-        return await _complete(request, outputs, header, body, len(prompts))
+            return _sse(request, _events(outputs, header.id, [], completion_chunks(header, body.include_usage)))
+        acc = await _collect(request, outputs, Accumulator(len(prompts) * body.n_, body.logprobs is not None))
+        if acc is None:
+            return Response(status_code=499)  # the client has gone; nobody reads this
+        return JSONResponse(header.completion(acc.choices(), usage_of(acc.last)).model_dump())
+
+    @app.post("/v1/chat/completions", dependencies=auth, openapi_extra=_request_body(ChatCompletionRequest),
+              responses={200: {"model": ChatCompletion, "description": "A chat.completion object, or server-sent events of chat.completion.chunk objects"}, **ERRORS})
+    async def create_chat_completion(request: Request):
+        arrived = time.monotonic()
+        with admission.admit():
+            body, prompt, max_tokens = await _prepare_chat(request, engine, config)
+            header = Header(engine.info.name, system_fingerprint, new_id("chatcmpl-"))
+            outputs = start(request, header, arrived, [prompt], to_chat_sampling_params(body, max_tokens))
+        render = ChatRender(header, engine.tokenizer, body.n_, body.echo_text(), body.include_usage)
+        if body.stream:
+            return _sse(request, _events(outputs, header.id, render.opening(), render.chunks))
+        acc = await _collect(request, outputs, Accumulator(body.n_, bool(body.logprobs)))
+        if acc is None:
+            return Response(status_code=499)
+        return JSONResponse(render.whole(acc))
 
     return app
 
@@ -159,13 +183,26 @@ class Admission:
 
 async def _prepare(request: Request, engine: EngineClient, config: ServerConfig) -> tuple[CompletionRequest, list[Prompt]]:
     """Read, parse and tokenize a completion request; big bodies and prompts off the event loop."""
-    raw = await _read_body(request, config.request_bytes)
-    body = parse_request(raw) if len(raw) <= PARSE_INLINE_BYTES else await run_in_threadpool(parse_request, raw)
-    del raw
-    _check_model(engine.info, body.model)
+    body = await _parse(request, parse_request, config)
     info = engine.info
+    _check_model(info, body.model)
     prompts = await run_in_threadpool(encode_prompts, body, engine.tokenizer, info.max_model_len, info.max_request_sequences)
     return body, prompts
+
+
+async def _prepare_chat(request: Request, engine: EngineClient, config: ServerConfig) -> tuple[ChatCompletionRequest, Prompt, int]:
+    """Read and parse a chat request, and render its messages through the chat template (off the event loop)."""
+    body = await _parse(request, parse_chat_request, config)
+    info = engine.info
+    _check_model(info, body.model)
+    prompt, max_tokens = await run_in_threadpool(encode_chat, body, engine.tokenizer, info.max_model_len, info.max_request_sequences)
+    return body, prompt, max_tokens
+
+
+async def _parse(request: Request, parse, config: ServerConfig):
+    """A request body read and parsed by `parse`."""
+    raw = await _read_body(request, config.request_bytes)
+    return parse(raw) if len(raw) <= PARSE_INLINE_BYTES else await run_in_threadpool(parse, raw)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -198,9 +235,10 @@ def _add_docs(app: FastAPI, auth: list) -> None:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
             components = spec.setdefault("components", {}).setdefault("schemas", {})
-            request_schema = CompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(request_schema.pop("$defs", {}))
-            components[CompletionRequest.__name__] = request_schema
+            for model in (CompletionRequest, ChatCompletionRequest):
+                request_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(request_schema.pop("$defs", {}))
+                components[model.__name__] = request_schema
             app.openapi_schema = spec
         return app.openapi_schema
 
@@ -242,9 +280,8 @@ def _model_card(info: ModelInfo, created: int) -> dict:
     return {"id": info.name, "object": "model", "created": created, "owned_by": "tokenmill", "max_model_len": info.max_model_len}
 
 
-async def _complete(request: Request, outputs: AsyncIterator[RequestOutput], header: Header, body: CompletionRequest, prompts: int) -> Response:
-    """Gather a whole response; a client that leaves first stops its generation."""
-    acc = Accumulator(prompts * body.n_, body.logprobs is not None)
+async def _collect(request: Request, outputs: AsyncIterator[RequestOutput], acc: Accumulator) -> Accumulator | None:
+    """Gather a whole response (None if the client left first, which stops its generation)."""
 
     async def collect() -> None:
         async with aclosing(outputs):  # closing it early aborts the request in the engine
@@ -264,9 +301,14 @@ async def _complete(request: Request, outputs: AsyncIterator[RequestOutput], hea
             await asyncio.gather(work, return_exceptions=True)  # its aclosing has aborted the request
     if work.cancelled():
         request.state.gone = True
-        return Response(status_code=499)  # the client has gone; nobody reads this
+        return None
     work.result()
-    return JSONResponse(header.completion(acc.choices(), usage_of(acc.last)).model_dump())
+    return acc
+
+
+def _sse(request: Request, events) -> EventSourceResponse:
+    """A server-sent event stream of `events`."""
+    return EventSourceResponse(events, sep="\n", ping=15, client_close_handler_callable=lambda message: _note_gone(request))
 
 
 async def _note_gone(request: Request) -> None:
@@ -280,21 +322,20 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _stream(outputs: AsyncIterator[RequestOutput], header: Header, include_usage: bool):
-    """Server-sent events: one chunk per choice delta, usage last if asked, then [DONE]."""
+async def _events(outputs: AsyncIterator[RequestOutput], request_id: str, opening: list[dict], chunks: Callable[[RequestOutput], list[dict]]):
+    """Server-sent events: the opening chunks, the chunks of each output, then [DONE]."""
     try:
         async with aclosing(outputs):  # a client that leaves cancels this, which aborts the request
+            for payload in opening:
+                yield _event(payload)
             async for output in outputs:
                 if output.error:
                     yield _event(errors.engine_error(output.error, output.error_status).body())
                     break
-                for delta in output.choices:
-                    chunk = header.completion([choice_of(delta)])
-                    yield _event(chunk.model_dump(exclude=None if include_usage else {"usage"}))
-                if output.finished and include_usage:
-                    yield _event(header.completion([], usage_of(output)).model_dump())
+                for payload in chunks(output):
+                    yield _event(payload)
     except Exception:  # after the 200 has gone out, an error can only be an event
-        log.exception("stream %s failed", header.id)
+        log.exception("stream %s failed", request_id)
         yield _event(errors.server_error().body())
     yield {"data": "[DONE]"}
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from tokenmill.sampling_params import Prompt
+from tokenmill.server.chat_protocol import ChatCompletionRequest
 from tokenmill.server.errors import APIError, clip, invalid
 from tokenmill.server.protocol import CompletionRequest
-from tokenmill.tokenizer import Tokenizer, UnencodableText
+from tokenmill.tokenizer import ChatTemplateError, NoChatTemplate, Tokenizer, UnencodableText
+
+NO_TEMPLATE = ("This model has no chat template, so /v1/chat/completions cannot build a prompt from messages. Start the server "
+               "with --chat-template FILE (a Jinja template), or send the prompt text to /v1/completions.")
 
 # A normalizer can shrink text before it is split (Hangul jamo compose three to one), so the
 # cheap lower bound on a text's tokens divides by this much more than the longest token.
@@ -36,6 +40,32 @@ def encode_prompts(request: CompletionRequest, tokenizer: Tokenizer, max_model_l
     for key in request.logit_bias or {}:
         _check_ids([int(key)], tokenizer.vocab_size, "logit_bias")
     return prompts
+
+
+def encode_chat(request: ChatCompletionRequest, tokenizer: Tokenizer, max_model_len: int, max_sequences: int = 256) -> tuple[Prompt, int]:
+    """The conversation through the chat template, as ids; and the reply's token limit.
+
+    With no limit given the reply may run to the end of the context, as OpenAI's and vLLM's do.
+    """
+    if request.n_ > max_sequences:
+        raise invalid(f"This request asks for {request.n_} choices; at most {max_sequences} are served at once.", "n")
+    reserved = next((k for k in request.chat_template_kwargs or {} if k in tokenizer.reserved_template_args), None)
+    if reserved is not None:
+        raise invalid(f"'chat_template_kwargs' cannot set {clip(repr(reserved))}: it is an argument of the template call itself.", "chat_template_kwargs")
+    try:
+        text = tokenizer.render_chat(request.messages, request.add_generation_prompt, request.continue_final_message,
+                                     **(request.chat_template_kwargs or {}))
+    except NoChatTemplate:
+        raise invalid(NO_TEMPLATE, "messages", code="no_chat_template") from None
+    except ChatTemplateError as exc:
+        raise invalid(f"The model's chat template refused these messages: {clip(str(exc), 500)}", "messages") from None
+    limit = request.token_limit
+    _check_chars(len(text), tokenizer.max_token_chars, limit or 1, max_model_len, "messages")
+    ids = _checked(tokenizer.encode, text, "messages", False)  # the template wrote any BOS itself
+    _check_length(len(ids), limit or 1, max_model_len, "messages")
+    for key in request.logit_bias or {}:
+        _check_ids([int(key)], tokenizer.vocab_size, "logit_bias")
+    return Prompt(tuple(ids), text), limit or max_model_len - len(ids)
 
 
 def _split(prompt) -> list:
@@ -78,22 +108,22 @@ def _check_ids(ids, vocab_size: int, param: str) -> None:
         raise invalid(f"Token id {clip(bad)} in '{param}' is out of range: this model's token ids are 0..{vocab_size - 1}.", param)
 
 
-def _check_chars(chars: int, max_token_chars: int, max_tokens: int, max_model_len: int) -> None:
+def _check_chars(chars: int, max_token_chars: int, max_tokens: int, max_model_len: int, param: str = "prompt") -> None:
     """Refuse a text too long to fit before tokenizing it: megabytes of prompt cost seconds."""
     at_least = -(-chars // (max_token_chars * NORMALIZER_SLACK))
     if at_least + max_tokens > max_model_len:
         raise _too_long(max_model_len, f"your prompt is {chars} characters, which is at least {at_least} tokens, "
-                        f"and {clip(max_tokens)} are requested for the completion")
+                        f"and {clip(max_tokens)} are requested for the completion", param)
 
 
-def _check_length(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+def _check_length(prompt_tokens: int, max_tokens: int, max_model_len: int, param: str = "prompt") -> None:
     """Prompt plus completion must fit the context window."""
     if prompt_tokens + max_tokens > max_model_len:
         raise _too_long(max_model_len, f"you requested {clip(prompt_tokens + max_tokens)} tokens ({prompt_tokens} in "
-                        f"your prompt; {clip(max_tokens)} for the completion)")
+                        f"your prompt; {clip(max_tokens)} for the completion)", param)
 
 
-def _too_long(max_model_len: int, detail: str) -> APIError:
+def _too_long(max_model_len: int, detail: str, param: str) -> APIError:
     """OpenAI's context_length_exceeded error, with what the request asked for."""
     message = f"This model's maximum context length is {max_model_len} tokens. However, {detail}. Please reduce your prompt; or completion length."
-    return invalid(message, "prompt", code="context_length_exceeded")
+    return invalid(message, param, code="context_length_exceeded")

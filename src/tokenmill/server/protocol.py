@@ -20,26 +20,18 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class CompletionRequest(BaseModel):
-    """The request body, field for field as OpenAI documents it (types, defaults, bounds)."""
+class SamplingFields(BaseModel):
+    """The fields both endpoints share, with one meaning (OpenAI's types, defaults and bounds)."""
 
     model_config = Strict
 
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]] | None
-    best_of: int | None = Field(None, ge=0, le=20)
-    echo: bool | None = False
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, int] | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
-    max_tokens: int | None = Field(16, ge=0)
-    n: int | None = Field(1, ge=1, le=128)
     presence_penalty: float | None = Field(0.0, ge=-2, le=2)
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # int64
     stop: str | list[str] | None = None
     stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    suffix: str | None = None
     temperature: float | None = Field(1.0, ge=0, le=2)
     top_p: float | None = Field(1.0, ge=0, le=1)
     user: str | None = None
@@ -49,6 +41,40 @@ class CompletionRequest(BaseModel):
     min_tokens: int = Field(0, ge=0)
     top_k: int = Field(0, ge=-1, le=2**31 - 1)  # 0 or -1: off
     repetition_penalty: float = Field(1.0, gt=0, le=10)
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def sampling_params(self, **specific) -> SamplingParams:
+        """The engine's view of the shared fields, defaults resolved, plus the endpoint's own."""
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()},
+            seed=self.seed,
+            stop=self.stops,
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+            top_k=max(self.top_k, 0),
+            repetition_penalty=self.repetition_penalty,
+            **specific,
+        )
+
+
+class CompletionRequest(SamplingFields):
+    """The request body, field for field as OpenAI documents it (types, defaults, bounds)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] | None
+    best_of: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    max_tokens: int | None = Field(16, ge=0)
+    n: int | None = Field(1, ge=1, le=128)
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
 
     @property
     def n_(self) -> int:
@@ -63,12 +89,21 @@ class CompletionRequest(BaseModel):
         return self.n_ if self.best_of is None else self.best_of
 
     @property
-    def stops(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+def load_object(body: bytes, what: str) -> dict:
+    """A request body as a JSON object, or the 400 that says why not; `what` names its required fields."""
+    if not body.strip():
+        raise invalid(f"The request body is empty; send a JSON object with {what}.")
+    try:
+        data = from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise invalid(f"{BAD_JSON} Parser: {exc}.") from None
+    if not isinstance(data, dict):
+        raise invalid(f"The request body must be a JSON object with {what}.")
+    return data
 
 
 def parse_request(body: bytes) -> CompletionRequest:
@@ -78,15 +113,8 @@ def parse_request(body: bytes) -> CompletionRequest:
     of a 10-million-id array took 11 s and 3 GB. The parsed body costs about 8 bytes per id (40
     past the ids Python caches), a few times the body's own size.
     """
-    if not body.strip():
-        raise invalid("The request body is empty; send a JSON object with 'model' and 'prompt'.")
-    try:
-        data = from_json(body, allow_inf_nan=False)
-    except ValueError as exc:
-        raise invalid(f"{BAD_JSON} Parser: {exc}.") from None
-    if not isinstance(data, dict):
-        raise invalid("The request body must be a JSON object with 'model' and 'prompt'.")
-    _check_collections(data)
+    data = load_object(body, "'model' and 'prompt'")
+    check_collections(data, FIELDS, {"include_usage"})
     prompt = _prompt(data.get("prompt", _MISSING))
     try:
         request = CompletionRequest.model_validate({**data, "prompt": None} if prompt is not _MISSING else data)
@@ -101,17 +129,17 @@ _MISSING = object()
 FIELDS = set(CompletionRequest.model_fields)
 
 
-def _check_collections(data: dict) -> None:
-    """Refuse oversized or mistyped collections in one cheap pass, before pydantic sees them.
+def check_collections(data: dict, fields: set[str], stream_options: set[str]) -> None:
+    """Refuse unknown fields and oversized or mistyped collections in one cheap pass, before pydantic.
 
     pydantic records one error per bad element: 1.5 million ints as `stop` cost it 5 s and 1.6 GB.
     """
-    unknown = next((key for key in data if key not in FIELDS), None)
+    unknown = next((key for key in data if key not in fields), None)
     if unknown is not None:
         raise invalid(f"Unrecognized request argument supplied: {clip(unknown)}", param=clip(unknown))
     options = data.get("stream_options")
     if isinstance(options, dict):
-        unknown = next((key for key in options if key != "include_usage"), None)
+        unknown = next((key for key in options if key not in stream_options), None)
         if unknown is not None:
             name = clip(f"stream_options.{unknown}")
             raise invalid(f"Unrecognized request argument supplied: {name}", param=name)
@@ -152,7 +180,12 @@ def check_request(r: CompletionRequest) -> None:
         raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
     if r.suffix and r.echo:
         raise invalid("echo cannot be combined with suffix.", "suffix")
-    for key, value in (r.logit_bias or {}).items():
+    check_logit_bias(r.logit_bias)
+
+
+def check_logit_bias(bias: dict[str, int] | None) -> None:
+    """Keys are token ids, values -100..100."""
+    for key, value in (bias or {}).items():
         if not re.fullmatch(r"-?[0-9]{1,18}", key):
             raise invalid(f"Invalid key in 'logit_bias': {clip(repr(key))} is not a token id.", "logit_bias")
         if not -100 <= value <= 100:
@@ -161,24 +194,7 @@ def check_request(r: CompletionRequest) -> None:
 
 def to_sampling_params(r: CompletionRequest) -> SamplingParams:
     """The engine's view of a request: defaults resolved, no pydantic."""
-    return SamplingParams(
-        max_tokens=r.max_tokens_,
-        temperature=1.0 if r.temperature is None else r.temperature,
-        top_p=1.0 if r.top_p is None else r.top_p,
-        presence_penalty=r.presence_penalty or 0.0,
-        frequency_penalty=r.frequency_penalty or 0.0,
-        logit_bias={int(k): float(v) for k, v in (r.logit_bias or {}).items()},
-        logprobs=r.logprobs,
-        echo=bool(r.echo),
-        n=r.n_,
-        best_of=r.best_of_,
-        seed=r.seed,
-        stop=r.stops,
-        ignore_eos=r.ignore_eos,
-        min_tokens=r.min_tokens,
-        top_k=max(r.top_k, 0),
-        repetition_penalty=r.repetition_penalty,
-    )
+    return r.sampling_params(max_tokens=r.max_tokens_, logprobs=r.logprobs, echo=bool(r.echo), n=r.n_, best_of=r.best_of_)
 
 
 class CompletionLogprobs(BaseModel):

@@ -18,13 +18,18 @@ def fingerprint(info: ModelInfo) -> str:
     return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+def new_id(prefix: str) -> str:
+    """A response id: OpenAI's prefix for the object, then a random part."""
+    return prefix + uuid.uuid4().hex
+
+
 @dataclass(frozen=True)
 class Header:
     """What every object of one response shares."""
 
     model: str
     system_fingerprint: str
-    id: str = field(default_factory=lambda: "cmpl-" + uuid.uuid4().hex)
+    id: str = field(default_factory=lambda: new_id("cmpl-"))
     created: int = field(default_factory=lambda: int(time.time()))
 
     def completion(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
@@ -41,9 +46,21 @@ def usage_of(output: RequestOutput) -> Usage:
     )
 
 
+def completion_chunks(header: Header, include_usage: bool):
+    """A function from one engine output to the text_completion stream chunks it makes."""
+
+    def chunks(output: RequestOutput) -> list[dict]:
+        out = [header.completion([choice_of(d)]).model_dump(exclude=None if include_usage else {"usage"}) for d in output.choices]
+        if output.finished and include_usage:
+            out.append(header.completion([], usage_of(output)).model_dump())
+        return out
+
+    return chunks
+
+
 def choice_of(delta: ChoiceDelta) -> CompletionChoice:
     """One choice (or its delta) in OpenAI's shape."""
-    logprobs = None if delta.logprobs is None else CompletionLogprobs(**vars(delta.logprobs))
+    logprobs = None if delta.logprobs is None else CompletionLogprobs(**delta.logprobs.legacy())
     return CompletionChoice(text=delta.text, index=delta.index, logprobs=logprobs, finish_reason=delta.finish_reason)
 
 
@@ -64,8 +81,9 @@ class Accumulator:
                 self._logprobs[delta.index].extend(delta.logprobs)
             self._finish[delta.index] = delta.finish_reason or self._finish[delta.index]
 
+    def deltas(self) -> list[ChoiceDelta]:
+        """Each choice whole, as one delta."""
+        return [ChoiceDelta(i, "".join(parts), self._logprobs[i] if self._logprobs else None, self._finish[i]) for i, parts in enumerate(self._text)]
+
     def choices(self) -> list[CompletionChoice]:
-        return [
-            choice_of(ChoiceDelta(i, "".join(parts), self._logprobs[i] if self._logprobs else None, self._finish[i]))
-            for i, parts in enumerate(self._text)
-        ]
+        return [choice_of(delta) for delta in self.deltas()]
