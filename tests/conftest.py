@@ -132,6 +132,18 @@ def wait_healthy(url: str, timeout: float, proc=None) -> None:
         time.sleep(0.2)
 
 
+def fail_next_step(served, monkeypatch) -> None:
+    """Make the served engine's next model step raise, as a failing device would; later steps run."""
+    runner = served.engine.engine.runner
+    real = runner.execute
+
+    def broken(*args):
+        monkeypatch.setattr(runner, "execute", real)
+        raise RuntimeError("simulated device failure")
+
+    monkeypatch.setattr(runner, "execute", broken)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -11,6 +11,8 @@ import openai
 import pytest
 from openai.types import Completion
 
+from tests.conftest import fail_next_step
+
 
 def post(served, body, **kwargs):
     headers = {"Authorization": f"Bearer {served.api_key}"} if served.api_key else {}
@@ -312,14 +314,7 @@ def test_waiting_client_that_leaves_stops_its_generation(llama):
 
 
 def test_an_engine_failure_fails_its_request_not_the_server(llama, monkeypatch):
-    runner = llama.engine.engine.runner
-    real = runner.execute
-
-    def broken(*args):
-        monkeypatch.setattr(runner, "execute", real)
-        raise RuntimeError("simulated device failure")
-
-    monkeypatch.setattr(runner, "execute", broken)
+    fail_next_step(llama, monkeypatch)
     chunks = events(post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 5, "stream": True}))
     assert chunks[-1] == "[DONE]" and chunks[-2]["error"]["type"] == "server_error"
     assert post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 5}).status_code == 200

@@ -11,7 +11,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel
 from transformers import AutoTokenizer
 
-from tests.conftest import serve
+from tests.conftest import fail_next_step, serve
 from tests.test_api import assert_error, events
 
 QUESTION = [{"role": "user", "content": "def main():"}]
@@ -345,18 +345,11 @@ def test_malformed_bodies_are_400s(chat):
 
 
 def test_an_engine_failure_after_the_200_is_an_error_event(chat, monkeypatch):
-    runner = chat.engine.engine.runner
-    real = runner.execute
-
-    def broken(*args):
-        monkeypatch.setattr(runner, "execute", real)
-        raise RuntimeError("simulated device failure")
-
-    monkeypatch.setattr(runner, "execute", broken)
+    fail_next_step(chat, monkeypatch)
     chunks = events(post(chat, {"messages": QUESTION, "max_tokens": 5, "stream": True}))
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1] == "[DONE]" and chunks[-2]["error"]["type"] == "server_error"
-    monkeypatch.setattr(runner, "execute", broken)
+    fail_next_step(chat, monkeypatch)
     assert_error(post(chat, {"messages": QUESTION, "max_tokens": 5}), 500, type="server_error")
     assert post(chat, {"messages": QUESTION, "max_tokens": 5}).status_code == 200 and chat.idle()
 
