@@ -24,12 +24,12 @@ from tokenmill.config import ServerConfig
 from tokenmill.outputs import EngineStats, ModelInfo, RequestOutput
 from tokenmill.sampling_params import Prompt, SamplingParams
 from tokenmill.server import errors
+from tokenmill.server.chat_protocol import ChatCompletion, ChatCompletionRequest, parse_chat_request, to_chat_sampling_params
+from tokenmill.server.chat_responses import ChatRender
 from tokenmill.server.errors import APIError, ErrorResponse, clip
 from tokenmill.server.lifecycle import Lifecycle
 from tokenmill.server.metrics import Metrics, RequestTimer
 from tokenmill.server.middleware import RequestMiddleware
-from tokenmill.server.chat_protocol import ChatCompletion, ChatCompletionRequest, parse_chat_request, to_chat_sampling_params
-from tokenmill.server.chat_responses import ChatRender
 from tokenmill.server.prompts import encode_chat, encode_prompts
 from tokenmill.server.protocol import Completion, CompletionRequest, parse_request, to_sampling_params
 from tokenmill.server.responses import Accumulator, Header, completion_chunks, fingerprint, new_id, usage_of

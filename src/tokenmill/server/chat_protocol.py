@@ -96,7 +96,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     n: int | None = Field(1, ge=1, le=128)
     stream_options: ChatStreamOptions | None = None
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}; see check_response_format
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}; see refuse_unsupported
     modalities: list[Literal["text", "audio"]] | None = None  # only ["text"]
 
     # Accepted, with no effect: they steer OpenAI's own service, not the text.
