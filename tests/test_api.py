@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai.types import Completion
 
-from tests.conftest import fail_next_step
+from tests.conftest import fail_next_step, serve
 
 
 def post(served, body, **kwargs):
@@ -20,9 +20,10 @@ def post(served, body, **kwargs):
 
 
 def events(response) -> list:
-    """The data lines of an SSE response, JSON-decoded except [DONE]."""
+    """The data lines of an SSE response, JSON-decoded except [DONE]; no other kind of line is sent."""
     out = []
     for line in response.text.splitlines():
+        assert not line or line.startswith("data: "), f"a stream carried {line!r}: only data lines, as OpenAI sends"
         if line.startswith("data: "):
             data = line[len("data: "):]
             out.append(data if data == "[DONE]" else json.loads(data))
@@ -236,6 +237,12 @@ def test_prompt_too_long_for_the_context(llama):
     assert "256" in error["message"] and "260" in error["message"]
 
 
+def test_a_short_prompt_over_the_context_is_counted_in_tokens(llama):
+    error = assert_error(post(llama, {"model": llama.model, "prompt": "hello", "max_tokens": 10**6}), 400, "prompt", "context_length_exceeded")
+    prompt_tokens = len(llama.engine.tokenizer.encode("hello"))
+    assert f"({prompt_tokens} in your prompt; 1000000 for the completion)" in error["message"] and "characters" not in error["message"]
+
+
 def test_too_long_is_refused_before_a_stream_starts(llama):
     response = post(llama, {"model": llama.model, "prompt": [1] * 300, "stream": True})
     assert_error(response, 400, "prompt", "context_length_exceeded")
@@ -264,9 +271,9 @@ def test_unknown_route_is_an_openai_404(llama):
 
 def test_api_key_is_required(gpt2):
     no_key = httpx.post(gpt2.url + "/v1/completions", json={"model": gpt2.model, "prompt": "x"})
-    assert_error(no_key, 401, None, "invalid_api_key", "authentication_error")
+    assert assert_error(no_key, 401, None, "invalid_api_key", "authentication_error")["message"].startswith("You didn't provide an API key.")
     wrong = httpx.get(gpt2.url + "/v1/models", headers={"Authorization": "Bearer sk-wrong"})
-    assert_error(wrong, 401, None, "invalid_api_key", "authentication_error")
+    assert assert_error(wrong, 401, None, "invalid_api_key", "authentication_error")["message"].startswith("Incorrect API key provided.")
     assert httpx.get(gpt2.url + "/health").status_code == 200
     assert gpt2.client().completions.create(model=gpt2.model, prompt="x", max_tokens=2).usage.completion_tokens <= 2
     wrong_client = openai.OpenAI(base_url=gpt2.url + "/v1", api_key="sk-wrong", max_retries=0)
@@ -319,6 +326,14 @@ def test_an_engine_failure_fails_its_request_not_the_server(llama, monkeypatch):
     assert chunks[-1] == "[DONE]" and chunks[-2]["error"]["type"] == "server_error"
     assert post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 5}).status_code == 200
     assert llama.idle()
+
+
+def test_streams_carry_comment_pings_only_when_asked(llama_dir):
+    body = {"model": "tiny-llama-pinged", "prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    for served in serve(llama_dir, "tiny-llama-pinged", sse_keepalive=0.01):
+        lines = post(served, body).text.splitlines()
+        assert any(line.startswith(": ping") for line in lines)
+        assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
 
 
 def test_a_short_request_finishes_while_a_long_one_streams(llama):

@@ -14,6 +14,17 @@ def tokenmill(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "tokenmill", *args], capture_output=True, text=True, timeout=120, **kwargs)
 
 
+def test_help_shows_every_default_and_version_says_which():
+    text = " ".join(tokenmill("serve", "--help").stdout.split())
+    for option, default in (("--host HOST", "127.0.0.1"), ("--port PORT", "8000"), ("--log-level", "info"), ("--max-num-seqs MAX_NUM_SEQS", "256"),
+                            ("--max-request-bytes MAX_REQUEST_BYTES", "32MiB")):
+        after = text.split(f" {option} ", 1)[1]
+        assert f"(default: {default})" in after.split(" --", 1)[0], option
+    from tokenmill import __version__
+
+    assert tokenmill("--version").stdout.strip() == f"tokenmill {__version__}"
+
+
 def test_a_missing_model_is_a_clear_error(tmp_path):
     result = tokenmill("serve", "--model", str(tmp_path / "nowhere.gguf"))
     assert result.returncode != 0

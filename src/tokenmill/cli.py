@@ -13,20 +13,31 @@ from tokenmill.config import EngineConfig, ServerConfig, add_options, api_keys_f
 log = logging.getLogger("tokenmill")
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """--help says each option's default, unless its text already does."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], (), argparse.SUPPRESS) or action.option_strings == []:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """tokenmill's commands and their options (serve's derived from the config dataclasses)."""
-    parser = argparse.ArgumentParser(prog="tokenmill", description="An OpenAI-compatible completions server.")
+    parser = argparse.ArgumentParser(prog="tokenmill", description="An OpenAI-compatible completions server.", formatter_class=DefaultsFormatter)
     parser.add_argument("--version", action="version", version=f"tokenmill {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    common.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="the least severe messages logged")
     common.add_argument("--log-format", default="text", choices=("text", "json"), help="json: one object a line, for log collectors")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", parents=[common], help="serve a model on /v1/completions (default: SmolLM2-135M-Instruct)")
+    serve = commands.add_parser("serve", parents=[common], formatter_class=DefaultsFormatter,
+                                help="serve a model on /v1/completions and /v1/chat/completions (default: SmolLM2-135M-Instruct)")
     add_options(serve, EngineConfig)
     add_options(serve, ServerConfig)
-    pull = commands.add_parser("pull", parents=[common], help="fetch a model into the cache: the default, a hub id, or a .gguf file")
+    pull = commands.add_parser("pull", parents=[common], formatter_class=DefaultsFormatter, help="fetch a model into the cache: the default, a hub id, or a .gguf file")
     pull.add_argument("model", nargs="?", default=None, help="hub id (org/name) or path/to/file.gguf (default: SmolLM2-135M-Instruct)")
-    commands.add_parser("models", parents=[common], help="list the cached models")
+    commands.add_parser("models", parents=[common], formatter_class=DefaultsFormatter, help="list the cached models")
     _add_bench(commands, common)
     return parser
 
@@ -43,11 +54,11 @@ def _add_bench(commands, common: argparse.ArgumentParser) -> None:
     """`tokenmill bench NAME`: each benchmark module adds its own options."""
     import importlib
 
-    bench = commands.add_parser("bench", help="measure a server, the engine, or this machine's ceiling")
+    bench = commands.add_parser("bench", formatter_class=DefaultsFormatter, help="measure a server, the engine, or this machine's ceiling")
     kinds = bench.add_subparsers(dest="bench", required=True)
     for name, summary in BENCHMARKS.items():
         module = importlib.import_module(f"tokenmill.benchmarks.{name}")  # their imports are light: no torch, no httpx
-        module.add_arguments(kinds.add_parser(name, parents=[common], help=summary, description=summary))
+        module.add_arguments(kinds.add_parser(name, parents=[common], help=summary, description=summary, formatter_class=DefaultsFormatter))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,8 @@ class ServerConfig:
     max_request_bytes: str = _opt("32MiB", "largest request body: bytes or a size such as 32MiB; larger is a 413")
     request_timeout: float | None = _opt(None, "seconds a request may run before it ends with an error (default: no limit)")
     stream_stall_timeout: float = _opt(60.0, "seconds a stream may go unread (its generation paused) before it is aborted")
+    sse_keepalive: float | None = _opt(None, "seconds between `: ping` comment lines on idle streams, for proxies that cut quiet "
+                                             "connections (default: none, as OpenAI sends streams)")
     shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish after SIGTERM before they end with an error")
 
     def __post_init__(self):
@@ -71,7 +73,7 @@ class ServerConfig:
         if self.max_queued_requests < 0:
             raise ValueError("--max-queued-requests must be 0 or more")
         parse_size(self.max_request_bytes)
-        for name in ("request_timeout", "stream_stall_timeout", "shutdown_timeout"):
+        for name in ("request_timeout", "stream_stall_timeout", "shutdown_timeout", "sse_keepalive"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive number of seconds")

@@ -130,7 +130,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
             header = Header(engine.info.name, system_fingerprint)
             outputs = start(request, header, arrived, prompts, to_sampling_params(body))
         if body.stream:
-            return _sse(request, _events(outputs, header.id, [], completion_chunks(header, body.include_usage)))
+            return _sse(request, _events(outputs, header.id, [], completion_chunks(header, body.include_usage)), config.sse_keepalive)
         acc = await _collect(request, outputs, Accumulator(len(prompts) * body.n_, body.logprobs is not None))
         if acc is None:
             return Response(status_code=499)  # the client has gone; nobody reads this
@@ -146,7 +146,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
             outputs = start(request, header, arrived, [prompt], to_chat_sampling_params(body, max_tokens))
         render = ChatRender(header, engine.tokenizer, body.n_, body.echo_text(), body.include_usage)
         if body.stream:
-            return _sse(request, _events(outputs, header.id, render.opening(), render.chunks))
+            return _sse(request, _events(outputs, header.id, render.opening(), render.chunks), config.sse_keepalive)
         acc = await _collect(request, outputs, Accumulator(body.n_, bool(body.logprobs)))
         if acc is None:
             return Response(status_code=499)
@@ -265,8 +265,12 @@ def _bearer(api_keys: tuple[str, ...]):
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         sent = given.strip().encode("utf-8", "replace")
         matches = [hmac.compare_digest(sent, key) for key in keys]  # every key compared: no early exit
-        if scheme.lower() != "bearer" or not any(matches):
-            raise APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.", type="authentication_error", code="invalid_api_key")
+        if scheme.lower() != "bearer" or not sent:
+            raise APIError(401, "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                           "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", type="authentication_error", code="invalid_api_key")
+        if not any(matches):
+            raise APIError(401, "Incorrect API key provided. Check the key this server was started with (--api-key).",
+                           type="authentication_error", code="invalid_api_key")
 
     return check
 
@@ -306,9 +310,9 @@ async def _collect(request: Request, outputs: AsyncIterator[RequestOutput], acc:
     return acc
 
 
-def _sse(request: Request, events) -> EventSourceResponse:
-    """A server-sent event stream of `events`."""
-    return EventSourceResponse(events, sep="\n", ping=15, client_close_handler_callable=lambda message: _note_gone(request))
+def _sse(request: Request, events, keepalive: float | None) -> EventSourceResponse:
+    """A server-sent event stream of `events`; comment pings only when asked (some clients choke on them)."""
+    return EventSourceResponse(events, sep="\n", ping=keepalive or 0, client_close_handler_callable=lambda message: _note_gone(request))
 
 
 async def _note_gone(request: Request) -> None:

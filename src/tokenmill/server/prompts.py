@@ -109,9 +109,13 @@ def _check_ids(ids, vocab_size: int, param: str) -> None:
 
 
 def _check_chars(chars: int, max_token_chars: int, max_tokens: int, max_model_len: int, param: str = "prompt") -> None:
-    """Refuse a text too long to fit before tokenizing it: megabytes of prompt cost seconds."""
+    """Refuse a text too long to fit before tokenizing it: megabytes of prompt cost seconds.
+
+    Only a text that cannot fit even alone is refused here; any other is tokenized (a bounded cost),
+    so that the error counts its tokens.
+    """
     at_least = -(-chars // (max_token_chars * NORMALIZER_SLACK))
-    if at_least + max_tokens > max_model_len:
+    if at_least > max_model_len:
         raise _too_long(max_model_len, f"your prompt is {chars} characters, which is at least {at_least} tokens, "
                         f"and {clip(max_tokens)} are requested for the completion", param)
 
