@@ -32,6 +32,8 @@ from tokenmill.server.metrics import Metrics, RequestTimer
 from tokenmill.server.middleware import RequestMiddleware
 from tokenmill.server.prompts import encode_chat, encode_prompts
 from tokenmill.server.protocol import Completion, CompletionRequest, parse_request, to_sampling_params
+from tokenmill.server.tokenization import (DetokenizeRequest, DetokenizeResponse, TokenizeResponse, TokenizeText, detokenize,
+                                           parse_detokenize, parse_tokenize, tokenize)
 from tokenmill.server.responses import Accumulator, Header, completion_chunks, fingerprint, new_id, usage_of
 from tokenmill.tokenizer import Tokenizer
 
@@ -152,6 +154,20 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
             return Response(status_code=499)
         return JSONResponse(render.whole(acc))
 
+    @app.post("/tokenize", dependencies=auth, openapi_extra=_request_body(TokenizeText), response_model=TokenizeResponse,
+              responses={**ERRORS})
+    async def tokenize_route(request: Request):
+        body = await _parse(request, parse_tokenize, config)
+        _check_model(engine.info, body.model or engine.info.name)
+        return await run_in_threadpool(tokenize, body, engine.tokenizer, engine.info.max_model_len)
+
+    @app.post("/detokenize", dependencies=auth, openapi_extra=_request_body(DetokenizeRequest), response_model=DetokenizeResponse,
+              responses={**ERRORS})
+    async def detokenize_route(request: Request):
+        body = await _parse(request, parse_detokenize, config)
+        _check_model(engine.info, body.model or engine.info.name)
+        return await run_in_threadpool(detokenize, body, engine.tokenizer)
+
     return app
 
 
@@ -235,7 +251,7 @@ def _add_docs(app: FastAPI, auth: list) -> None:
         if app.openapi_schema is None:
             spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
             components = spec.setdefault("components", {}).setdefault("schemas", {})
-            for model in (CompletionRequest, ChatCompletionRequest):
+            for model in (CompletionRequest, ChatCompletionRequest, TokenizeText, DetokenizeRequest):
                 request_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(request_schema.pop("$defs", {}))
                 components[model.__name__] = request_schema

@@ -49,16 +49,7 @@ def encode_chat(request: ChatCompletionRequest, tokenizer: Tokenizer, max_model_
     """
     if request.n_ > max_sequences:
         raise invalid(f"This request asks for {request.n_} choices; at most {max_sequences} are served at once.", "n")
-    reserved = next((k for k in request.chat_template_kwargs or {} if k in tokenizer.reserved_template_args), None)
-    if reserved is not None:
-        raise invalid(f"'chat_template_kwargs' cannot set {clip(repr(reserved))}: it is an argument of the template call itself.", "chat_template_kwargs")
-    try:
-        text = tokenizer.render_chat(request.messages, request.add_generation_prompt, request.continue_final_message,
-                                     **(request.chat_template_kwargs or {}))
-    except NoChatTemplate:
-        raise invalid(NO_TEMPLATE, "messages", code="no_chat_template") from None
-    except ChatTemplateError as exc:
-        raise invalid(f"The model's chat template refused these messages: {clip(str(exc), 500)}", "messages") from None
+    text = render_chat(tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message, request.chat_template_kwargs)
     limit = request.token_limit
     _check_chars(len(text), tokenizer.max_token_chars, limit or 1, max_model_len, "messages")
     ids = _checked(tokenizer.encode, text, "messages", False)  # the template wrote any BOS itself
@@ -66,6 +57,20 @@ def encode_chat(request: ChatCompletionRequest, tokenizer: Tokenizer, max_model_
     for key in request.logit_bias or {}:
         _check_ids([int(key)], tokenizer.vocab_size, "logit_bias")
     return Prompt(tuple(ids), text), limit or max_model_len - len(ids)
+
+
+def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool,
+                template_kwargs: dict | None) -> str:
+    """A conversation through the chat template, with its failures as 400s."""
+    reserved = next((k for k in template_kwargs or {} if k in tokenizer.reserved_template_args), None)
+    if reserved is not None:
+        raise invalid(f"'chat_template_kwargs' cannot set {clip(repr(reserved))}: it is an argument of the template call itself.", "chat_template_kwargs")
+    try:
+        return tokenizer.render_chat(messages, add_generation_prompt, continue_final_message, **(template_kwargs or {}))
+    except NoChatTemplate:
+        raise invalid(NO_TEMPLATE, "messages", code="no_chat_template") from None
+    except ChatTemplateError as exc:
+        raise invalid(f"The model's chat template refused these messages: {clip(str(exc), 500)}", "messages") from None
 
 
 def _split(prompt) -> list:
