@@ -16,7 +16,8 @@ for chunk in client.chat.completions.create(model=model, messages=question, max_
         print(chunk.choices[0].delta.content or "", end="", flush=True)
 print()
 
-out = client.chat.completions.create(model=model, messages=[{"role": "system", "content": "Answer in one word."}, *question],
-                                     n=2, seed=7, max_completion_tokens=8, logprobs=True, top_logprobs=2)
+out = client.chat.completions.create(
+    model=model, messages=[{"role": "system", "content": "Answer in one word."}, *question], n=2, seed=7, max_completion_tokens=8, logprobs=True, top_logprobs=2
+)
 for choice in out.choices:
     print(choice.index, repr(choice.message.content), [(t.token, round(t.logprob, 2)) for t in choice.logprobs.content[:3]])

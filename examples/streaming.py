@@ -8,8 +8,12 @@ client = OpenAI(base_url=os.environ.get("BASE", "http://127.0.0.1:8000") + "/v1"
 model = client.models.list().data[0].id
 
 stream = client.completions.create(
-    model=model, prompt="Here is a short poem about the sea:\n", max_tokens=48, stream=True,
-    stop=["\n\n"], stream_options={"include_usage": True},
+    model=model,
+    prompt="Here is a short poem about the sea:\n",
+    max_tokens=48,
+    stream=True,
+    stop=["\n\n"],
+    stream_options={"include_usage": True},
 )
 for chunk in stream:
     if chunk.choices:

@@ -57,16 +57,33 @@ def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0, chat
     if chat:
         tokenizer.chat_template = CHAT_TEMPLATE
     if bos:
-        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
     torch.manual_seed(0)
     if kind == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer) + padding, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer) + padding,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = LlamaForCausalLM(config)
     elif kind == "qwen2":  # biases on q/k/v, unlike llama
-        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, bos_token_id=0, eos_token_id=0)
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = Qwen2ForCausalLM(config)
     else:
         config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=0, eos_token_id=0)
@@ -232,8 +249,17 @@ def metaspace_llama_dir(tmp_path_factory) -> Path:
     sp.train(files, vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     path = tmp_path_factory.mktemp("tiny-llama-metaspace")
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -25,7 +25,7 @@ def events(response) -> list:
     for line in response.text.splitlines():
         assert not line or line.startswith("data: "), f"a stream carried {line!r}: only data lines, as OpenAI sends"
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             out.append(data if data == "[DONE]" else json.loads(data))
     return out
 
@@ -221,7 +221,7 @@ def test_head_answers_where_get_does_and_no_route_redirects(llama):
 def test_a_client_that_leaves_while_sending_its_body_is_not_an_error(llama, caplog):
     host, port = llama.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as raw:
-        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\"")
+        raw.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"model"')
         time.sleep(0.2)
     time.sleep(0.3)
     assert post(llama, {"model": llama.model, "prompt": "x", "max_tokens": 2}).status_code == 200
@@ -301,7 +301,7 @@ def test_concurrent_requests_match_their_solo_outputs(llama):
             return await asyncio.gather(*(client.post(llama.url + "/v1/completions", json=b) for b in bodies * 2))
 
     crowd = asyncio.run(together())
-    assert [texts(r, b) for r, b in zip(crowd, bodies * 2)] == solo * 2
+    assert [texts(r, b) for r, b in zip(crowd, bodies * 2, strict=True)] == solo * 2
 
 
 def test_streaming_client_that_leaves_stops_its_generation(llama):

@@ -38,7 +38,7 @@ def mixed_requests(count: int, vocab: int, seed: int = 0) -> list[tuple[list[Pro
 
 def collect(engine, requests, ids) -> dict[str, list]:
     """Run the requests to the end; per request, each choice's (text, logprobs)."""
-    for rid, (prompts, params) in zip(ids, requests):
+    for rid, (prompts, params) in zip(ids, requests, strict=True):
         engine.add_request(rid, prompts, params)
     texts: dict[str, dict[int, list]] = {rid: {} for rid in ids}
     while engine.has_unfinished():

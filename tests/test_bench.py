@@ -14,16 +14,45 @@ from tokenmill.benchmarks.serve import ServeOptions, benchmark, long_prompt_repo
 
 
 def test_sse_parser_skips_pings_and_joins_data_lines():
-    lines = [": ping", "", 'data: {"a": 1}', "", ":another comment", "event: x", "data:{", "data: \"b\": 2}", "",
-             "data: [DONE]"]  # the last event has no blank line after it
+    lines = [
+        ": ping",
+        "",
+        'data: {"a": 1}',
+        "",
+        ":another comment",
+        "event: x",
+        "data:{",
+        'data: "b": 2}',
+        "",
+        "data: [DONE]",
+    ]  # the last event has no blank line after it
     assert sse_events(lines) == ['{"a": 1}', '{\n"b": 2}', "[DONE]"]
 
 
 def test_bench_serve_streams_and_times_every_request(llama, tmp_path, capsys):
     out = tmp_path / "serve.json"
-    code = cli.main(["bench", "serve", "--base-url", llama.url, "--tokenizer", str(llama.model_dir), "--num-prompts", "4",
-                     "--input-len", "8", "--output-len", "4", "--max-concurrency", "2", "--prompt-format", "ids",
-                     "--result-json", str(out)])
+    code = cli.main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            llama.url,
+            "--tokenizer",
+            str(llama.model_dir),
+            "--num-prompts",
+            "4",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+            "--max-concurrency",
+            "2",
+            "--prompt-format",
+            "ids",
+            "--result-json",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     s = report["summary"]
@@ -36,9 +65,19 @@ def test_bench_serve_streams_and_times_every_request(llama, tmp_path, capsys):
 
 
 def test_bench_serve_text_prompts_poisson_arrivals_and_one_long_prompt(llama):
-    options = ServeOptions(base_url=llama.url + "/v1", num_prompts=3, input_len=8, output_len=4, request_rate=50.0,
-                           prompt_format="text", tokenizer=str(llama.model_dir), warmup=0, long_prompt_len=64,
-                           long_prompt_at=0.0, long_prompt_output_len=2)
+    options = ServeOptions(
+        base_url=llama.url + "/v1",
+        num_prompts=3,
+        input_len=8,
+        output_len=4,
+        request_rate=50.0,
+        prompt_format="text",
+        tokenizer=str(llama.model_dir),
+        warmup=0,
+        long_prompt_len=64,
+        long_prompt_at=0.0,
+        long_prompt_output_len=2,
+    )
     report = asyncio.run(benchmark(options))
     assert report["summary"]["completed"] == 3
     assert all(abs(r["prompt_tokens"] - 8) <= 1 for r in report["requests"][:3])  # text re-tokenizes to about as many
@@ -56,16 +95,31 @@ def test_long_prompt_report_splits_the_others_gaps_at_its_first_token():
 
 
 def test_bench_serve_reports_a_failed_request(llama):
-    options = ServeOptions(base_url=llama.url, model="no-such-model", num_prompts=2, input_len=4, output_len=2,
-                           vocab_size=1000, warmup=0)
+    options = ServeOptions(base_url=llama.url, model="no-such-model", num_prompts=2, input_len=4, output_len=2, vocab_size=1000, warmup=0)
     s = asyncio.run(benchmark(options))["summary"]
     assert (s["completed"], s["failed"]) == (0, 2) and s["errors"][0].startswith("HTTP 404")
 
 
 def test_bench_offline_runs_the_engine_in_process(llama_dir, tmp_path, capsys):
     out = tmp_path / "offline.json"
-    code = cli.main(["bench", "offline", "--model", str(llama_dir), "--num-prompts", "3", "--input-len", "8",
-                     "--output-len", "4", "--max-concurrency", "2", "--result-json", str(out)])
+    code = cli.main(
+        [
+            "bench",
+            "offline",
+            "--model",
+            str(llama_dir),
+            "--num-prompts",
+            "3",
+            "--input-len",
+            "8",
+            "--output-len",
+            "4",
+            "--max-concurrency",
+            "2",
+            "--result-json",
+            str(out),
+        ]
+    )
     assert code == 0
     s = json.loads(out.read_text())["summary"]
     assert (s["completed"], s["failed"], s["total_output_tokens"]) == (3, 0, 12)
@@ -75,8 +129,7 @@ def test_bench_offline_runs_the_engine_in_process(llama_dir, tmp_path, capsys):
 
 def test_bench_ceiling_times_every_matmul(llama_dir, tmp_path, capsys):
     out = tmp_path / "ceiling.json"
-    code = cli.main(["bench", "ceiling", "--model", str(llama_dir), "--rows", "1", "16", "--repeat", "2",
-                     "--copy-mib", "16", "--result-json", str(out)])
+    code = cli.main(["bench", "ceiling", "--model", str(llama_dir), "--rows", "1", "16", "--repeat", "2", "--copy-mib", "16", "--result-json", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert report["matmul_modules"] == 2 * 7 + 1  # q k v o gate up down per layer, and lm_head
@@ -88,8 +141,12 @@ def test_bench_ceiling_times_every_matmul(llama_dir, tmp_path, capsys):
 def test_compare_table_has_a_row_per_system_and_ratios():
     def system(tok_s: float) -> dict:
         summary = {"output_throughput": tok_s, "failed": 0, "ttft_ms": {"p99": 120.0}, "itl_ms": {"p99": 30.0}}
-        return {"runs": {1: {"summary": summary, "memory_mib": {"start": 1, "peak": 600, "end": 2}},
-                         16: {"summary": summary, "memory_mib": {"start": 1, "peak": 700, "end": 2}}}}
+        return {
+            "runs": {
+                1: {"summary": summary, "memory_mib": {"start": 1, "peak": 600, "end": 2}},
+                16: {"summary": summary, "memory_mib": {"start": 1, "peak": 700, "end": 2}},
+            }
+        }
 
     text = compare.table({"tokenmill": system(40.0), "vLLM (CPU)": system(80.0), "llama.cpp": {"error": "x"}}, [1, 16], False)
     lines = text.splitlines()
@@ -106,8 +163,9 @@ def test_percentiles_interpolate_like_numpy():
 
 @pytest.mark.slow  # starts `python -m tokenmill serve` in a subprocess: ~8 s
 def test_compare_serves_tokenmill_and_samples_its_memory(llama_dir, tmp_path, capsys):
-    code = compare.main(["--model", str(llama_dir), "--concurrency", "1", "2", "--num-prompts", "2", "--input-len", "8",
-                         "--output-len", "4", "--log-dir", str(tmp_path)])
+    code = compare.main(
+        ["--model", str(llama_dir), "--concurrency", "1", "2", "--num-prompts", "2", "--input-len", "8", "--output-len", "4", "--log-dir", str(tmp_path)]
+    )
     assert code == 0
     report = json.loads((tmp_path / "compare.json").read_text())
     runs = report["systems"]["tokenmill"]["runs"]

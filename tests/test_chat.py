@@ -1,6 +1,7 @@
 """POST /v1/chat/completions end to end: a real server on a tiny chat model, the official SDK, and httpx."""
 
 import asyncio
+import functools
 import json
 from collections import Counter
 
@@ -86,8 +87,12 @@ def test_raw_json_parses_strictly_as_the_sdk_types(chat):
 
 
 def test_the_prompt_is_the_models_chat_template(chat):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
-                {"role": "user", "content": "again", "name": "ann"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "again", "name": "ann"},
+    ]
     out = post(chat, {"messages": messages, "max_tokens": 1}).json()
     assert out["usage"]["prompt_tokens"] == len(template_ids(chat, messages))
 
@@ -101,11 +106,18 @@ def test_developer_is_read_as_system_and_text_parts_join_with_newlines(chat):
 
 
 def test_tool_turns_render_through_the_template(chat):
-    messages = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
-                "function": {"name": "lookup", "arguments": "{\"q\": 1}"}}]}, {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+    messages = [
+        *QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": 1}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]
     out = post(chat, {"messages": messages, "max_tokens": 1})
     assert out.status_code == 200, out.text
-    expected = [*messages[:1], {**messages[1], "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": {"q": 1}}}]}, messages[2]]
+    expected = [
+        *messages[:1],
+        {**messages[1], "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": {"q": 1}}}]},
+        messages[2],
+    ]
     assert out.json()["usage"]["prompt_tokens"] == len(template_ids(chat, expected))
 
 
@@ -231,9 +243,21 @@ def test_echo_and_continue_final_message(chat):
 
 
 def test_fields_for_openais_own_service_are_accepted(chat):
-    body = {"messages": QUESTION, "max_tokens": 2, "store": True, "metadata": {"k": "v"}, "service_tier": "auto", "user": "u1",
-            "prompt_cache_key": "k", "safety_identifier": "s", "response_format": {"type": "text"}, "modalities": ["text"],
-            "tools": None, "stream_options": None, "chat_template_kwargs": {"extra_flag": True}}
+    body = {
+        "messages": QUESTION,
+        "max_tokens": 2,
+        "store": True,
+        "metadata": {"k": "v"},
+        "service_tier": "auto",
+        "user": "u1",
+        "prompt_cache_key": "k",
+        "safety_identifier": "s",
+        "response_format": {"type": "text"},
+        "modalities": ["text"],
+        "tools": None,
+        "stream_options": None,
+        "chat_template_kwargs": {"extra_flag": True},
+    }
     assert post(chat, body).status_code == 200
 
 
@@ -246,8 +270,11 @@ def test_fields_for_openais_own_service_are_accepted(chat):
         ({"messages": [{"content": "x"}]}, "messages[0].role", None),
         ({"messages": [{"role": "user"}]}, "messages[0].content", None),
         ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", None),
-        ({"messages": [*QUESTION, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "messages[1].content[1]", None),
+        (
+            {"messages": [*QUESTION, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[1].content[1]",
+            None,
+        ),
         ({"messages": [{"role": "user", "content": "x", "colour": "red"}]}, "messages[0].colour", None),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id", None),
         ({"messages": [{"role": "assistant", "content": None}]}, "messages[0].content", None),
@@ -355,8 +382,9 @@ def test_an_engine_failure_after_the_200_is_an_error_event(chat, monkeypatch):
 
 
 def test_a_client_that_leaves_frees_its_work(chat):
-    with httpx.stream("POST", chat.url + "/v1/chat/completions", json={"model": chat.model, "messages": QUESTION, "stream": True,
-                      "ignore_eos": True}, timeout=30) as response:
+    with httpx.stream(
+        "POST", chat.url + "/v1/chat/completions", json={"model": chat.model, "messages": QUESTION, "stream": True, "ignore_eos": True}, timeout=30
+    ) as response:
         next(response.iter_lines())
     assert chat.idle(10)
 
@@ -364,18 +392,24 @@ def test_a_client_that_leaves_frees_its_work(chat):
 HOSTILE = {
     "100k_messages": ({"messages": [{"role": "user", "content": "x"}] * 100_000}, 400, "messages", "context_length_exceeded"),
     "a_message_of_3MB": ({"messages": [{"role": "user", "content": "ab" * 1_500_000}]}, 400, "messages", "context_length_exceeded"),
-    "100k_text_parts": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 100_000}]}, 400, "messages",
-                        "context_length_exceeded"),
+    "100k_text_parts": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * 100_000}]}, 400, "messages", "context_length_exceeded"),
     "content_nested_deeply": ({"messages": [{"role": "user", "content": [[[[["x"]]]]]}]}, 400, "messages[0].content[0]", None),
     "null_message": ({"messages": [None]}, 400, "messages[0]", None),
     "role_a_number": ({"messages": [{"role": 5, "content": "x"}]}, 400, "messages[0].role", None),
-    "unknown_key_in_a_text_part": ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "bold": True}]}]}, 400,
-                                   "messages[0].content[0].bold", None),
+    "unknown_key_in_a_text_part": (
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "bold": True}]}]},
+        400,
+        "messages[0].content[0].bold",
+        None,
+    ),
     "text_part_without_text": ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages[0].content[0].text", None),
-    "tool_calls_not_a_list": ({"messages": [{"role": "assistant", "content": None, "tool_calls": {"id": "x"}}]}, 400,
-                              "messages[0].tool_calls", None),
-    "malformed_tool_call": ({"messages": [{"role": "assistant", "tool_calls": [{"id": "x", "function": {"name": 1}}]}]}, 400,
-                            "messages[0].tool_calls[0]", None),
+    "tool_calls_not_a_list": ({"messages": [{"role": "assistant", "content": None, "tool_calls": {"id": "x"}}]}, 400, "messages[0].tool_calls", None),
+    "malformed_tool_call": (
+        {"messages": [{"role": "assistant", "tool_calls": [{"id": "x", "function": {"name": 1}}]}]},
+        400,
+        "messages[0].tool_calls[0]",
+        None,
+    ),
     "name_not_a_string": ({"messages": [{"role": "user", "content": "x", "name": ["a"]}]}, 400, "messages[0].name", None),
     "template_kwargs_not_an_object": ({"messages": QUESTION, "chat_template_kwargs": [1]}, 400, "chat_template_kwargs", None),
     "lone_surrogate_in_content": ({"messages": [{"role": "user", "content": "a\ud800"}]}, 400, ("messages", None), None),
@@ -418,27 +452,23 @@ def _bounded(spec: dict, model: str) -> dict:
 def test_schemathesis_finds_no_server_error_in_chat(chat):
     """Generated chat requests, valid and invalid per the served OpenAPI description: never a 5xx."""
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis import GenerationMode
 
-    from tests.test_hostile import _with_int_body, check_response
+    from tests.test_hostile import _with_int_body, check_response, run_cases
 
     spec = httpx.get(chat.url + "/openapi.json", timeout=10).json()
     operation = schemathesis.openapi.from_dict(_bounded(spec, chat.model))["/v1/chat/completions"]["POST"]
+
+    def check(case, statuses: Counter) -> None:
+        response = case.call(base_url=chat.url, timeout=60)
+        check_response(case, response, statuses)
+        if response.status_code == 200:
+            streamed = response.headers.get("content-type", [""])[0].startswith("text/event-stream")
+            assert response.content.rstrip().endswith(b"data: [DONE]") if streamed else response.json()["object"] == "chat.completion"
+
     for mode, examples in ((GenerationMode.POSITIVE, 80), (GenerationMode.NEGATIVE, 60)):
         statuses: Counter = Counter()
-
-        @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy(mode).map(_with_int_body))
-        def run(case):
-            response = case.call(base_url=chat.url, timeout=60)
-            check_response(case, response, statuses)
-            if response.status_code == 200:
-                streamed = response.headers.get("content-type", [""])[0].startswith("text/event-stream")
-                assert response.content.rstrip().endswith(b"data: [DONE]") if streamed else response.json()["object"] == "chat.completion"
-
-        run()
+        run_cases(operation.as_strategy(mode).map(_with_int_body), examples, functools.partial(check, statuses=statuses))
         if mode == GenerationMode.POSITIVE:
             assert statuses[200] > 0, f"no generated request reached the engine: {statuses}"
     assert post(chat, {"messages": QUESTION, "max_tokens": 2}).status_code == 200 and chat.idle()

@@ -16,8 +16,13 @@ def tokenmill(*args, **kwargs):
 
 def test_help_shows_every_default_and_version_says_which():
     text = " ".join(tokenmill("serve", "--help").stdout.split())
-    for option, default in (("--host HOST", "127.0.0.1"), ("--port PORT", "8000"), ("--log-level", "info"), ("--max-num-seqs MAX_NUM_SEQS", "256"),
-                            ("--max-request-bytes MAX_REQUEST_BYTES", "32MiB")):
+    for option, default in (
+        ("--host HOST", "127.0.0.1"),
+        ("--port PORT", "8000"),
+        ("--log-level", "info"),
+        ("--max-num-seqs MAX_NUM_SEQS", "256"),
+        ("--max-request-bytes MAX_REQUEST_BYTES", "32MiB"),
+    ):
         after = text.split(f" {option} ", 1)[1]
         assert f"(default: {default})" in after.split(" --", 1)[0], option
     from tokenmill import __version__

@@ -47,7 +47,7 @@ def test_greedy_equals_model_generate(kind, llama_dir, gpt2_dir):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for text in ["def main():\n    ", "import os", "x"]:
         ids = tok(text, return_tensors="pt").input_ids
-        ref = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:]
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
         [(got, _, _)], _ = run(engine, "g", [prompt(engine, text)], SamplingParams(max_tokens=24, temperature=0.0))
         assert got == tok.decode(ref, skip_special_tokens=True)
 
@@ -100,7 +100,7 @@ def test_echo_with_zero_max_tokens_scores_the_prompt(engine, llama_dir):
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
     assert "".join(lp.tokens) == text
-    assert [text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens)] == [True] * len(ids)
+    assert [text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens, strict=True)] == [True] * len(ids)
     assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
 
 
@@ -123,7 +123,7 @@ def test_stop_string_across_tokens_cuts_the_text(engine):
 def test_logprobs_agree_with_text(engine):
     [(text, lp, _)], _ = run(engine, "l", [prompt(engine, "if x:")], SamplingParams(max_tokens=12, logprobs=3, seed=5, ignore_eos=True))
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
-    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for token, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert chosen <= 0 and token in top and len(top) <= 4
 
 
@@ -140,7 +140,7 @@ def test_abort_frees_everything(engine):
 def test_echo_logprobs_of_every_prompt_in_a_batch(engine):
     texts = ["first prompt here", "second one"]
     choices, _ = run(engine, "e", [prompt(engine, t) for t in texts], SamplingParams(max_tokens=2, echo=True, logprobs=1, temperature=0.0))
-    for (text, lp, _), source in zip(choices, texts):
+    for (text, lp, _), source in zip(choices, texts, strict=True):
         n_prompt = len(engine.tokenizer.encode(source))
         assert text.startswith(source) and len(lp) == n_prompt + 2
         assert lp.token_logprobs[0] is None and "".join(lp.tokens[:n_prompt]) == source
@@ -178,7 +178,7 @@ def test_a_sentencepiece_style_tokenizer_works_through_the_hf_path(metaspace_lla
     model = AutoModelForCausalLM.from_pretrained(metaspace_llama_dir, dtype=torch.float32).eval()
     text = "def main(self, value):"
     ids = tok(text, return_tensors="pt").input_ids
-    ref = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:]
+    ref = model.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1] :]
     [(got, lp, _)], _ = run(engine, "sp", [prompt(engine, text)], SamplingParams(max_tokens=20, temperature=0.0, logprobs=0))
     full = tok.decode(torch.cat([ids[0], ref]), skip_special_tokens=True)
     assert text + got == full  # deltas keep the spaces a word-initial piece carries

@@ -21,7 +21,7 @@ def test_greedy_on_cuda_equals_model_generate(cuda_engine, llama_dir):
     tok = AutoTokenizer.from_pretrained(llama_dir)
     model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).to("cuda").eval()
     ids = tok("def main():", return_tensors="pt").input_ids.to("cuda")
-    ref = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+    ref = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :]
     [(text, _, _)], _ = run(cuda_engine, "g", [prompt(cuda_engine, "def main():")], SamplingParams(max_tokens=16, temperature=0.0))
     assert text == tok.decode(ref, skip_special_tokens=True)
 

@@ -107,8 +107,9 @@ def _logit_bias(keys) -> bytes:
 
 
 def _multipart(served) -> bytes:
-    return (b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ntiny-llama\r\n'
-            b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--b--\r\n')
+    return (
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ntiny-llama\r\n--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--b--\r\n'
+    )
 
 
 NUMBERS = {
@@ -121,8 +122,11 @@ NUMBERS = {
     "seed_-2**63-1": Hostile(lambda s: fields(f'"max_tokens":2,"seed":{-(2**63) - 1}'), 400, "seed"),
     "best_of_1e400": Hostile(lambda s: fields('"best_of":1e400'), 400, (None, "best_of")),
     "top_k_2**64": Hostile(lambda s: fields(f'"top_k":{2**64}'), 400, "top_k"),
-    **{f"{name}_{literal}": Hostile(lambda s, name=name, literal=literal: fields(f'"max_tokens":2,"{name}":{literal}'), 400, (None, name))
-       for name in ("temperature", "top_p") for literal in ("NaN", "Infinity", "-Infinity")},
+    **{
+        f"{name}_{literal}": Hostile(lambda s, name=name, literal=literal: fields(f'"max_tokens":2,"{name}":{literal}'), 400, (None, name))
+        for name in ("temperature", "top_p")
+        for literal in ("NaN", "Infinity", "-Infinity")
+    },
     "repetition_penalty_NaN": Hostile(lambda s: fields('"repetition_penalty":NaN'), 400, (None, "repetition_penalty")),
     "logit_bias_value_Infinity": Hostile(lambda s: fields('"logit_bias":{"1":Infinity}'), 400, (None, "logit_bias")),
 }
@@ -184,8 +188,9 @@ IDS = {
     "id_out_of_range_with_a_suffix": Hostile(lambda s: dumps(prompt=[1, 10**6], suffix="y"), 400, "prompt"),
     "logit_bias_30k_keys_out_of_range": Hostile(lambda s: _logit_bias(str(i) for i in range(30_000)), 400, "logit_bias"),
     "logit_bias_30k_keys_not_ids": Hostile(lambda s: _logit_bias(f"t{i}" for i in range(30_000)), 400, "logit_bias"),
-    "logit_bias_20k_spellings_of_valid_ids": Hostile(lambda s: _logit_bias(str(i).zfill(w) for i in range(1000) for w in range(1, 21)),
-                                                     (200, 400), "logit_bias"),
+    "logit_bias_20k_spellings_of_valid_ids": Hostile(
+        lambda s: _logit_bias(str(i).zfill(w) for i in range(1000) for w in range(1, 21)), (200, 400), "logit_bias"
+    ),
     "logit_bias_negative_id": Hostile(lambda s: dumps(logit_bias={"-1": 5}), 400, "logit_bias"),
     "logit_bias_value_10**40": Hostile(lambda s: dumps(logit_bias={"1": 10**40}), 400, "logit_bias"),
 }
@@ -224,8 +229,10 @@ def test_a_declared_oversize_body_is_refused_before_it_is_sent(hostile):
     """Content-Length over the limit, with Expect: 100-continue: a 413 comes back without a byte of body sent."""
     host, port = hostile.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as conn:
-        conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
-                     f"Content-Length: {LIMIT + 1}\r\nConnection: close\r\n\r\n".encode())
+        conn.sendall(
+            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+            f"Content-Length: {LIMIT + 1}\r\nConnection: close\r\n\r\n".encode()
+        )
         raw = b""
         while chunk := conn.recv(65536):
             raw += chunk
@@ -376,11 +383,22 @@ def check_response(case, response, statuses: Counter) -> None:
             assert json.loads(response.content)["object"] == "text_completion", where
 
 
+def run_cases(strategy, examples: int, check: Callable) -> None:
+    """Draw `examples` cases from a schemathesis strategy (no shrinking, no database) and check each."""
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def run(case):
+        check(case)
+
+    run()
+
+
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_error(hostile):
     """Generated requests, valid and invalid per the served OpenAPI description: never a 5xx, errors as OpenAI's."""
     import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
     from schemathesis import GenerationMode
 
     spec = httpx.get(hostile.url + "/openapi.json", timeout=10).json()
@@ -394,14 +412,7 @@ def test_schemathesis_finds_no_server_error(hostile):
     ]
     for label, strategy, examples in runs:
         statuses: Counter = Counter()
-
-        @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        @given(case=strategy)
-        def run(case):
-            check_response(case, case.call(base_url=hostile.url, timeout=60), statuses)
-
-        run()
+        run_cases(strategy, examples, lambda case, statuses=statuses: check_response(case, case.call(base_url=hostile.url, timeout=60), statuses))
         assert statuses, label
         if label == "completions, valid":
             assert statuses[200] > 0, f"no generated request reached the engine: {statuses}"

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from tokenmill.models.cache import MANIFEST, ModelCache, default_home, verify
 from tokenmill.models import sources
+from tokenmill.models.cache import MANIFEST, ModelCache, default_home, verify
 from tokenmill.models.sources import FetchError, hub_reachable, resolve
 
 

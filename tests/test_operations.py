@@ -109,8 +109,7 @@ def test_a_stream_nobody_reads_pauses_then_is_aborted_and_freed(stalling):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", int(timed.url.rsplit(":", 1)[1])))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(request), request))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(request), request))
     inner = timed.engine.engine
     deadline = time.time() + 20
     while not inner._paused and time.time() < deadline:
@@ -146,8 +145,7 @@ def test_a_client_that_leaves_a_waiting_request_logs_one_line_and_no_traceback(l
 
 
 def test_request_ids_are_the_clients_or_the_completions(llama):
-    given = httpx.post(llama.url + "/v1/completions", json={"model": llama.model, "prompt": "a", "max_tokens": 2},
-                       headers={"X-Request-Id": "trace-42"})
+    given = httpx.post(llama.url + "/v1/completions", json={"model": llama.model, "prompt": "a", "max_tokens": 2}, headers={"X-Request-Id": "trace-42"})
     assert given.headers["x-request-id"] == "trace-42"
     own = post(llama, {"model": llama.model, "prompt": "a", "max_tokens": 2})
     assert own.headers["x-request-id"] == own.json()["id"]
@@ -201,8 +199,13 @@ def test_every_key_of_several_is_accepted_and_the_docs_sit_behind_them(keyed):
     for key in ("sk-one", "sk-two"):
         ok = httpx.post(keyed.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200
-    assert_error(httpx.post(keyed.url + "/v1/completions", json=body, headers={"Authorization": "Bearer sk-one,sk-two"}),
-                 401, None, "invalid_api_key", "authentication_error")
+    assert_error(
+        httpx.post(keyed.url + "/v1/completions", json=body, headers={"Authorization": "Bearer sk-one,sk-two"}),
+        401,
+        None,
+        "invalid_api_key",
+        "authentication_error",
+    )
     for path in ("/openapi.json", "/docs", "/redoc", "/metrics"):
         assert_error(httpx.get(keyed.url + path), 401, None, "invalid_api_key", "authentication_error")
         assert httpx.get(keyed.url + path, headers={"Authorization": "Bearer sk-two"}).status_code == 200
@@ -266,7 +269,7 @@ def test_nan_logits_fail_only_their_request(llama_dir, monkeypatch):
 
     def poisoned(works):
         results = execute(works)
-        return [torch.full_like(r, float("nan")) if r is not None and w.token_ids[:1] == [99] else r for w, r in zip(works, results)]
+        return [torch.full_like(r, float("nan")) if r is not None and w.token_ids[:1] == [99] else r for w, r in zip(works, results, strict=True)]
 
     monkeypatch.setattr(engine.runner, "execute", poisoned)
     together = run([("bad", (99, 98)), ("good", (5, 6, 7))])

@@ -26,21 +26,49 @@ def rejected(param, **fields) -> APIError:
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("best_of", -1), ("best_of", 21), ("best_of", 1.5), ("best_of", "2"),
-        ("echo", "yes"), ("echo", 1),
-        ("frequency_penalty", -2.01), ("frequency_penalty", 2.5), ("frequency_penalty", "0"),
-        ("presence_penalty", -3), ("presence_penalty", 2.0001),
-        ("logit_bias", {"1": 101}), ("logit_bias", {"1": -100.5}), ("logit_bias", {"a": 1}), ("logit_bias", {"1": "x"}), ("logit_bias", [1]),
-        ("logit_bias", {"7": 0.5}), ("top_k", 2**31), ("top_k", -2),
-        ("logprobs", -1), ("logprobs", 6), ("logprobs", True),
-        ("max_tokens", -1), ("max_tokens", "16"), ("max_tokens", 1.0),
-        ("n", 0), ("n", 129),
-        ("seed", "1"), ("seed", 2**63), ("logit_bias", {"²": 1}), ("logit_bias", {"--5": 1}), ("logit_bias", {" 5": 1}),
-        ("stop", []), ("stop", ["a", "b", "c", "d", "e"]), ("stop", 5), ("stop", [1]),
+        ("best_of", -1),
+        ("best_of", 21),
+        ("best_of", 1.5),
+        ("best_of", "2"),
+        ("echo", "yes"),
+        ("echo", 1),
+        ("frequency_penalty", -2.01),
+        ("frequency_penalty", 2.5),
+        ("frequency_penalty", "0"),
+        ("presence_penalty", -3),
+        ("presence_penalty", 2.0001),
+        ("logit_bias", {"1": 101}),
+        ("logit_bias", {"1": -100.5}),
+        ("logit_bias", {"a": 1}),
+        ("logit_bias", {"1": "x"}),
+        ("logit_bias", [1]),
+        ("logit_bias", {"7": 0.5}),
+        ("top_k", 2**31),
+        ("top_k", -2),
+        ("logprobs", -1),
+        ("logprobs", 6),
+        ("logprobs", True),
+        ("max_tokens", -1),
+        ("max_tokens", "16"),
+        ("max_tokens", 1.0),
+        ("n", 0),
+        ("n", 129),
+        ("seed", "1"),
+        ("seed", 2**63),
+        ("logit_bias", {"²": 1}),
+        ("logit_bias", {"--5": 1}),
+        ("logit_bias", {" 5": 1}),
+        ("stop", []),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stop", 5),
+        ("stop", [1]),
         ("stream", "true"),
         ("suffix", 3),
-        ("temperature", -0.1), ("temperature", 2.1), ("temperature", "hot"),
-        ("top_p", -0.5), ("top_p", 1.01),
+        ("temperature", -0.1),
+        ("temperature", 2.1),
+        ("temperature", "hot"),
+        ("top_p", -0.5),
+        ("top_p", 1.01),
         ("user", 5),
         ("model", 5),
     ],
@@ -55,7 +83,8 @@ def test_bad_prompts(prompt):
 
 
 @pytest.mark.parametrize(
-    "prompt", ["text", ["a", "b"], [1, 2, 3], [[1, 2], [3]], None, ""],
+    "prompt",
+    ["text", ["a", "b"], [1, 2, 3], [[1, 2], [3]], None, ""],
 )
 def test_every_prompt_form(prompt):
     assert parse(prompt=prompt).prompt == prompt
@@ -67,8 +96,20 @@ def test_defaults_resolve_to_openais():
 
 
 def test_nulls_mean_defaults():
-    fields = dict(max_tokens=None, temperature=None, top_p=None, n=None, best_of=None, echo=None, stop=None,
-                  frequency_penalty=None, presence_penalty=None, logit_bias=None, stream=None, suffix=None)
+    fields = dict(
+        max_tokens=None,
+        temperature=None,
+        top_p=None,
+        n=None,
+        best_of=None,
+        echo=None,
+        stop=None,
+        frequency_penalty=None,
+        presence_penalty=None,
+        logit_bias=None,
+        stream=None,
+        suffix=None,
+    )
     assert to_sampling_params(parse(**fields)) == to_sampling_params(parse())
 
 

@@ -31,7 +31,7 @@ def test_presence_and_frequency_penalties_follow_openai_formula():
     logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     r = row(output_ids=[2, 2, 3], presence_penalty=0.5, frequency_penalty=0.25)
     counts = [0, 0, 2, 1]
-    expected = [l - c * 0.25 - (c > 0) * 0.5 for l, c in zip([1.0, 2.0, 3.0, 4.0], counts)]
+    expected = [logit - c * 0.25 - (c > 0) * 0.5 for logit, c in zip([1.0, 2.0, 3.0, 4.0], counts, strict=True)]
     assert apply_penalties(logits, [r])[0].tolist() == pytest.approx(expected)
 
 

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import free_port, wait_healthy
 
 LONG = 8000  # tokens: far more than a 2 s shutdown timeout lets through
-CRASHING_SERVER = '''
+CRASHING_SERVER = """
 import os, sys
 from tokenmill.cli import main
 from tokenmill.engine.async_engine import AsyncEngine
@@ -36,7 +36,7 @@ def crashing(self, block):
 
 AsyncEngine._take_commands = crashing
 raise SystemExit(main(sys.argv[2:]))
-'''
+"""
 
 
 @dataclass
@@ -93,7 +93,7 @@ def stream(server: Proc, max_tokens: int, started: threading.Event, lines: list[
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: "):
-                lines.append(line[len("data: "):])
+                lines.append(line[len("data: ") :])
                 started.set()
     return lines
 

@@ -28,8 +28,24 @@ def server(llama_dir, tmp_path_factory):
     """`tokenmill serve` in its own process, so its memory and its log are its own."""
     port, log = free_port(), tmp_path_factory.mktemp("soak") / "server.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tokenmill", "serve", "--model", str(llama_dir), "--port", str(port),
-                                 "--served-model-name", "tiny", "--stream-stall-timeout", "2"], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tokenmill",
+                "serve",
+                "--model",
+                str(llama_dir),
+                "--port",
+                str(port),
+                "--served-model-name",
+                "tiny",
+                "--stream-stall-timeout",
+                "2",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, 120, proc)
@@ -172,6 +188,7 @@ def test_a_soak_of_mixed_leaving_and_stalled_clients_leaves_nothing_behind(serve
 async def _soak(url: str, indices) -> list[str]:
     gate = asyncio.Semaphore(CONCURRENCY)
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=CONCURRENCY)) as client:
+
         async def one(i):
             async with gate:
                 return await soak_one(client, url, i)

@@ -18,11 +18,22 @@ LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 CORPUS = [
-    "plain ascii text, with punctuation!?", "unicode: naïve café 日本語 한국어 русский العربية 🙂👩‍👩‍👧 🇫🇷",
-    "whitespace runs:   \t\t  \n\n\n   \r\n \u00a0\u2003 end  ", "digits 0 7 42 123 4567 89012 3.14 1e10 -5 v2.0.1 ٣٤٥ ½",
-    "  1\n  22\n\t333\n    4444", "x1y22z333", "special <|endoftext|> inside<|im_start|>text<|im_end|> and <|endoftext|><|endoftext|>",
-    "partial specials <|endoftext| <|im_ and |>", "contractions don't won't I'm we'll they've she'd IT'S", "", " ", "\n",
-    "code:\n    def f(x: int) -> int:\n        return x ** 2  # comment\n", "a" * 500, "🙂" * 50, "\x00\x01\x7f control",
+    "plain ascii text, with punctuation!?",
+    "unicode: naïve café 日本語 한국어 русский العربية 🙂👩‍👩‍👧 🇫🇷",
+    "whitespace runs:   \t\t  \n\n\n   \r\n \u00a0\u2003 end  ",
+    "digits 0 7 42 123 4567 89012 3.14 1e10 -5 v2.0.1 ٣٤٥ ½",
+    "  1\n  22\n\t333\n    4444",
+    "x1y22z333",
+    "special <|endoftext|> inside<|im_start|>text<|im_end|> and <|endoftext|><|endoftext|>",
+    "partial specials <|endoftext| <|im_ and |>",
+    "contractions don't won't I'm we'll they've she'd IT'S",
+    "",
+    " ",
+    "\n",
+    "code:\n    def f(x: int) -> int:\n        return x ** 2  # comment\n",
+    "a" * 500,
+    "🙂" * 50,
+    "\x00\x01\x7f control",
 ]
 
 
@@ -45,10 +56,22 @@ def build(pre_tokenizer, post_processor=None, normalizer=None) -> PreTrainedToke
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-GPT2_STYLE = lambda: build(pre_tokenizers.ByteLevel(add_prefix_space=False))  # noqa: E731
-DIGITS = lambda: build(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]))  # noqa: E731
-LLAMA3_STYLE = lambda: build(pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))  # noqa: E731
-WITH_BOS = lambda: build(pre_tokenizers.ByteLevel(add_prefix_space=False), processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]))  # noqa: E731
+def GPT2_STYLE():
+    return build(pre_tokenizers.ByteLevel(add_prefix_space=False))
+
+
+def DIGITS():
+    return build(pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]))
+
+
+def LLAMA3_STYLE():
+    split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
+    return build(pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]))
+
+
+def WITH_BOS():
+    bos = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
+    return build(pre_tokenizers.ByteLevel(add_prefix_space=False), bos)
 
 
 @pytest.mark.parametrize("make", [GPT2_STYLE, DIGITS, LLAMA3_STYLE, WITH_BOS], ids=["gpt2", "digits", "llama3", "bos"])

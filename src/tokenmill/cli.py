@@ -31,11 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="the least severe messages logged")
     common.add_argument("--log-format", default="text", choices=("text", "json"), help="json: one object a line, for log collectors")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", parents=[common], formatter_class=DefaultsFormatter,
-                                help="serve a model on /v1/completions and /v1/chat/completions (default: SmolLM2-135M-Instruct)")
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        formatter_class=DefaultsFormatter,
+        help="serve a model on /v1/completions and /v1/chat/completions (default: SmolLM2-135M-Instruct)",
+    )
     add_options(serve, EngineConfig)
     add_options(serve, ServerConfig)
-    pull = commands.add_parser("pull", parents=[common], formatter_class=DefaultsFormatter, help="fetch a model into the cache: the default, a hub id, or a .gguf file")
+    pull = commands.add_parser(
+        "pull", parents=[common], formatter_class=DefaultsFormatter, help="fetch a model into the cache: the default, a hub id, or a .gguf file"
+    )
     pull.add_argument("model", nargs="?", default=None, help="hub id (org/name) or path/to/file.gguf (default: SmolLM2-135M-Instruct)")
     commands.add_parser("models", parents=[common], formatter_class=DefaultsFormatter, help="list the cached models")
     _add_bench(commands, common)
@@ -89,8 +95,16 @@ def serve(args: argparse.Namespace) -> int:
     except (FetchError, ModelLoadError) as exc:
         return _fail(str(exc), 1)
     i = engine.info
-    log.info("loaded %s from %s: %.1fM parameters, %s on %s, context %d tokens, %s tokenizer",
-             i.name, i.source, i.parameters / 1e6, i.dtype, i.device, i.max_model_len, i.tokenizer)
+    log.info(
+        "loaded %s from %s: %.1fM parameters, %s on %s, context %d tokens, %s tokenizer",
+        i.name,
+        i.source,
+        i.parameters / 1e6,
+        i.dtype,
+        i.device,
+        i.max_model_len,
+        i.tokenizer,
+    )
     app = create_app(engine, server_config)
     return run(app, app.state.lifecycle, server_config.host, server_config.port, args.log_level)
 

@@ -28,8 +28,11 @@ class EngineConfig:
     block_size: int = _opt(16, "tokens per KV cache block")
     no_prefix_caching: bool = _opt(False, "do not reuse the cached keys and values of a prompt prefix seen before")
     chat_template: str | None = _opt(None, "a Jinja chat template file for /v1/chat/completions, instead of the model's own")
-    no_batch_invariance: bool = _opt(False, "do not pad steps to 16 rows where the model needs it (MKL matmuls): faster "
-                                            "below 16 sequences, but a request's tokens may then depend on what else runs")
+    no_batch_invariance: bool = _opt(
+        False,
+        "do not pad steps to 16 rows where the model needs it (MKL matmuls): faster "
+        "below 16 sequences, but a request's tokens may then depend on what else runs",
+    )
 
     def __post_init__(self):
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -53,8 +56,11 @@ class ServerConfig:
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "port to listen on")
     served_model_name: str | None = _opt(None, "the model name clients send (default: --model as given)")
-    api_key: tuple[str, ...] = _opt((), "require `Authorization: Bearer KEY` on /v1/* and the docs; repeat the flag or "
-                                        "give a comma list for several keys (or set TOKENMILL_API_KEY)", action="append")
+    api_key: tuple[str, ...] = _opt(
+        (),
+        "require `Authorization: Bearer KEY` on /v1/* and the docs; repeat the flag or give a comma list for several keys (or set TOKENMILL_API_KEY)",
+        action="append",
+    )
     api_key_file: str | None = _opt(None, "a file of API keys, one a line (added to --api-key)")
     protect_metrics: bool = _opt(False, "require the API key on /metrics too")
     allowed_origins: str | None = _opt(None, "comma list of origins allowed by CORS (`*` for any; default: CORS off)")
@@ -62,8 +68,9 @@ class ServerConfig:
     max_request_bytes: str = _opt("32MiB", "largest request body: bytes or a size such as 32MiB; larger is a 413")
     request_timeout: float | None = _opt(None, "seconds a request may run before it ends with an error (default: no limit)")
     stream_stall_timeout: float = _opt(60.0, "seconds a stream may go unread (its generation paused) before it is aborted")
-    sse_keepalive: float | None = _opt(None, "seconds between `: ping` comment lines on idle streams, for proxies that cut quiet "
-                                             "connections (default: none, as OpenAI sends streams)")
+    sse_keepalive: float | None = _opt(
+        None, "seconds between `: ping` comment lines on idle streams, for proxies that cut quiet connections (default: none, as OpenAI sends streams)"
+    )
     shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish after SIGTERM before they end with an error")
 
     def __post_init__(self):
@@ -96,8 +103,7 @@ def _split_keys(keys) -> tuple[str, ...]:
     return tuple(k.strip() for entry in keys for k in entry.split(",") if k.strip())
 
 
-SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
-              "g": 1024**3, "gib": 1024**3, "gb": 1000**3}
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2, "g": 1024**3, "gib": 1024**3, "gb": 1000**3}
 
 
 def parse_size(text: str) -> int:

@@ -14,13 +14,32 @@ DIGITS_PATTERN = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\
 
 # Checked at load: both encoders must agree on every string (plus the model's special tokens).
 SAMPLE = [
-    "", "Hello, world!", "The capital of France is", " leading space", "trailing space ", "  two  spaces  ",
-    "tabs\tand\t\ttabs", "new\nlines\n\n\nand\r\ncarriage returns\r", "    def f(x):\n        return x ** 2  # square\n",
-    "numbers 0 1 12 123 1234 12345 3.14159 1e-9 -42 +7", "  1\n  22\n\t333", "x1y22z333", "٣٤٥ ² ½ Ⅻ",
-    "don't I'll we've they're she'd it's I'm", "DON'T YOU'LL", "naïve café façade résumé über straße",
-    "Ελληνικά русский текст עברית العربية", "中文字符 日本語のテキスト 한국어", "emoji 🙂🚀👩‍👩‍👧 flags 🇫🇷",
-    "math ∑∫√∞≠≤ arrows ←→ symbols ©®™ §¶", "mixed\u00a0nbsp\u2003em\u200bzero-width", "!!!???...,,,;;;",
-    "<html><body class=\"x\">a &amp; b</body></html>", '{"key": [1, 2, {"nested": null}]}', "a" * 300, " " * 40 + "x",
+    "",
+    "Hello, world!",
+    "The capital of France is",
+    " leading space",
+    "trailing space ",
+    "  two  spaces  ",
+    "tabs\tand\t\ttabs",
+    "new\nlines\n\n\nand\r\ncarriage returns\r",
+    "    def f(x):\n        return x ** 2  # square\n",
+    "numbers 0 1 12 123 1234 12345 3.14159 1e-9 -42 +7",
+    "  1\n  22\n\t333",
+    "x1y22z333",
+    "٣٤٥ ² ½ Ⅻ",
+    "don't I'll we've they're she'd it's I'm",
+    "DON'T YOU'LL",
+    "naïve café façade résumé über straße",
+    "Ελληνικά русский текст עברית العربية",
+    "中文字符 日本語のテキスト 한국어",
+    "emoji 🙂🚀👩‍👩‍👧 flags 🇫🇷",
+    "math ∑∫√∞≠≤ arrows ←→ symbols ©®™ §¶",
+    "mixed\u00a0nbsp\u2003em\u200bzero-width",
+    "!!!???...,,,;;;",
+    '<html><body class="x">a &amp; b</body></html>',
+    '{"key": [1, 2, {"nested": null}]}',
+    "a" * 300,
+    " " * 40 + "x",
 ]
 
 
@@ -76,9 +95,7 @@ def build(hf_tokenizer, token_bytes: list[bytes]) -> FastEncoder:
     ranks = {token_bytes[i]: i for i in range(len(token_bytes)) if i not in added.values()}
     if len(ranks) + len(added) != len(token_bytes):
         raise UnsupportedTokenizer("two tokens share the same bytes")
-    encoding = tiktoken.Encoding(
-        name="tokenmill", pat_str=split_pattern(spec.get("pre_tokenizer")), mergeable_ranks=ranks, special_tokens=added
-    )
+    encoding = tiktoken.Encoding(name="tokenmill", pat_str=split_pattern(spec.get("pre_tokenizer")), mergeable_ranks=ranks, special_tokens=added)
     return FastEncoder(encoding, *special_affixes(hf_tokenizer))
 
 

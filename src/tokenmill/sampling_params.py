@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 # A temperature this small already puts all the mass on the top token (a logit gap of 0.001 is
 # e^-100 apart); smaller ones underflow to 0 in float32 and would divide 0 by 0.
 GREEDY_BELOW = 1e-5

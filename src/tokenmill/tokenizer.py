@@ -122,8 +122,7 @@ class Tokenizer:
         with self._lock:
             return self.hf.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False,
-                    **template_kwargs) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False, **template_kwargs) -> str:
         """A conversation as the model's chat template writes it.
 
         Raises NoChatTemplate when the model has none, and ChatTemplateError with the template's own

@@ -39,8 +39,9 @@ def run_generate(path: str, prompts: list[list[int]], output_len: int) -> list[l
     for ids in prompts:
         x = torch.tensor([ids])
         with torch.inference_mode():
-            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=output_len, min_new_tokens=output_len,
-                               do_sample=False, pad_token_id=0)[0, len(ids) :]
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)[
+                0, len(ids) :
+            ]
         out.append(y.tolist())
     return out
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     pool = id_pool(AutoConfig.from_pretrained(path).vocab_size)
     prompts = id_prompts(random.Random(0), pool, args.num_prompts, args.input_len)
     ours, theirs = run_engine(path, prompts, args.output_len), run_generate(path, prompts, args.output_len)
-    firsts = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ours, theirs)]
+    firsts = [next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), None) for x, y in zip(ours, theirs, strict=True)]
     same = sum(f is None for f in firsts)
     print(f"{path}: {args.num_prompts} prompts of {args.input_len} random ids, {args.output_len} greedy tokens")
     print(f"identical to generate: {same} of {len(firsts)}; first differing positions: {[f for f in firsts if f is not None]}")

@@ -97,28 +97,39 @@ def measure(path: str, rows: list[int], repeat: int, copy_mib: int = COPY_MIB) -
     weights = weight_bytes(modules)
     steps = {m: step_times(modules, m, repeat) for m in rows}
     rate = copy_rate(copy_mib, repeat)
-    return {"model": path, "parameters": sum(p.numel() for p in model.parameters()), "matmul_modules": len(modules),
-            "matmul_weight_bytes": weights, "torch_threads": torch.get_num_threads(), "repeat": repeat,
-            "rows": [{"m": m, "step_ms": sum(t.values()) * 1e3, "tok_s": m / sum(t.values()), "by_kind_ms": by_kind(t)}
-                     for m, t in steps.items()],
-            "copy": {"mib": copy_mib, "bytes_per_s": rate, "counts": "bytes read + bytes written"},
-            "floor_batch1": {"step_ms": weights / rate * 1e3, "tok_s": rate / weights}}
+    return {
+        "model": path,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "matmul_modules": len(modules),
+        "matmul_weight_bytes": weights,
+        "torch_threads": torch.get_num_threads(),
+        "repeat": repeat,
+        "rows": [{"m": m, "step_ms": sum(t.values()) * 1e3, "tok_s": m / sum(t.values()), "by_kind_ms": by_kind(t)} for m, t in steps.items()],
+        "copy": {"mib": copy_mib, "bytes_per_s": rate, "counts": "bytes read + bytes written"},
+        "floor_batch1": {"step_ms": weights / rate * 1e3, "tok_s": rate / weights},
+    }
 
 
 def format_report(r: dict) -> str:
     """A Markdown table of the ceiling per M, then the copy rate and the batch-1 memory floor."""
-    lines = [f"model: {r['model']}: {r['parameters'] / 1e6:.1f}M parameters, {r['matmul_modules']} matmul modules"
-             f" (lm_head included), {r['matmul_weight_bytes'] / 1e6:.1f} MB of float32 matmul weights;"
-             f" torch threads: {r['torch_threads']}, best of {r['repeat']}", "",
-             "| rows M | matmul ms/step | tok/s (M / step) | lm_head ms |", "|---|---|---|---|"]
+    lines = [
+        f"model: {r['model']}: {r['parameters'] / 1e6:.1f}M parameters, {r['matmul_modules']} matmul modules"
+        f" (lm_head included), {r['matmul_weight_bytes'] / 1e6:.1f} MB of float32 matmul weights;"
+        f" torch threads: {r['torch_threads']}, best of {r['repeat']}",
+        "",
+        "| rows M | matmul ms/step | tok/s (M / step) | lm_head ms |",
+        "|---|---|---|---|",
+    ]
     for row in r["rows"]:
         head = row["by_kind_ms"].get("lm_head")
         lines.append(f"| {row['m']} | {row['step_ms']:.2f} | {row['tok_s']:.1f} | {'-' if head is None else f'{head:.2f}'} |")
     c, f = r["copy"], r["floor_batch1"]
-    lines += ["", f"copy rate: {c['bytes_per_s'] / 1e9:.1f} GB/s (dst.copy_(src), {c['mib']} MiB float32, best of"
-                  f" {r['repeat']}; bytes read + bytes written per second)",
-              f"memory floor at batch 1: {r['matmul_weight_bytes'] / 1e6:.1f} MB of weights at that rate ="
-              f" {f['step_ms']:.2f} ms/step, at most {f['tok_s']:.1f} tok/s"]
+    lines += [
+        "",
+        f"copy rate: {c['bytes_per_s'] / 1e9:.1f} GB/s (dst.copy_(src), {c['mib']} MiB float32, best of {r['repeat']}; bytes read + bytes written per second)",
+        f"memory floor at batch 1: {r['matmul_weight_bytes'] / 1e6:.1f} MB of weights at that rate ="
+        f" {f['step_ms']:.2f} ms/step, at most {f['tok_s']:.1f} tok/s",
+    ]
     return "\n".join(lines)
 
 

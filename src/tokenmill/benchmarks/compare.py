@@ -29,14 +29,23 @@ LONG_PROMPT_LEN = 2000
 LONG_PROMPT_OUTPUT = 32  # 2,000 + 32 tokens fit vLLM's --max-model-len 2048
 LONG_CONCURRENCY = 16
 MIN_PROMPTS = 8
-VLLM_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_NO_USAGE_STATS": "1",
-            "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OMP_NUM_THREADS": "2"}
+VLLM_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "OMP_NUM_THREADS": "2",
+}
 
 
 def tokenmill_spec(name: str, model: str, extra: list[str], env: dict[str, str] | None = None) -> ServerSpec:
     """`python -m tokenmill serve` on {port}, served as "bench"."""
-    return ServerSpec(name, [sys.executable, "-m", "tokenmill", "serve", "--model", model, "--port", "{port}",
-                             "--served-model-name", "bench", "--log-level", "warning", *extra], env or {})
+    return ServerSpec(
+        name,
+        [sys.executable, "-m", "tokenmill", "serve", "--model", model, "--port", "{port}", "--served-model-name", "bench", "--log-level", "warning", *extra],
+        env or {},
+    )
 
 
 def git_label(tree: str) -> str:
@@ -50,14 +59,34 @@ def specs(args: argparse.Namespace) -> tuple[list[ServerSpec], list[str]]:
     chosen = [tokenmill_spec(TOKENMILL, args.model, shlex.split(args.tokenmill_args))]
     notes = []
     if args.baseline_src:
-        chosen.append(tokenmill_spec(f"tokenmill {git_label(args.baseline_src)}", args.model, [],
-                                     {"PYTHONPATH": str(Path(args.baseline_src) / "src")}))
+        chosen.append(tokenmill_spec(f"tokenmill {git_label(args.baseline_src)}", args.model, [], {"PYTHONPATH": str(Path(args.baseline_src) / "src")}))
     else:
         notes.append("older tokenmill skipped (no --baseline-src)")
     if args.vllm_python:
-        chosen.append(ServerSpec("vLLM (CPU)", [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
-                                                "--served-model-name", "bench", "--host", "127.0.0.1", "--port", "{port}",
-                                                "--dtype", "float32", "--max-model-len", "2048"], VLLM_ENV, startup_s=600))
+        chosen.append(
+            ServerSpec(
+                "vLLM (CPU)",
+                [
+                    args.vllm_python,
+                    "-m",
+                    "vllm.entrypoints.openai.api_server",
+                    "--model",
+                    args.model,
+                    "--served-model-name",
+                    "bench",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "{port}",
+                    "--dtype",
+                    "float32",
+                    "--max-model-len",
+                    "2048",
+                ],
+                VLLM_ENV,
+                startup_s=600,
+            )
+        )
     else:
         notes.append("vLLM skipped (no --vllm-python)")
     if args.llama_server and args.gguf:
@@ -70,8 +99,25 @@ def specs(args: argparse.Namespace) -> tuple[list[ServerSpec], list[str]]:
 def llama_spec(args: argparse.Namespace) -> ServerSpec:
     """llama-server with one slot per concurrent request (and one for the long prompt), 2,048 tokens each."""
     slots = max(args.concurrency) + (1 if args.long_prompt else 0)
-    return ServerSpec("llama.cpp", [args.llama_server, "-m", args.gguf, "--host", "127.0.0.1", "--port", "{port}",
-                                    "-np", str(slots), "-c", str(slots * 2048), "--cont-batching", "-t", "2"])
+    return ServerSpec(
+        "llama.cpp",
+        [
+            args.llama_server,
+            "-m",
+            args.gguf,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "-np",
+            str(slots),
+            "-c",
+            str(slots * 2048),
+            "--cont-batching",
+            "-t",
+            "2",
+        ],
+    )
 
 
 def prompts_for(args: argparse.Namespace, concurrency: int) -> int:
@@ -83,15 +129,26 @@ def one_run(server: Server, args: argparse.Namespace, vocab: int, concurrency: i
     """One workload against a running server, its memory sampled meanwhile."""
     from tokenmill.benchmarks.serve import ServeOptions, benchmark
 
-    options = ServeOptions(base_url=server.url, model="bench", num_prompts=prompts_for(args, concurrency),
-                           input_len=args.input_len, output_len=args.output_len, max_concurrency=concurrency,
-                           vocab_size=vocab, seed=seed, **extra)
+    options = ServeOptions(
+        base_url=server.url,
+        model="bench",
+        num_prompts=prompts_for(args, concurrency),
+        input_len=args.input_len,
+        output_len=args.output_len,
+        max_concurrency=concurrency,
+        vocab_size=vocab,
+        seed=seed,
+        **extra,
+    )
     with MemorySampler(server.proc.pid) as memory:
         report = asyncio.run(benchmark(options))
     s, long = report["summary"], report["long_prompt"]
-    print(f"  {server.spec.name} c={concurrency}: {s['completed']}/{options.num_prompts} ok, {s['output_throughput']:.1f}"
-          f" out tok/s, TTFT p99 {s['ttft_ms']['p99'] or 0:.0f} ms, peak {memory.result()['peak']:.0f} MiB"
-          + ("" if long is None else f"; long prompt: {'ok' if long['ok'] else 'FAILED: ' + long['error']}"), file=sys.stderr)
+    print(
+        f"  {server.spec.name} c={concurrency}: {s['completed']}/{options.num_prompts} ok, {s['output_throughput']:.1f}"
+        f" out tok/s, TTFT p99 {s['ttft_ms']['p99'] or 0:.0f} ms, peak {memory.result()['peak']:.0f} MiB"
+        + ("" if long is None else f"; long prompt: {'ok' if long['ok'] else 'FAILED: ' + long['error']}"),
+        file=sys.stderr,
+    )
     return {"summary": s, "long_prompt": report["long_prompt"], "memory_mib": memory.result()}
 
 
@@ -104,8 +161,16 @@ def measure(server: Server, args: argparse.Namespace, vocab: int) -> dict:
     if args.long_prompt:
         plain = runs.get(LONG_CONCURRENCY) or one_run(server, args, vocab, LONG_CONCURRENCY, seed=args.seed + 100)
         at = plain["summary"]["duration_s"] / 2  # mid-run, for this system's speed
-        loaded = one_run(server, args, vocab, LONG_CONCURRENCY, seed=args.seed + 101, long_prompt_len=LONG_PROMPT_LEN,
-                         long_prompt_at=at, long_prompt_output_len=LONG_PROMPT_OUTPUT)
+        loaded = one_run(
+            server,
+            args,
+            vocab,
+            LONG_CONCURRENCY,
+            seed=args.seed + 101,
+            long_prompt_len=LONG_PROMPT_LEN,
+            long_prompt_at=at,
+            long_prompt_output_len=LONG_PROMPT_OUTPUT,
+        )
         result["long_prompt"] = {"at_s": at, "without": plain, "with": loaded}
     return result
 
@@ -136,8 +201,9 @@ def generate_baseline(args: argparse.Namespace, vocab: int) -> dict:
         ids = torch.tensor(workload.id_prompts(random.Random(args.seed), workload.id_pool(vocab), c, args.input_len))
         started = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.output_len,
-                           min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
+            model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False, pad_token_id=0
+            )
         runs[c] = {"summary": {"output_throughput": c * args.output_len / (time.perf_counter() - started), "failed": 0}}
     return {"command": ["transformers generate (static batch, in-process)"], "runs": runs}
 
@@ -161,8 +227,14 @@ def _ratio(ours: dict, theirs: dict, c: int) -> str:
 def table(results: dict[str, dict], concurrency: list[int], long_prompt: bool) -> str:
     """One Markdown table: a row per system, output tok/s per concurrency, the top concurrency's p99s, memory, ratios."""
     top = max(concurrency)
-    head = ["system", *(f"out tok/s c{c}" for c in concurrency), f"TTFT p99 c{top} (ms)", f"ITL p99 c{top} (ms)",
-            "peak RSS (MiB)", "tokenmill ÷ system (" + " / ".join(f"c{c}" for c in concurrency) + ")"]
+    head = [
+        "system",
+        *(f"out tok/s c{c}" for c in concurrency),
+        f"TTFT p99 c{top} (ms)",
+        f"ITL p99 c{top} (ms)",
+        "peak RSS (MiB)",
+        "tokenmill ÷ system (" + " / ".join(f"c{c}" for c in concurrency) + ")",
+    ]
     if long_prompt:
         head.append(f"others' ITL p99 c{LONG_CONCURRENCY} (ms): without / with a {LONG_PROMPT_LEN}-token prompt")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -178,8 +250,12 @@ def _row(r: dict, ours: dict, concurrency: list[int], long_prompt: bool) -> list
     last = runs[top]["summary"]
     peaks = [run["memory_mib"]["peak"] for run in runs.values() if "memory_mib" in run]
     cells = [_throughput(runs.get(c)) for c in concurrency]
-    cells += [_cell(last.get("ttft_ms", {}).get("p99"), 0), _cell(last.get("itl_ms", {}).get("p99"), 0),
-              _cell(max(peaks) if peaks else None, 0), " / ".join(_ratio(ours, r, c) for c in concurrency)]
+    cells += [
+        _cell(last.get("ttft_ms", {}).get("p99"), 0),
+        _cell(last.get("itl_ms", {}).get("p99"), 0),
+        _cell(max(peaks) if peaks else None, 0),
+        " / ".join(_ratio(ours, r, c) for c in concurrency),
+    ]
     if long_prompt:
         lp = r.get("long_prompt")
         cells.append(_long_cell(lp))
@@ -207,8 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (with --gguf)")
     parser.add_argument("--gguf", default=None, help="the GGUF file llama-server serves (the same model)")
     parser.add_argument("--transformers", action="store_true", help="add transformers `generate`, a static batch, in-process")
-    parser.add_argument("--long-prompt", action="store_true",
-                        help=f"also run c{LONG_CONCURRENCY} with one {LONG_PROMPT_LEN}-token prompt sent mid-run")
+    parser.add_argument("--long-prompt", action="store_true", help=f"also run c{LONG_CONCURRENCY} with one {LONG_PROMPT_LEN}-token prompt sent mid-run")
     parser.add_argument("--log-dir", default=None, help="servers' logs and compare.json (default: a new temporary folder)")
     parser.add_argument("--result-json", default=None, help="default: LOG_DIR/compare.json")
 
@@ -229,8 +304,10 @@ def run(args: argparse.Namespace) -> int:
     results = {spec.name: run_system(spec, args, vocab, log_dir) for spec in chosen}
     if args.transformers:
         results["transformers generate (static batch)"] = generate_baseline(args, vocab)
-    print(f"model: {args.model}; {args.input_len} prompt ids -> {args.output_len} tokens, greedy, ignore_eos, streamed;"
-          f" prompts per run: " + ", ".join(f"c{c}: {prompts_for(args, c)}" for c in args.concurrency) + "\n")
+    print(
+        f"model: {args.model}; {args.input_len} prompt ids -> {args.output_len} tokens, greedy, ignore_eos, streamed;"
+        f" prompts per run: " + ", ".join(f"c{c}: {prompts_for(args, c)}" for c in args.concurrency) + "\n"
+    )
     print(table(results, args.concurrency, args.long_prompt))
     path = args.result_json or str(log_dir / "compare.json")
     write_json(path, {"options": vars(args), "systems": results})

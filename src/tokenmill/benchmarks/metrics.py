@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, TextIO
+from typing import TextIO
 
 PERCENTILES = (50, 90, 99)
 
@@ -28,7 +30,7 @@ class RequestResult:
 
     @property
     def itl(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+        return [b - a for a, b in itertools.pairwise(self.token_times)]
 
     @property
     def tpot(self) -> float | None:
@@ -86,20 +88,27 @@ def _ms(value: float | None) -> str:
 
 def format_summary(title: str, summary: dict) -> str:
     """The summary as an aligned block a person can read."""
-    lines = [f" {title} ".center(60, "="),
-             f"{'Completed requests:':<44}{summary['completed']}",
-             f"{'Failed requests:':<44}{summary['failed']}",
-             f"{'Duration (s):':<44}{summary['duration_s']:.2f}",
-             f"{'Total input tokens:':<44}{summary['total_input_tokens']}",
-             f"{'Total output tokens:':<44}{summary['total_output_tokens']}",
-             f"{'Request throughput (req/s):':<44}{summary['request_throughput']:.2f}",
-             f"{'Output token throughput (tok/s):':<44}{summary['output_throughput']:.2f}",
-             f"{'Total token throughput (tok/s):':<44}{summary['total_token_throughput']:.2f}"]
-    for key, name in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token (excl. 1st)"),
-                      ("itl_ms", "Inter-token Latency"), ("latency_ms", "End-to-end Latency")):
+    lines = [
+        f" {title} ".center(60, "="),
+        f"{'Completed requests:':<44}{summary['completed']}",
+        f"{'Failed requests:':<44}{summary['failed']}",
+        f"{'Duration (s):':<44}{summary['duration_s']:.2f}",
+        f"{'Total input tokens:':<44}{summary['total_input_tokens']}",
+        f"{'Total output tokens:':<44}{summary['total_output_tokens']}",
+        f"{'Request throughput (req/s):':<44}{summary['request_throughput']:.2f}",
+        f"{'Output token throughput (tok/s):':<44}{summary['output_throughput']:.2f}",
+        f"{'Total token throughput (tok/s):':<44}{summary['total_token_throughput']:.2f}",
+    ]
+    for key, name in (
+        ("ttft_ms", "Time to First Token"),
+        ("tpot_ms", "Time per Output Token (excl. 1st)"),
+        ("itl_ms", "Inter-token Latency"),
+        ("latency_ms", "End-to-end Latency"),
+    ):
         lines.append(f" {name} ".center(60, "-"))
-        lines += [f"{label + ' (ms):':<44}{_ms(value)}" for label, value in
-                  [("Mean", summary[key]["mean"])] + [(f"P{p}", summary[key][f"p{p}"]) for p in PERCENTILES]]
+        lines += [
+            f"{label + ' (ms):':<44}{_ms(value)}" for label, value in [("Mean", summary[key]["mean"])] + [(f"P{p}", summary[key][f"p{p}"]) for p in PERCENTILES]
+        ]
     lines += [f"error: {e}" for e in summary["errors"]]
     return "\n".join(lines + ["=" * 60])
 

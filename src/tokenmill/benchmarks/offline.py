@@ -107,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
         return 1
     results, duration = measure(engine, args, vocab)
     summary = summarize(results, duration)
-    print(f"engine in-process: {path}  {args.num_prompts} prompts x {args.input_len} random ids -> {args.output_len} tokens,"
-          f" concurrency {args.max_concurrency or 'all at once'}")
+    print(
+        f"engine in-process: {path}  {args.num_prompts} prompts x {args.input_len} random ids -> {args.output_len} tokens,"
+        f" concurrency {args.max_concurrency or 'all at once'}"
+    )
     print(format_summary("Offline Engine Benchmark Result", summary))
     if args.result_json:
         options = {**vars(args), "engine": dataclasses.asdict(config), "model_path": path}

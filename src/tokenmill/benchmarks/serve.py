@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -140,8 +141,15 @@ async def send(client, url: str, body: dict, run_start: float) -> RequestResult:
 
 def request_body(model: str, prompt, max_tokens: int) -> dict:
     """What every request sends: streamed, greedy, never stopping early."""
-    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    return {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 def make_client(api_key: str | None):
@@ -149,8 +157,9 @@ def make_client(api_key: str | None):
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(None, connect=30.0),
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+    return httpx.AsyncClient(
+        headers=headers, timeout=httpx.Timeout(None, connect=30.0), limits=httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    )
 
 
 async def first_model(client, base_url: str) -> str:
@@ -166,12 +175,19 @@ def long_prompt_report(long: RequestResult, others: list[RequestResult]) -> dict
     during, outside = [], []
     for r in (r for r in others if r.ok):
         times = [r.sent + t for t in r.token_times]
-        for a, b in zip(times, times[1:]):
+        for a, b in itertools.pairwise(times):
             (during if a < end and b > long.sent else outside).append(b - a)
-    return {"ok": long.ok, "error": long.error, "prompt_tokens": long.prompt_tokens, "sent_s": long.sent,
-            "ttft_ms": long.ttft * 1e3 if long.ttft is not None else None, "latency_ms": long.latency * 1e3,
-            "others_itl_ms_during": stats_ms(during), "others_itl_ms_outside": stats_ms(outside),
-            "others_gaps_during": len(during)}
+    return {
+        "ok": long.ok,
+        "error": long.error,
+        "prompt_tokens": long.prompt_tokens,
+        "sent_s": long.sent,
+        "ttft_ms": long.ttft * 1e3 if long.ttft is not None else None,
+        "latency_ms": long.latency * 1e3,
+        "others_itl_ms_during": stats_ms(during),
+        "others_itl_ms_outside": stats_ms(outside),
+        "others_gaps_during": len(during),
+    }
 
 
 class Workload:
@@ -217,8 +233,7 @@ class LoadRun:
         long = await long_task if long_task else None
         return results, long, time.perf_counter() - run_start
 
-    async def send_all(self, bodies: list[dict], options: ServeOptions, run_start: float,
-                       on_done: Callable[[RequestResult], None]) -> list[RequestResult]:
+    async def send_all(self, bodies: list[dict], options: ServeOptions, run_start: float, on_done: Callable[[RequestResult], None]) -> list[RequestResult]:
         """Send `bodies` at Poisson arrival times (or all at once), at most max_concurrency in flight."""
         gate = asyncio.Semaphore(options.max_concurrency) if options.max_concurrency else contextlib.nullcontext()
         arrivals = random.Random(f"arrivals {options.seed}")
@@ -265,25 +280,32 @@ async def benchmark(options: ServeOptions, progress: Callable[[int, int], None] 
         await load.warm_up(prompts.warmup)
         results, long, duration = await load.timed(prompts, counter(progress))
     rate = options.request_rate if math.isfinite(options.request_rate) else None  # JSON has no Infinity
-    return {"options": {**dataclasses.asdict(options), "model": model, "base_url": base, "request_rate": rate},
-            "summary": summarize(results, duration),
-            "long_prompt": long_prompt_report(long, results) if long else None,
-            "requests": [r.to_json() for r in results] + ([{**long.to_json(), "long_prompt": True}] if long else [])}
+    return {
+        "options": {**dataclasses.asdict(options), "model": model, "base_url": base, "request_rate": rate},
+        "summary": summarize(results, duration),
+        "long_prompt": long_prompt_report(long, results) if long else None,
+        "requests": [r.to_json() for r in results] + ([{**long.to_json(), "long_prompt": True}] if long else []),
+    }
 
 
 def format_long_prompt(report: dict, length: int) -> str:
     """The long prompt's lines: its own times, and the other streams' gaps during its prefill and otherwise."""
+
     def row(label: str, s: dict) -> str:
         values = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in s.items())
         return f"{label:<44}{values}"
 
     ttft = "-" if report["ttft_ms"] is None else f"{report['ttft_ms']:.2f}"
-    return "\n".join([f" Long prompt ({length} tokens) ".center(60, "-"),
-                      f"{'Sent at (s):':<44}{report['sent_s']:.2f}",
-                      f"{'Its TTFT / latency (ms):':<44}{ttft} / {report['latency_ms']:.2f}"
-                      + ("" if report["ok"] else f"  FAILED: {report['error']}"),
-                      row(f"Others' ITL until its 1st token ({report['others_gaps_during']}) (ms):", report["others_itl_ms_during"]),
-                      row("Others' ITL otherwise (ms):", report["others_itl_ms_outside"]), "=" * 60])
+    return "\n".join(
+        [
+            f" Long prompt ({length} tokens) ".center(60, "-"),
+            f"{'Sent at (s):':<44}{report['sent_s']:.2f}",
+            f"{'Its TTFT / latency (ms):':<44}{ttft} / {report['latency_ms']:.2f}" + ("" if report["ok"] else f"  FAILED: {report['error']}"),
+            row(f"Others' ITL until its 1st token ({report['others_gaps_during']}) (ms):", report["others_itl_ms_during"]),
+            row("Others' ITL otherwise (ms):", report["others_itl_ms_outside"]),
+            "=" * 60,
+        ]
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -296,8 +318,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=d.output_len, help="max_tokens of every request (ignore_eos)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: all at once)")
     parser.add_argument("--request-rate", type=float, default=d.request_rate, help="requests/s, Poisson arrivals (default: inf)")
-    parser.add_argument("--prompt-format", choices=("ids", "text"), default=d.prompt_format,
-                        help="ids: random token ids as a list of ints; text: random ids decoded with --tokenizer")
+    parser.add_argument(
+        "--prompt-format",
+        choices=("ids", "text"),
+        default=d.prompt_format,
+        help="ids: random token ids as a list of ints; text: random ids decoded with --tokenizer",
+    )
     parser.add_argument("--tokenizer", default=None, help="a model directory whose tokenizer (and vocabulary size) to use")
     parser.add_argument("--vocab-size", type=int, default=None, help="draw ids below this (default: from --tokenizer)")
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -312,8 +338,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def headline(o: dict) -> str:
     """One line saying what was measured."""
     rate = "all at once" if o["request_rate"] is None else f"{o['request_rate']} req/s (Poisson)"
-    return (f"{o['base_url']}  model {o['model']}  {o['num_prompts']} prompts x {o['input_len']} tokens ({o['prompt_format']})"
-            f" -> {o['output_len']} tokens, concurrency {o['max_concurrency'] or 'unlimited'}, arrivals {rate}")
+    return (
+        f"{o['base_url']}  model {o['model']}  {o['num_prompts']} prompts x {o['input_len']} tokens ({o['prompt_format']})"
+        f" -> {o['output_len']} tokens, concurrency {o['max_concurrency'] or 'unlimited'}, arrivals {rate}"
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> ServeOptions:

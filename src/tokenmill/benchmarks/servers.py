@@ -54,8 +54,7 @@ class Server:
 
     def __enter__(self) -> Server:
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen(self.command, env={**os.environ, **self.spec.env}, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self.command, env={**os.environ, **self.spec.env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self.wait_healthy()
         except BaseException:

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         reference = case(encoders["Hugging Face (transformers)"])
         tokens = len(reference) if isinstance(reference[0], int) else sum(map(len, reference))
         for name, enc in encoders.items():
-            seconds = best_time(lambda: case(enc), args.repeat)
+            seconds = best_time(lambda case=case, enc=enc: case(enc), args.repeat)
             same = case(enc) == reference
             print(f"| {label} | {name} | {seconds * 1e3:.0f} ms | {tokens / seconds / 1e6:.2f} M | {'yes' if same else 'NO'} |")
 

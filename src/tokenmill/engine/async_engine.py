@@ -92,8 +92,9 @@ class AsyncEngine:
         self._closing = (message, status)
         self._inbox.put(("fail_all", message, status))
 
-    def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams,
-                 timeout: float | None = None, stall_timeout: float = 60.0) -> AsyncIterator[RequestOutput]:
+    def generate(
+        self, request_id: str, prompts: list[Prompt], params: SamplingParams, timeout: float | None = None, stall_timeout: float = 60.0
+    ) -> AsyncIterator[RequestOutput]:
         """Submit a request now; iterate the result for its outputs. Leaving early aborts it.
 
         After `timeout` seconds, or paused unread for `stall_timeout`, the request is aborted and

@@ -74,8 +74,7 @@ class StepContext:
 class AttentionBackend(Protocol):
     """How a device runs paged attention (TorchAttention on the CPU; a CUDA kernel plugs in here)."""
 
-    def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 scaling: float, step: StepContext) -> torch.Tensor: ...
+    def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, step: StepContext) -> torch.Tensor: ...
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tokenmill_step=None, **kwargs):
@@ -134,8 +133,7 @@ class TorchAttention:
             positions = torch.arange(chunk.start, chunk.start + c, device=q.device).repeat(g)
             positions = torch.cat([positions, positions.new_zeros(rows - g * c)])  # padding rows see key 0
             length = chunk.blocks.shape[0] * pool.shape[3]
-            step.memo["chunk", index] = (gather_rows(chunk.blocks[None], kvh, pool.shape[2]),
-                                         visibility(positions, length, q.dtype)[None])  # [1, rows, L]
+            step.memo["chunk", index] = (gather_rows(chunk.blocks[None], kvh, pool.shape[2]), visibility(positions, length, q.dtype)[None])  # [1, rows, L]
         gather, bias = step.memo["chunk", index]
         keys, values = _gather(pool, chunk.blocks[None], gather, step.workspace)  # [KVH, 1, L, D]
         out = _attend(q, keys, values, bias, scaling)[:, 0, : g * c]  # [KVH, g*C, D]

@@ -45,13 +45,12 @@ def position_seed(key: int, position: int) -> int:
 class Engine:
     """Turns requests into completions, one batched step of the model at a time."""
 
-    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, eos_ids: tuple[int, ...],
-                 blocks: BlockManager, config: SchedulerConfig = SchedulerConfig()):
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, eos_ids: tuple[int, ...], blocks: BlockManager, config: SchedulerConfig | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.blocks = blocks
-        self.scheduler = Scheduler(config, blocks)
+        self.scheduler = Scheduler(config or SchedulerConfig(), blocks)
         self._requests: dict[str, list[PromptGroup]] = {}
         self._ready: set[str] = set()  # requests done without computing anything, to report
         self._paused: dict[str, list[Sequence]] = {}  # requests whose client stopped reading, off the batch
@@ -132,7 +131,7 @@ class Engine:
         touched, self._ready = self._ready, set()
         logits, failed = self._run(plan) if plan.scheduled else ([], [])
         rows: list[tuple[Sequence, torch.Tensor]] = []
-        for item, row_logits in zip(plan.scheduled, logits):
+        for item, row_logits in zip(plan.scheduled, logits, strict=True):
             rows += self._advance(item, row_logits)
         if rows:
             rows, failed_rows = self._sample_rows(rows)
@@ -288,7 +287,7 @@ class Engine:
         ids = prompt.token_ids
         scores = [None, *scores]  # position i: log p(ids[i] | ids[:i])
         out, detok, offset = Logprobs(), Detokenizer(self.tokenizer.decode), 0
-        for token, score in zip(ids[prompt.skip :], scores[prompt.skip :]):
+        for token, score in zip(ids[prompt.skip :], scores[prompt.skip :], strict=True):
             out.text_offset.append(offset)
             offset += len(detok.add(token))
             if score is None:  # the first token: nothing before it to predict it from
@@ -299,7 +298,7 @@ class Engine:
                 out.ranked.append(None)
             else:
                 logprob, top_ids, top_lps = score
-                record_token(out, self.tokenizer.token_text, token, logprob, list(zip(top_ids, top_lps)))
+                record_token(out, self.tokenizer.token_text, token, logprob, list(zip(top_ids, top_lps, strict=True)))
         return out
 
     def _within_vocab(self, logits: torch.Tensor) -> torch.Tensor:
@@ -313,7 +312,7 @@ class Engine:
     def _take(self, seq: Sequence, out: SamplerOutput, i: int, vocab: int, device: torch.device) -> None:
         """Hand a sequence the token drawn for it in row i of `out`."""
         token, lp, k = out.tokens[i], out.logprobs[i], seq.params.logprobs
-        ranked = None if k is None else list(zip(out.top_ids[i][:k], out.top_logprobs[i][:k]))
+        ranked = None if k is None else list(zip(out.top_ids[i][:k], out.top_logprobs[i][:k], strict=True))
         self._count(seq, token, vocab, device)
         seq.append(token, lp, ranked, token in self.eos_ids)
 
@@ -327,8 +326,7 @@ class Engine:
         generator = None
         if not seq.params.greedy:
             generator = torch.Generator().manual_seed(position_seed(seq.seed_key, len(seq.output_ids)))
-        return SamplingRow(seq.params, seq.group.prompt.token_ids, seq.output_ids, generator, self.eos_ids,
-                           seq.penalty_counts, seq.penalty_seen)
+        return SamplingRow(seq.params, seq.group.prompt.token_ids, seq.output_ids, generator, self.eos_ids, seq.penalty_counts, seq.penalty_seen)
 
     @staticmethod
     def _count(seq: Sequence, token: int, vocab: int, device: torch.device) -> None:

@@ -105,8 +105,14 @@ def _kv_blocks(config: EngineConfig, shape: KVShape, max_len: int, device: torch
     if num_blocks * config.block_size < max_len:
         log.warning("the KV cache holds %d tokens: context length capped from %d", num_blocks * config.block_size, max_len)
         max_len = num_blocks * config.block_size
-    log.info("KV cache: %.1f MiB, %d blocks of %d tokens = %d tokens (%d bytes per token)",
-             num_blocks * per_block / 2**20, num_blocks, config.block_size, num_blocks * config.block_size, shape.bytes_per_token)
+    log.info(
+        "KV cache: %.1f MiB, %d blocks of %d tokens = %d tokens (%d bytes per token)",
+        num_blocks * per_block / 2**20,
+        num_blocks,
+        config.block_size,
+        num_blocks * config.block_size,
+        shape.bytes_per_token,
+    )
     return num_blocks, max_len
 
 

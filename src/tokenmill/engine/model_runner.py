@@ -79,11 +79,10 @@ class ModelRunner:
         ordered = [works[i] for i in works_order]
         ids, positions, slots, step = self._inputs(ordered)
         keep, spans = self._logit_rows(ordered)
-        out = self.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=keep,
-                         use_cache=False, tokenmill_step=step)
+        out = self.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=keep, use_cache=False, tokenmill_step=step)
         logits = out.logits[0]  # [len(keep), V]
         results: list[torch.Tensor | None] = [None] * len(works)
-        for i, span in zip(works_order, spans):
+        for i, span in zip(works_order, spans, strict=True):
             results[i] = logits[span] if span is not None else None
         return results
 
@@ -208,8 +207,14 @@ def _fuse(parent: torch.nn.Module, names: tuple[str, ...]) -> None:
 
 def _unpacked_matmuls(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Layers with a matrix of weights that pack_linears left alone (not nn.Linear, not a lookup)."""
-    return [m for m in model.modules() if type(m) is not torch.nn.Linear and not isinstance(m, torch.nn.Embedding)
-            and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+    return [
+        m
+        for m in model.modules()
+        if type(m) is not torch.nn.Linear
+        and not isinstance(m, torch.nn.Embedding)
+        and isinstance(getattr(m, "weight", None), torch.Tensor)
+        and m.weight.dim() == 2
+    ]
 
 
 def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

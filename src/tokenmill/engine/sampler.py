@@ -151,5 +151,5 @@ def prompt_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[
         lp = torch.log_softmax(logits[start : start + 256].float(), dim=-1)  # [C, V]
         chosen = lp.gather(1, targets[start : start + 256, None])[:, 0]
         top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-        out += zip(chosen.tolist(), top_ids.tolist(), top_lp.tolist())
+        out += zip(chosen.tolist(), top_ids.tolist(), top_lp.tolist(), strict=True)
     return out

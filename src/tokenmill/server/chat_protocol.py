@@ -21,8 +21,19 @@ MESSAGE_KEYS = {
 TEXT_PART_KEYS = {"type", "text", "prompt_cache_breakpoint"}
 
 # Fields that would change what the model produces in ways tokenmill cannot yet honour: refused, never ignored.
-UNSUPPORTED = ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "audio", "prediction",
-               "web_search_options", "reasoning_effort", "verbosity", "moderation")
+UNSUPPORTED = (
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "reasoning_effort",
+    "verbosity",
+    "moderation",
+)
 
 
 class ChatStreamOptions(BaseModel):
@@ -174,7 +185,7 @@ def refuse_unsupported(data: dict) -> None:
     if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
         raise unsupported("response_format", f" (type '{fmt['type']}'; only 'text' is served yet)")
     if isinstance(fmt, dict) and (fmt.get("type") != "text" or set(fmt) != {"type"}):
-        raise invalid("Invalid value for 'response_format': expected {\"type\": \"text\"}.", "response_format")
+        raise invalid('Invalid value for \'response_format\': expected {"type": "text"}.', "response_format")
     modalities = data.get("modalities")
     if isinstance(modalities, list) and "audio" in modalities:
         raise unsupported("modalities", " (audio: this model writes text only)")
@@ -253,10 +264,15 @@ def _tool_calls(calls, where: str) -> list[dict]:
     for j, call in enumerate(calls):
         at = f"{where}[{j}]"
         function = call.get("function") if isinstance(call, dict) else None
-        well_formed = isinstance(function, dict) and isinstance(call.get("id"), str) and call.get("type", "function") == "function" \
-            and isinstance(function.get("name"), str) and isinstance(function.get("arguments"), str)
+        well_formed = (
+            isinstance(function, dict)
+            and isinstance(call.get("id"), str)
+            and call.get("type", "function") == "function"
+            and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments"), str)
+        )
         if not well_formed:
-            raise invalid(f"Invalid value for '{at}': expected {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}.", at)
+            raise invalid(f'Invalid value for \'{at}\': expected {{"id", "type": "function", "function": {{"name", "arguments"}}}}.', at)
         try:
             arguments = json.loads(function["arguments"])
         except ValueError:
@@ -272,8 +288,9 @@ def check_chat_request(r: ChatCompletionRequest) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(r, name)
         if value is not None and value < 1:
-            raise invalid(f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {clip(value)} instead.",
-                          name, code="integer_below_min_value")
+            raise invalid(
+                f"Invalid '{name}': integer below minimum value. Expected a value >= 1, but got {clip(value)} instead.", name, code="integer_below_min_value"
+            )
     if r.top_logprobs is not None and not r.logprobs:
         raise invalid("'top_logprobs' is only allowed when 'logprobs' is true.", "top_logprobs")
     if r.stream_options is not None and not r.stream:

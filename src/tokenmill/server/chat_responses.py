@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 from tokenmill.outputs import ChoiceDelta, Logprobs, RequestOutput
-from tokenmill.server.chat_protocol import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
-                                            ChatMessage, ChoiceLogprobs, TokenLogprob, TopLogprob)
+from tokenmill.server.chat_protocol import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatMessage,
+    ChoiceLogprobs,
+    TokenLogprob,
+    TopLogprob,
+)
 from tokenmill.server.responses import Accumulator, Header, usage_of
 from tokenmill.tokenizer import Tokenizer
 
@@ -22,8 +31,14 @@ class ChatRender:
             ChatChoice(index=c.index, message=ChatMessage(content=self.echo + c.text), logprobs=self._logprobs(c.logprobs), finish_reason=c.finish_reason)
             for c in acc.deltas()
         ]
-        reply = ChatCompletion(id=self.header.id, created=self.header.created, model=self.header.model,
-                               system_fingerprint=self.header.system_fingerprint, choices=choices, usage=usage_of(acc.last))
+        reply = ChatCompletion(
+            id=self.header.id,
+            created=self.header.created,
+            model=self.header.model,
+            system_fingerprint=self.header.system_fingerprint,
+            choices=choices,
+            usage=usage_of(acc.last),
+        )
         return reply.model_dump()
 
     def opening(self) -> list[dict]:
@@ -42,8 +57,14 @@ class ChatRender:
         return ChatChunkChoice(index=delta.index, delta=content, logprobs=self._logprobs(delta.logprobs), finish_reason=delta.finish_reason)
 
     def _chunk(self, choices: list[ChatChunkChoice], usage=None) -> dict:
-        chunk = ChatCompletionChunk(id=self.header.id, created=self.header.created, model=self.header.model,
-                                    system_fingerprint=self.header.system_fingerprint, choices=choices, usage=usage)
+        chunk = ChatCompletionChunk(
+            id=self.header.id,
+            created=self.header.created,
+            model=self.header.model,
+            system_fingerprint=self.header.system_fingerprint,
+            choices=choices,
+            usage=usage,
+        )
         return chunk.model_dump(exclude=None if self.include_usage else {"usage"})
 
     def _logprobs(self, logprobs: Logprobs | None) -> ChoiceLogprobs | None:
@@ -52,8 +73,12 @@ class ChatRender:
             return None
         tok = self.tokenizer
         content = [
-            TokenLogprob(token=text, logprob=lp, bytes=tok.token_bytes_of(token_id),
-                         top_logprobs=[TopLogprob(token=tok.token_text(t), logprob=v, bytes=tok.token_bytes_of(t)) for t, v in ranked or []])
-            for text, lp, token_id, ranked in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.token_ids, logprobs.ranked)
+            TokenLogprob(
+                token=text,
+                logprob=lp,
+                bytes=tok.token_bytes_of(token_id),
+                top_logprobs=[TopLogprob(token=tok.token_text(t), logprob=v, bytes=tok.token_bytes_of(t)) for t, v in ranked or []],
+            )
+            for text, lp, token_id, ranked in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.token_ids, logprobs.ranked, strict=True)
         ]
         return ChoiceLogprobs(content=content)

@@ -94,7 +94,6 @@ class Server(uvicorn.Server):
 
 def run(app, lifecycle: Lifecycle, host: str, port: int, log_level: str) -> int:
     """Serve `app` until drained or its engine dies; the process's exit status."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=FLUSH_TIMEOUT)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False, timeout_graceful_shutdown=FLUSH_TIMEOUT)
     Server(config, lifecycle).run()
     return lifecycle.exit_code

@@ -24,14 +24,16 @@ class Metrics:
         self.prompt_tokens = Counter("tokenmill_prompt_tokens", "Prompt tokens of finished completions", registry=r)
         self.generation_tokens = Counter("tokenmill_generation_tokens", "Tokens generated for finished completions", registry=r)
         self.ttft = Histogram("tokenmill_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("tokenmill_time_per_output_token_seconds", "Mean time per token after the first, per request",
-                              buckets=TOKEN_TIME_BUCKETS, registry=r)
+        self.tpot = Histogram(
+            "tokenmill_time_per_output_token_seconds", "Mean time per token after the first, per request", buckets=TOKEN_TIME_BUCKETS, registry=r
+        )
         self.queue_time = Histogram("tokenmill_queue_time_seconds", "Arrival at the engine to first scheduled", buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("tokenmill_e2e_request_latency_seconds", "Arrival to last byte of a completion", buckets=LATENCY_BUCKETS, registry=r)
         Gauge("tokenmill_requests_running", "Requests with a sequence in the running batch", registry=r).set_function(lambda: stats().running_requests)
         Gauge("tokenmill_requests_waiting", "Requests queued, preempted or waiting to be taken in", registry=r).set_function(waiting)
-        Gauge("tokenmill_kv_cache_usage_ratio", "Share of KV blocks held by sequences (cached blocks nobody holds are free)",
-              registry=r).set_function(lambda: stats().kv_usage)
+        Gauge("tokenmill_kv_cache_usage_ratio", "Share of KV blocks held by sequences (cached blocks nobody holds are free)", registry=r).set_function(
+            lambda: stats().kv_usage
+        )
         r.register(_EngineCounters(stats))
 
     def render(self) -> bytes:

@@ -68,8 +68,7 @@ class RequestMiddleware:
         route = scope.get("route")
         path = getattr(route, "path", None) or "unmatched"
         self.metrics.requests.labels(path, str(status)).inc()
-        fields = {"request_id": state.get("request_id"), "method": scope["method"], "path": scope["path"], "status": status,
-                  "seconds": round(seconds, 4)}
+        fields = {"request_id": state.get("request_id"), "method": scope["method"], "path": scope["path"], "status": status, "seconds": round(seconds, 4)}
         if "usage" in state:
             fields["prompt_tokens"], fields["completion_tokens"] = state["usage"]
         if state.get("ttft") is not None:

@@ -8,8 +8,10 @@ from tokenmill.server.errors import APIError, clip, invalid
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.tokenizer import ChatTemplateError, NoChatTemplate, Tokenizer, UnencodableText
 
-NO_TEMPLATE = ("This model has no chat template, so /v1/chat/completions cannot build a prompt from messages. Start the server "
-               "with --chat-template FILE (a Jinja template), or send the prompt text to /v1/completions.")
+NO_TEMPLATE = (
+    "This model has no chat template, so /v1/chat/completions cannot build a prompt from messages. Start the server "
+    "with --chat-template FILE (a Jinja template), or send the prompt text to /v1/completions."
+)
 
 # A normalizer can shrink text before it is split (Hangul jamo compose three to one), so the
 # cheap lower bound on a text's tokens divides by this much more than the longest token.
@@ -27,7 +29,9 @@ def encode_prompts(request: CompletionRequest, tokenizer: Tokenizer, max_model_l
         _checked(tokenizer.check_encodable, request.suffix, "suffix")
     items = _split(request.prompt)
     if len(items) * request.best_of_ > max_sequences:
-        raise invalid(f"This request asks for {len(items) * request.best_of_} sequences (prompts x best_of); at most {max_sequences} are served at once.", "prompt")
+        raise invalid(
+            f"This request asks for {len(items) * request.best_of_} sequences (prompts x best_of); at most {max_sequences} are served at once.", "prompt"
+        )
     for item in items:  # what is surely too long is refused before it is tokenized or copied
         if isinstance(item, str):
             _check_chars(len(item) + len(request.suffix or ""), tokenizer.max_token_chars, request.max_tokens_, max_model_len)
@@ -59,8 +63,7 @@ def encode_chat(request: ChatCompletionRequest, tokenizer: Tokenizer, max_model_
     return Prompt(tuple(ids), text), limit or max_model_len - len(ids)
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool,
-                template_kwargs: dict | None) -> str:
+def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool, template_kwargs: dict | None) -> str:
     """A conversation through the chat template, with its failures as 400s."""
     reserved = next((k for k in template_kwargs or {} if k in tokenizer.reserved_template_args), None)
     if reserved is not None:
@@ -121,15 +124,21 @@ def _check_chars(chars: int, max_token_chars: int, max_tokens: int, max_model_le
     """
     at_least = -(-chars // (max_token_chars * NORMALIZER_SLACK))
     if at_least > max_model_len:
-        raise _too_long(max_model_len, f"your prompt is {chars} characters, which is at least {at_least} tokens, "
-                        f"and {clip(max_tokens)} are requested for the completion", param)
+        raise _too_long(
+            max_model_len,
+            f"your prompt is {chars} characters, which is at least {at_least} tokens, and {clip(max_tokens)} are requested for the completion",
+            param,
+        )
 
 
 def _check_length(prompt_tokens: int, max_tokens: int, max_model_len: int, param: str = "prompt") -> None:
     """Prompt plus completion must fit the context window."""
     if prompt_tokens + max_tokens > max_model_len:
-        raise _too_long(max_model_len, f"you requested {clip(prompt_tokens + max_tokens)} tokens ({prompt_tokens} in "
-                        f"your prompt; {clip(max_tokens)} for the completion)", param)
+        raise _too_long(
+            max_model_len,
+            f"you requested {clip(prompt_tokens + max_tokens)} tokens ({prompt_tokens} in your prompt; {clip(max_tokens)} for the completion)",
+            param,
+        )
 
 
 def _too_long(max_model_len: int, detail: str, param: str) -> APIError:

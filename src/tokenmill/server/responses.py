@@ -33,9 +33,7 @@ class Header:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def completion(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
-        return Completion(
-            id=self.id, created=self.created, model=self.model, system_fingerprint=self.system_fingerprint, choices=choices, usage=usage
-        )
+        return Completion(id=self.id, created=self.created, model=self.model, system_fingerprint=self.system_fingerprint, choices=choices, usage=usage)
 
 
 def usage_of(output: RequestOutput) -> Usage:

@@ -78,8 +78,10 @@ def parse_detokenize(body: bytes) -> DetokenizeRequest:
 def tokenize(request: TokenizeText | TokenizeChat, tokenizer: Tokenizer, max_model_len: int) -> TokenizeResponse:
     """The ids a prompt or conversation becomes, as the generation endpoints would see them."""
     if isinstance(request, TokenizeChat):
-        text, param = render_chat(tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message,
-                                  request.chat_template_kwargs), "messages"
+        text, param = (
+            render_chat(tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message, request.chat_template_kwargs),
+            "messages",
+        )
     else:
         text, param = request.prompt, "prompt"
     try:
