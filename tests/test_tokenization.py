@@ -76,3 +76,11 @@ def test_a_model_without_a_template_cannot_tokenize_messages(llama):
 def test_the_key_is_required(bos):
     for route, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
         assert_error(httpx.post(bos.url + route, json=body), 401, None, "invalid_api_key", "authentication_error")
+
+
+def test_tokenizer_info_serves_a_remote_tokenizer(chat):
+    info = httpx.get(chat.url + "/tokenizer_info", timeout=10).json()
+    assert info["eos_token"] == "<|endoftext|>" and info["chat_template"] == chat.engine.tokenizer.chat_template
+    assert info["model_max_length"] == chat.engine.info.max_model_len and info["vocab_size"] == chat.engine.tokenizer.vocab_size
+    eos = call(chat, "/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"]
+    assert eos == [chat.engine.tokenizer.eos_token_id]

@@ -42,6 +42,7 @@ from tokenmill.server.tokenization import (
     parse_detokenize,
     parse_tokenize,
     tokenize,
+    tokenizer_card,
 )
 from tokenmill.tokenizer import Tokenizer
 
@@ -176,6 +177,10 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         body = await _parse(request, parse_tokenize, config)
         _check_model(engine.info, body.model or engine.info.name)
         return await run_in_threadpool(tokenize, body, engine.tokenizer, engine.info.max_model_len)
+
+    @app.get("/tokenizer_info", dependencies=auth)
+    async def tokenizer_info():
+        return tokenizer_card(engine.tokenizer, engine.info.max_model_len)
 
     @app.post("/detokenize", dependencies=auth, openapi_extra=_request_body(DetokenizeRequest), response_model=DetokenizeResponse, responses={**ERRORS})
     async def detokenize_route(request: Request):

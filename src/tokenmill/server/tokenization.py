@@ -100,6 +100,21 @@ def detokenize(request: DetokenizeRequest, tokenizer: Tokenizer) -> DetokenizeRe
     return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
 
 
+def tokenizer_card(tokenizer: Tokenizer, max_model_len: int) -> dict:
+    """GET /tokenizer_info, as vLLM answers it: what a client needs to tokenize through /tokenize (lm-eval's remote tokenizer)."""
+    hf = tokenizer.hf
+    return {
+        "tokenizer_class": type(hf).__name__,
+        "eos_token": hf.eos_token,
+        "bos_token": hf.bos_token,
+        "pad_token": hf.pad_token,
+        "unk_token": hf.unk_token,
+        "chat_template": tokenizer.chat_template,
+        "model_max_length": max_model_len,
+        "vocab_size": tokenizer.vocab_size,
+    }
+
+
 def _validated(model: type[BaseModel], data: dict):
     try:
         return model.model_validate(data)
