@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A completion, a streamed completion, an error, and a chat reply, with curl. Start a server first:
+# A completion, a streamed completion, scoring a text, an error, and a chat reply, with curl. Start a server first:
 #   tokenmill serve            (then MODEL=SmolLM2-135M-Instruct, the default)
 set -euo pipefail
 BASE=${BASE:-http://127.0.0.1:8000}
@@ -11,6 +11,10 @@ curl -s "$BASE/v1/completions" "${AUTH[@]}" -H 'Content-Type: application/json' 
 echo
 curl -sN "$BASE/v1/completions" "${AUTH[@]}" -H 'Content-Type: application/json' \
   -d "{\"model\": \"$MODEL\", \"prompt\": \"Once upon a time\", \"max_tokens\": 16, \"stream\": true, \"stream_options\": {\"include_usage\": true}}"
+# Scoring, as lm-evaluation-harness does: echo the text with max_tokens 0; each token's logprob comes back.
+curl -s "$BASE/v1/completions" "${AUTH[@]}" -H 'Content-Type: application/json' \
+  -d "{\"model\": \"$MODEL\", \"prompt\": \"Paris is the capital of France.\", \"max_tokens\": 0, \"echo\": true, \"logprobs\": 1}"
+echo
 curl -s "$BASE/v1/completions" "${AUTH[@]}" -H 'Content-Type: application/json' \
   -d "{\"model\": \"$MODEL\", \"prompt\": \"x\", \"temperature\": 3}"
 echo
