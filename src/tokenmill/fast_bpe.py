@@ -74,7 +74,9 @@ def split_pattern(pre_tokenizer: dict | None) -> str:
 
 
 def _is_byte_level(p: dict | None, regex: bool) -> bool:
-    return bool(p) and p.get("type") == "ByteLevel" and p.get("use_regex", True) == regex and not p.get("add_prefix_space")
+    if not p:
+        return False
+    return p.get("type") == "ByteLevel" and p.get("use_regex", True) == regex and not p.get("add_prefix_space")
 
 
 def _is_isolated_regex(p: dict) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]  # why a choice ended: a stop string or EOS, or its token limit
 
 
 @dataclass
@@ -48,7 +51,7 @@ class ChoiceDelta:
     index: int
     text: str
     logprobs: Logprobs | None = None
-    finish_reason: str | None = None  # "stop" | "length" once the choice is done
+    finish_reason: FinishReason | None = None  # set once the choice is done
 
 
 @dataclass

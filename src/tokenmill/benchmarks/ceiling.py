@@ -18,16 +18,20 @@ import argparse
 import re
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only; each function imports torch when it runs
+    import torch
 
 COPY_MIB = 256
 
 
-def matmul_modules(model) -> list[tuple[str, object, int]]:
+def matmul_modules(model) -> list[tuple[str, torch.nn.Module, int]]:
     """(name, module, in_features) for every nn.Linear and Conv1D, in model order."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    found = []
+    found: list[tuple[str, torch.nn.Module, int]] = []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
             found.append((name, module, module.in_features))
@@ -36,13 +40,13 @@ def matmul_modules(model) -> list[tuple[str, object, int]]:
     return found
 
 
-def weight_bytes(modules: list[tuple[str, object, int]]) -> int:
+def weight_bytes(modules: list[tuple[str, torch.nn.Module, int]]) -> int:
     """Bytes of the matmul weights and biases, each tensor once (a tied lm_head shares the embedding's)."""
     tensors = {p.data_ptr(): p for _, m, _ in modules for p in m.parameters(recurse=False)}
     return sum(p.numel() * p.element_size() for p in tensors.values())
 
 
-def sweep(modules: list[tuple[str, object, int]], inputs: dict) -> dict[str, float]:
+def sweep(modules: list[tuple[str, torch.nn.Module, int]], inputs: dict) -> dict[str, float]:
     """Each module once, on its input, timed alone: seconds by module name."""
     times = {}
     for name, module, features in modules:
@@ -52,7 +56,7 @@ def sweep(modules: list[tuple[str, object, int]], inputs: dict) -> dict[str, flo
     return times
 
 
-def step_times(modules: list[tuple[str, object, int]], rows: int, repeat: int) -> dict[str, float]:
+def step_times(modules: list[tuple[str, torch.nn.Module, int]], rows: int, repeat: int) -> dict[str, float]:
     """Each module's fastest time over `repeat` sweeps at M = rows (after one untimed sweep)."""
     import torch
 

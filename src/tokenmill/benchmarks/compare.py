@@ -140,6 +140,7 @@ def one_run(server: Server, args: argparse.Namespace, vocab: int, concurrency: i
         seed=seed,
         **extra,
     )
+    assert server.proc is not None  # a started server has its process
     with MemorySampler(server.proc.pid) as memory:
         report = asyncio.run(benchmark(options))
     s, long = report["summary"], report["long_prompt"]

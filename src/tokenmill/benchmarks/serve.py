@@ -172,7 +172,8 @@ async def first_model(client, base_url: str) -> str:
 def long_prompt_report(long: RequestResult, others: list[RequestResult]) -> dict:
     """The long request, and the other streams' token gaps while it waited for its first token and otherwise."""
     end = long.sent + (long.ttft if long.ttft is not None else long.latency)
-    during, outside = [], []
+    during: list[float] = []
+    outside: list[float] = []
     for r in (r for r in others if r.ok):
         times = [r.sent + t for t in r.token_times]
         for a, b in itertools.pairwise(times):
@@ -197,7 +198,7 @@ class Workload:
         tokenizer = workload.load_tokenizer(options.tokenizer) if options.tokenizer else None
         if options.prompt_format == "text" and tokenizer is None:
             raise ValueError("--prompt-format text needs --tokenizer DIR")
-        vocab = options.vocab_size or (workload.tokenizer_vocab(options.tokenizer, tokenizer) if tokenizer else None)
+        vocab = options.vocab_size or (workload.tokenizer_vocab(options.tokenizer, tokenizer) if tokenizer and options.tokenizer else None)
         if vocab is None:
             raise ValueError("--prompt-format ids needs --vocab-size N or --tokenizer DIR (the model's vocabulary)")
         pool = workload.id_pool(vocab, tokenizer)
@@ -363,6 +364,7 @@ def run(args: argparse.Namespace) -> int:
     print(headline(report["options"]))
     print(format_summary("Serving Benchmark Result", report["summary"]))
     if report["long_prompt"]:
+        assert options.long_prompt_len is not None  # a long prompt is sent only when its length is given
         print(format_long_prompt(report["long_prompt"], options.long_prompt_len))
     if options.result_json:
         write_json(options.result_json, report)

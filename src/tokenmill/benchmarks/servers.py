@@ -69,10 +69,12 @@ class Server:
         """Poll GET /health until it answers 200; fail early if the process exits."""
         import httpx
 
+        proc = self.proc
+        assert proc is not None  # __enter__ started it
         deadline = time.monotonic() + self.spec.startup_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ServerError(f"{self.spec.name} exited with status {self.proc.returncode}:\n{log_tail(self.log)}")
+            if proc.poll() is not None:
+                raise ServerError(f"{self.spec.name} exited with status {proc.returncode}:\n{log_tail(self.log)}")
             try:
                 if httpx.get(self.url + "/health", timeout=5).status_code == 200:
                     return

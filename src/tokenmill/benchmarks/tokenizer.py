@@ -9,11 +9,14 @@ standard library sources) and on many short prompts, and whether the ids were id
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import os
 import sysconfig
 import time
 from collections.abc import Callable
+
+Encode = Callable[[str], list[int]]  # text -> token ids
 
 
 def corpus() -> str:
@@ -50,17 +53,17 @@ def main(argv: list[str] | None = None) -> None:
     assert fast.name == "tiktoken", "this tokenizer has no tiktoken form"
     text = corpus()
     prompts = [text[i : i + 120] for i in range(0, 120 * 2000, 120)]
-    cases = {
+    cases: dict[str, Callable[[Encode], list]] = {
         f"{len(text) / 1e6:.1f} MB of Python source, one call": lambda enc: enc(text),
         "2,000 prompts of 120 characters, one call each": lambda enc: [enc(p) for p in prompts],
     }
-    encoders = {"Hugging Face (transformers)": lambda t: hf.encode(t), "tiktoken (tokenmill)": fast.encode}
+    encoders: dict[str, Encode] = {"Hugging Face (transformers)": lambda t: hf.encode(t), "tiktoken (tokenmill)": fast.encode}
     print(f"model: {path}\n\n| text | encoder | best of {args.repeat} | tokens/s | same ids |\n|---|---|---|---|---|")
     for label, case in cases.items():
         reference = case(encoders["Hugging Face (transformers)"])
         tokens = len(reference) if isinstance(reference[0], int) else sum(map(len, reference))
         for name, enc in encoders.items():
-            seconds = best_time(lambda case=case, enc=enc: case(enc), args.repeat)
+            seconds = best_time(functools.partial(case, enc), args.repeat)
             same = case(enc) == reference
             print(f"| {label} | {name} | {seconds * 1e3:.0f} ms | {tokens / seconds / 1e6:.2f} M | {'yes' if same else 'NO'} |")
 

@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -94,7 +94,7 @@ class AsyncEngine:
 
     def generate(
         self, request_id: str, prompts: list[Prompt], params: SamplingParams, timeout: float | None = None, stall_timeout: float = 60.0
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Submit a request now; iterate the result for its outputs. Leaving early aborts it.
 
         After `timeout` seconds, or paused unread for `stall_timeout`, the request is aborted and
@@ -118,7 +118,7 @@ class AsyncEngine:
         if self._outboxes.pop(request_id, None) is not None:
             self.abort(request_id)
 
-    async def _outputs(self, request_id: str, box: Outbox, timeout: float | None) -> AsyncIterator[RequestOutput]:
+    async def _outputs(self, request_id: str, box: Outbox, timeout: float | None) -> AsyncGenerator[RequestOutput, None]:
         """A submitted request's outputs, until it finishes, fails, times out or is closed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         finished = timed_out = False
@@ -267,5 +267,5 @@ class AsyncEngine:
         box.queue.put_nowait(failure(request_id, f"The stream was not read for {box.stall_timeout:g} s; its generation was stopped.", 408))
 
 
-async def _single(output: RequestOutput) -> AsyncIterator[RequestOutput]:
+async def _single(output: RequestOutput) -> AsyncGenerator[RequestOutput, None]:
     yield output

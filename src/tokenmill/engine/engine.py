@@ -240,10 +240,12 @@ class Engine:
         self.blocks.cache_full_blocks(seq.table, group.prompt.token_ids, min(seq.num_computed, seq.prompt_len))
         within_vocab = self._within_vocab(logits) if logits is not None else None
         if group.scoring and start < seq.prompt_len:
+            assert within_vocab is not None  # a scoring prompt chunk asks for every position's logits
             self._score(group, start, within_vocab)
         if seq.num_computed < seq.num_tokens:
             return []
         if group.prefilled:
+            assert within_vocab is not None  # the chunk that reaches the last token asks for its logits
             return [(seq, within_vocab[-1])]
         return self._start_candidates(group, within_vocab)
 
@@ -261,12 +263,15 @@ class Engine:
         for seq in group.sequences[1:]:
             seq.table = self.blocks.fork(leader.table)
             seq.num_computed = leader.num_computed
+        assert logits is not None  # max_tokens > 0: the last prompt position's logits were asked for
         return [(seq, logits[-1]) for seq in group.sequences]
 
     def _score(self, group: PromptGroup, start: int, logits: torch.Tensor) -> None:
         """Logprobs of the prompt tokens this chunk predicts (once: a recomputed chunk adds nothing)."""
         ids = group.prompt.token_ids[start : start + len(logits) + 1]
-        scores = prompt_logprobs(logits, list(ids), group.params.logprobs)  # tokens start+1 ..
+        k = group.params.logprobs
+        assert k is not None  # scoring: echo with logprobs
+        scores = prompt_logprobs(logits, list(ids), k)  # tokens start+1 ..
         group.prompt_scores += scores[len(group.prompt_scores) - start :]
 
     def _group(self, request_id: str, index: int, prompt: Prompt, params: SamplingParams) -> PromptGroup:
@@ -277,12 +282,13 @@ class Engine:
             echo = prompt.text if prompt.text == decoded else decoded
         group = PromptGroup(request_id, index, prompt, params, self.tokenizer.token_text, echo)
         decode = self.tokenizer.decode_text if params.skip_special_tokens else self.tokenizer.decode
+        assert params.best_of is not None  # SamplingParams fills it in (n) when not given
         for j in range(params.best_of):
             key = candidate_seed(params.seed, j)
             group.sequences.append(Sequence(next(self._seq_ids), group, decode, key, j))
         return group
 
-    def _echo_logprobs(self, prompt: Prompt, scores: list, k: int) -> Logprobs:
+    def _echo_logprobs(self, prompt: Prompt, scores: list, k: int | None) -> Logprobs:
         """The echoed prompt tokens with their logprobs; a token with no context before it has none."""
         ids = prompt.token_ids
         scores = [None, *scores]  # position i: log p(ids[i] | ids[:i])

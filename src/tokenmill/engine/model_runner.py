@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 import types
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tokenmill.engine import attention
 from tokenmill.engine.attention import Chunk, StepContext, TorchAttention, Workspace
+
+if TYPE_CHECKING:  # transformers is imported by whoever loads the model
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -52,7 +56,7 @@ class ModelRunner:
     matmul layer runs on MKL, so each row goes through the same kernels whatever else is in the step.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, num_blocks: int, block_size: int, batch_invariant: bool = True):
+    def __init__(self, model: PreTrainedModel, device: torch.device, num_blocks: int, block_size: int, batch_invariant: bool = True):
         attention.register()
         model.set_attn_implementation(attention.NAME)
         packed = device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -95,7 +99,10 @@ class ModelRunner:
 
     def _inputs(self, works: list[Work]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepContext]:
         """Flat token ids, positions and pool slots [T], padded, and the attention context."""
-        ids, positions, slots, chunks = [], [], [], []
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        chunks: list[tuple[slice, int, list[int]]] = []
         decode = [w for w in works if not w.prefill]
         for w in works:
             row = len(ids)
@@ -133,7 +140,9 @@ class ModelRunner:
 
     def _logit_rows(self, works: list[Work]) -> tuple[torch.Tensor, list[slice | None]]:
         """Rows whose logits are wanted (padded to 16 or more), and each work's span among them."""
-        keep, spans, row = [], [], 0
+        keep: list[int] = []
+        spans: list[slice | None] = []
+        row = 0
         for w in works:
             row += len(w.token_ids)
             spans.append(slice(len(keep), len(keep) + w.logits) if w.logits else None)
@@ -155,7 +164,7 @@ def pack_linears(model: torch.nn.Module) -> None:
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_size=16)
-            module.forward = types.MethodType(_packed_forward, module)
+            module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]  # one instance's forward, patched on purpose
     for module in list(model.modules()):
         _fuse(module, ("q_proj", "k_proj", "v_proj"))
         _fuse(module, ("gate_proj", "up_proj"))
@@ -169,8 +178,9 @@ def _fuse(parent: torch.nn.Module, names: tuple[str, ...]) -> None:
     projection computes them all; each other one takes its slice when called on the same tensor
     (another input computes every part and takes its own).
     """
-    layers = [getattr(parent, name, None) for name in names]
-    if not all(type(layer) is torch.nn.Linear for layer in layers):
+    found = [getattr(parent, name, None) for name in names]
+    layers = [layer for layer in found if type(layer) is torch.nn.Linear]
+    if len(layers) != len(names):  # a projection is missing, or is not a plain nn.Linear
         return
     if len({layer.in_features for layer in layers}) != 1 or len({layer.bias is None for layer in layers}) != 1:
         return
@@ -200,9 +210,9 @@ def _fuse(parent: torch.nn.Module, names: tuple[str, ...]) -> None:
 
     for layer in layers:
         del layer.packed_weight  # the fused weight replaces them: no third copy of these weights
-    layers[0].forward = types.MethodType(first, layers[0])
+    layers[0].forward = types.MethodType(first, layers[0])  # type: ignore[method-assign]  # one instance's forward, patched on purpose
     for i, layer in enumerate(layers[1:], 1):
-        layer.forward = types.MethodType(lambda self, x, i=i: rest(self, x, i), layer)
+        layer.forward = types.MethodType(lambda self, x, i=i: rest(self, x, i), layer)  # type: ignore[method-assign]  # as above
 
 
 def _unpacked_matmuls(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -212,8 +222,8 @@ def _unpacked_matmuls(model: torch.nn.Module) -> list[torch.nn.Module]:
         for m in model.modules()
         if type(m) is not torch.nn.Linear
         and not isinstance(m, torch.nn.Embedding)
-        and isinstance(getattr(m, "weight", None), torch.Tensor)
-        and m.weight.dim() == 2
+        and isinstance(weight := getattr(m, "weight", None), torch.Tensor)
+        and weight.dim() == 2
     ]
 
 

@@ -144,7 +144,7 @@ def truncate(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
 
 def prompt_logprobs(logits: torch.Tensor, token_ids: list[int], k: int) -> list[tuple[float, list[int], list[float]]]:
     """For tokens 1..P-1 of a prompt: their logprob and the top k, from prefill logits [P, V]."""
-    out = []
+    out: list[tuple[float, list[int], list[float]]] = []
     targets = torch.tensor(token_ids[1:], device=logits.device)  # [P-1]
     logits = logits[: len(targets)]  # row i predicts token i+1
     for start in range(0, len(targets), 256):  # bounded memory on long prompts

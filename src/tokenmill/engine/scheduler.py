@@ -148,8 +148,8 @@ class Scheduler:
             seq.num_computed = self.blocks.reuse_prefix(seq.table, seq.group.prompt.token_ids, limit)
         n = seq.next_run(budget)
         copies = self.blocks.allocate(seq.table, seq.num_computed + n, seq.num_computed) if n else None
-        while copies is None and not self.running and self._idle_holder() not in (None, seq):
-            self._preempt(self._idle_holder())  # nothing runs: what waiting ones hold is all there is
+        while copies is None and not self.running and (holder := self._idle_holder()) is not None and holder is not seq:
+            self._preempt(holder)  # nothing runs: what waiting ones hold is all there is
             copies = self.blocks.allocate(seq.table, seq.num_computed + n, seq.num_computed)
         if copies is None:
             if fresh:  # give back the prefix it found, so the blocks stay evictable while it waits

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tokenmill.engine.detokenizer import Detokenizer
 from tokenmill.engine.kv_cache import BlockTable
 from tokenmill.engine.stop import StopMatcher
-from tokenmill.outputs import Logprobs
+from tokenmill.outputs import FinishReason, Logprobs
 from tokenmill.sampling_params import Prompt, SamplingParams
+
+if TYPE_CHECKING:  # torch only for annotations: this module does no tensor work
+    import torch
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; a token this unlikely is as good as impossible
 
@@ -29,11 +33,11 @@ class Sequence:
         self.candidate = candidate  # its index among the prompt's best_of candidates
         self.table = BlockTable()
         self.num_computed = 0  # leading tokens whose keys and values are in the cache
-        self.penalty_counts = None  # [V] tensors the sampler keeps up to date, when penalties are on
-        self.penalty_seen = None
+        self.penalty_counts: torch.Tensor | None = None  # [V] tensors the sampler keeps up to date, when penalties are on
+        self.penalty_seen: torch.Tensor | None = None
         self.output_ids: list[int] = []
         self.logprob_sum = 0.0
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.text = ""  # generated text so far, stop strings cut off
         self._cut = False  # a stop string cut the text
         self._detok = Detokenizer(decode, group.prompt.token_ids)
@@ -95,7 +99,7 @@ class Sequence:
         if len(self.output_ids) >= self.params.max_tokens:
             self.finish("length")
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: FinishReason) -> None:
         """End the sequence; what the detokenizer held back is final, and may hold a stop string."""
         if not self._cut:
             start = len(self.text)
@@ -105,7 +109,7 @@ class Sequence:
                 self.text, self._cut, reason = self.text[:cut], True, "stop"
         self.finish_reason = reason
 
-    def take_delta(self) -> tuple[str, Logprobs | None, str | None]:
+    def take_delta(self) -> tuple[str, Logprobs | None, FinishReason | None]:
         """Text, logprobs and finish reason that are safe to send now, and mark them sent."""
         limit = len(self.text) if self.finished else len(self.text) - self._stop.holdback(self.text)
         text = self.text[self._sent_text : limit]
@@ -122,6 +126,7 @@ class Sequence:
 
     def _record(self, token_id: int, logprob: float, ranked: list[tuple[int, float]] | None, offset: int) -> None:
         """Log one token for the logprobs object."""
+        assert self._records is not None  # only called when logprobs were asked for
         record_token(self._records, self.group.token_text, token_id, logprob, ranked or [])
         self._records.text_offset.append(offset)
 

@@ -7,9 +7,9 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing, asynccontextmanager, contextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -32,7 +32,7 @@ from tokenmill.server.metrics import Metrics, RequestTimer
 from tokenmill.server.middleware import RequestMiddleware
 from tokenmill.server.prompts import encode_chat, encode_prompts
 from tokenmill.server.protocol import Completion, CompletionRequest, parse_request, to_sampling_params
-from tokenmill.server.responses import Accumulator, Header, completion_chunks, fingerprint, new_id, usage_of
+from tokenmill.server.responses import Accumulator, Header, completion_chunks, fingerprint, new_id
 from tokenmill.server.tokenization import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -51,16 +51,19 @@ log = logging.getLogger(__name__)
 
 PARSE_INLINE_BYTES = 64 * 1024  # bodies larger than this are parsed in a worker thread, not on the event loop
 RETRY_AFTER = "1"  # seconds, on 429 and 503
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 500, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (400, 401, 404, 408, 413, 429, 500, 503)}
 
 
 class EngineClient(Protocol):
     """What the HTTP layer needs of an engine (tokenmill.engine.AsyncEngine is one)."""
 
     info: ModelInfo
-    tokenizer: Tokenizer
     stats: EngineStats
-    alive: bool
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+    @property
+    def alive(self) -> bool: ...
 
     def start(self) -> None: ...
     def shutdown(self) -> None: ...
@@ -69,7 +72,7 @@ class EngineClient(Protocol):
     def fail_all(self, message: str, status: int = 503) -> None: ...
     def generate(
         self, request_id: str, prompts: list[Prompt], params: SamplingParams, timeout: float | None = None, stall_timeout: float = 60.0
-    ) -> AsyncIterator[RequestOutput]: ...
+    ) -> AsyncGenerator[RequestOutput, None]: ...
     def release(self, request_id: str) -> None: ...
 
 
@@ -126,7 +129,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         _check_model(engine.info, model_id)
         return _model_card(engine.info, started)
 
-    def start(request: Request, header: Header, arrived: float, prompts: list[Prompt], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    def start(request: Request, header: Header, arrived: float, prompts: list[Prompt], params: SamplingParams) -> AsyncGenerator[RequestOutput, None]:
         """Hand a prepared request to the engine; however its response ends, the engine lets it go."""
         request.state.request_id = header.id
         request.state.on_close = lambda: engine.release(header.id)
@@ -150,7 +153,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         acc = await _collect(request, outputs, Accumulator(len(prompts) * body.n_, body.logprobs is not None))
         if acc is None:
             return Response(status_code=499)  # the client has gone; nobody reads this
-        return JSONResponse(header.completion(acc.choices(), usage_of(acc.last)).model_dump())
+        return JSONResponse(header.completion(acc.choices(), acc.usage()).model_dump())
 
     @app.post(
         "/v1/chat/completions",
@@ -336,7 +339,7 @@ def _model_card(info: ModelInfo, created: int) -> dict:
     return {"id": info.name, "object": "model", "created": created, "owned_by": "tokenmill", "max_model_len": info.max_model_len}
 
 
-async def _collect(request: Request, outputs: AsyncIterator[RequestOutput], acc: Accumulator) -> Accumulator | None:
+async def _collect(request: Request, outputs: AsyncGenerator[RequestOutput, None], acc: Accumulator) -> Accumulator | None:
     """Gather a whole response (None if the client left first, which stops its generation)."""
 
     async def collect() -> None:
@@ -378,7 +381,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _events(outputs: AsyncIterator[RequestOutput], request_id: str, opening: list[dict], chunks: Callable[[RequestOutput], list[dict]]):
+async def _events(outputs: AsyncGenerator[RequestOutput, None], request_id: str, opening: list[dict], chunks: Callable[[RequestOutput], list[dict]]):
     """Server-sent events: the opening chunks, the chunks of each output, then [DONE]."""
     try:
         async with aclosing(outputs):  # a client that leaves cancels this, which aborts the request

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
@@ -97,6 +97,11 @@ class ToolMessage(BaseModel):
 Message = Annotated[InstructionMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
+def template_messages(messages: list[Message]) -> list[dict[str, Any]]:
+    """A parsed request's messages as they are: the plain dicts parse_messages made, put in place of the models."""
+    return cast("list[dict[str, Any]]", messages)
+
+
 class ChatCompletionRequest(SamplingFields):
     """The request body as OpenAI documents it; `messages` are checked by hand (see parse_messages)."""
 
@@ -145,7 +150,7 @@ class ChatCompletionRequest(SamplingFields):
 
     def echo_text(self) -> str:
         """echo: the last message's text, when it is the assistant's (the reply continues it)."""
-        last = self.messages[-1]
+        last = template_messages(self.messages)[-1]
         if not self.echo or last["role"] != "assistant":
             return ""
         return last["content"] or ""
@@ -166,7 +171,8 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
         request = ChatCompletionRequest.model_validate({**data, "messages": [_PLACEHOLDER]} if messages is not None else data)
     except ValidationError as exc:
         raise from_validation(exc) from None
-    request.messages = messages  # plain dicts from here on, as the chat template takes them
+    assert messages is not None  # without them, validation has failed above
+    request.messages = cast("list[Message]", messages)  # plain dicts from here on, as the chat template takes them (see template_messages)
     check_chat_request(request)
     return request
 
@@ -264,14 +270,13 @@ def _tool_calls(calls, where: str) -> list[dict]:
     for j, call in enumerate(calls):
         at = f"{where}[{j}]"
         function = call.get("function") if isinstance(call, dict) else None
-        well_formed = (
+        if not (
             isinstance(function, dict)
             and isinstance(call.get("id"), str)
             and call.get("type", "function") == "function"
             and isinstance(function.get("name"), str)
             and isinstance(function.get("arguments"), str)
-        )
-        if not well_formed:
+        ):
             raise invalid(f'Invalid value for \'{at}\': expected {{"id", "type": "function", "function": {{"name", "arguments"}}}}.', at)
         try:
             arguments = json.loads(function["arguments"])

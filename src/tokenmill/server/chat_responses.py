@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from tokenmill.outputs import ChoiceDelta, Logprobs, RequestOutput
 from tokenmill.server.chat_protocol import (
     ChatChoice,
@@ -27,19 +29,21 @@ class ChatRender:
 
     def whole(self, acc: Accumulator) -> dict:
         """The chat.completion object, from every output of the request."""
-        choices = [
-            ChatChoice(index=c.index, message=ChatMessage(content=self.echo + c.text), logprobs=self._logprobs(c.logprobs), finish_reason=c.finish_reason)
-            for c in acc.deltas()
-        ]
+        choices = [self._choice(c) for c in acc.deltas()]
         reply = ChatCompletion(
             id=self.header.id,
             created=self.header.created,
             model=self.header.model,
             system_fingerprint=self.header.system_fingerprint,
             choices=choices,
-            usage=usage_of(acc.last),
+            usage=acc.usage(),
         )
         return reply.model_dump()
+
+    def _choice(self, c: ChoiceDelta) -> ChatChoice:
+        """One whole choice of the reply."""
+        assert c.finish_reason is not None  # the whole reply is rendered once every choice has finished
+        return ChatChoice(index=c.index, message=ChatMessage(content=self.echo + c.text), logprobs=self._logprobs(c.logprobs), finish_reason=c.finish_reason)
 
     def opening(self) -> list[dict]:
         """Each choice's first chunk: the role, and the echoed text if any (sent before any token, as OpenAI does)."""
@@ -75,7 +79,7 @@ class ChatRender:
         content = [
             TokenLogprob(
                 token=text,
-                logprob=lp,
+                logprob=cast(float, lp),  # only echoed prompt tokens have none, and chat echoes text, not tokens
                 bytes=tok.token_bytes_of(token_id),
                 top_logprobs=[TopLogprob(token=tok.token_text(t), logprob=v, bytes=tok.token_bytes_of(t)) for t, v in ranked or []],
             )

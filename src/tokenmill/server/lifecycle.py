@@ -86,7 +86,8 @@ class Server(uvicorn.Server):
         if self._loop is None or not self.started:
             self.should_exit = True  # not serving yet: nothing to drain
             return
-        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self.lifecycle.drain()))
+        loop = self._loop  # narrowed here; the lambda runs later, on the loop
+        loop.call_soon_threadsafe(lambda: loop.create_task(self.lifecycle.drain()))
 
     def _stop(self) -> None:
         self.should_exit = True
@@ -94,6 +95,14 @@ class Server(uvicorn.Server):
 
 def run(app, lifecycle: Lifecycle, host: str, port: int, log_level: str) -> int:
     """Serve `app` until drained or its engine dies; the process's exit status."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None, access_log=False, timeout_graceful_shutdown=FLUSH_TIMEOUT)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=FLUSH_TIMEOUT,  # type: ignore[arg-type]  # uvicorn says int; it only hands it to asyncio.wait_for, which takes a float
+    )
     Server(config, lifecycle).run()
     return lifecycle.exit_code

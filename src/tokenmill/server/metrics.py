@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -63,7 +63,7 @@ class RequestTimer:
         self.metrics, self.state, self.arrived, self.choices = metrics, state, arrived, choices
         self.first_token: float | None = None
 
-    async def watch(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    async def watch(self, outputs: AsyncGenerator[RequestOutput, None]) -> AsyncGenerator[RequestOutput, None]:
         """Pass outputs through, noting queue time, the first token and the finish."""
         async with aclosing(outputs):
             async for output in outputs:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tokenmill.sampling_params import Prompt
-from tokenmill.server.chat_protocol import ChatCompletionRequest
+from tokenmill.server.chat_protocol import ChatCompletionRequest, template_messages
 from tokenmill.server.errors import APIError, clip, invalid
 from tokenmill.server.protocol import CompletionRequest
 from tokenmill.tokenizer import ChatTemplateError, NoChatTemplate, Tokenizer, UnencodableText
@@ -53,7 +53,8 @@ def encode_chat(request: ChatCompletionRequest, tokenizer: Tokenizer, max_model_
     """
     if request.n_ > max_sequences:
         raise invalid(f"This request asks for {request.n_} choices; at most {max_sequences} are served at once.", "n")
-    text = render_chat(tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message, request.chat_template_kwargs)
+    messages = template_messages(request.messages)
+    text = render_chat(tokenizer, messages, request.add_generation_prompt, request.continue_final_message, request.chat_template_kwargs)
     limit = request.token_limit
     _check_chars(len(text), tokenizer.max_token_chars, limit or 1, max_model_len, "messages")
     ids = _checked(tokenizer.encode, text, "messages", False)  # the template wrote any BOS itself

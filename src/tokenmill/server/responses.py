@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from tokenmill import __version__
-from tokenmill.outputs import ChoiceDelta, Logprobs, ModelInfo, RequestOutput
+from tokenmill.outputs import ChoiceDelta, FinishReason, Logprobs, ModelInfo, RequestOutput
 from tokenmill.server.protocol import Completion, CompletionChoice, CompletionLogprobs, Usage
 
 
@@ -66,9 +66,9 @@ class Accumulator:
     """Gathers a request's deltas into whole choices, for a non-streamed response."""
 
     def __init__(self, choices: int, logprobs: bool):
-        self._text = [[] for _ in range(choices)]
+        self._text: list[list[str]] = [[] for _ in range(choices)]
         self._logprobs = [Logprobs() for _ in range(choices)] if logprobs else None
-        self._finish: list[str | None] = [None] * choices
+        self._finish: list[FinishReason | None] = [None] * choices
         self.last: RequestOutput | None = None
 
     def add(self, output: RequestOutput) -> None:
@@ -78,6 +78,11 @@ class Accumulator:
             if self._logprobs is not None and delta.logprobs is not None:
                 self._logprobs[delta.index].extend(delta.logprobs)
             self._finish[delta.index] = delta.finish_reason or self._finish[delta.index]
+
+    def usage(self) -> Usage:
+        """The request's token counts, from its last output."""
+        assert self.last is not None  # a collected request ends with a finished output
+        return usage_of(self.last)
 
     def deltas(self) -> list[ChoiceDelta]:
         """Each choice whole, as one delta."""

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from tokenmill.server.chat_protocol import Message, parse_messages
+from tokenmill.server.chat_protocol import Message, parse_messages, template_messages
 from tokenmill.server.errors import clip, from_validation, invalid
 from tokenmill.server.prompts import render_chat
 from tokenmill.server.protocol import Strict, load_object
@@ -78,8 +78,9 @@ def parse_detokenize(body: bytes) -> DetokenizeRequest:
 def tokenize(request: TokenizeText | TokenizeChat, tokenizer: Tokenizer, max_model_len: int) -> TokenizeResponse:
     """The ids a prompt or conversation becomes, as the generation endpoints would see them."""
     if isinstance(request, TokenizeChat):
+        messages = template_messages(request.messages)
         text, param = (
-            render_chat(tokenizer, request.messages, request.add_generation_prompt, request.continue_final_message, request.chat_template_kwargs),
+            render_chat(tokenizer, messages, request.add_generation_prompt, request.continue_final_message, request.chat_template_kwargs),
             "messages",
         )
     else:
