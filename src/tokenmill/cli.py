@@ -18,7 +18,8 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, [], (), argparse.SUPPRESS) or action.option_strings == []:
+        unset = action.default is None or action.default is False or action.default in ([], (), argparse.SUPPRESS)  # 0 is a default
+        if "default" in text or unset or action.option_strings == []:
             return text
         return f"{text} (default: %(default)s)".lstrip()
 

@@ -49,9 +49,9 @@ def run_generate(path: str, prompts: list[list[int]], output_len: int) -> list[l
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory (default: the cached default model)")
-    parser.add_argument("--num-prompts", type=int, default=16)
-    parser.add_argument("--input-len", type=int, default=64)
-    parser.add_argument("--output-len", type=int, default=48)
+    parser.add_argument("--num-prompts", type=int, default=16, help="prompts compared")
+    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--output-len", type=int, default=48, help="tokens generated per prompt")
     args = parser.parse_args(argv)
     import random
 

@@ -143,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64], help="batch sizes M (tokens per step)")
     parser.add_argument("--repeat", type=int, default=5, help="timed sweeps per M; the best counts")
     parser.add_argument("--copy-mib", type=int, default=COPY_MIB, help="size of the tensor the copy rate is measured on")
-    parser.add_argument("--result-json", default=None)
+    parser.add_argument("--result-json", default=None, help="also write the results here")
 
 
 def run(args: argparse.Namespace) -> int:

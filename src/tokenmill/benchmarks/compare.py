@@ -273,11 +273,11 @@ def _long_cell(lp: dict | None) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """compare's options."""
     parser.add_argument("--model", default=None, help="a transformers model directory (default: the cached default model)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16], help="concurrency levels, each a run")
     parser.add_argument("--num-prompts", type=int, default=None, help=f"per run (default: 2 x concurrency, at least {MIN_PROMPTS})")
-    parser.add_argument("--input-len", type=int, default=256)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--input-len", type=int, default=256, help="prompt tokens")
+    parser.add_argument("--output-len", type=int, default=128, help="tokens generated per request")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random prompts")
     parser.add_argument("--tokenmill-args", default="", help='extra `tokenmill serve` options, one string: "--max-model-len 4096"')
     parser.add_argument("--baseline-src", default=None, help="another tokenmill source tree, served with PYTHONPATH=DIR/src")
     parser.add_argument("--vllm-python", default=None, help="the python of an environment with vLLM's CPU build")

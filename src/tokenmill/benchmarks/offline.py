@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128, help="max_tokens of every request (ignore_eos)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="requests in the engine at most (default: all at once)")
     parser.add_argument("--vocab-size", type=int, default=None, help="draw ids below this (default: the model's config.json)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random prompts")
     parser.add_argument("--warmup", type=int, default=1, help="untimed requests shaped like the workload, first")
     parser.add_argument("--result-json", default=None, help="write options, summary and every request's timings here")
 

@@ -327,7 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tokenizer", default=None, help="a model directory whose tokenizer (and vocabulary size) to use")
     parser.add_argument("--vocab-size", type=int, default=None, help="draw ids below this (default: from --tokenizer)")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seeds the random prompts and arrival times")
     parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed requests shaped like the workload, first")
     parser.add_argument("--long-prompt-len", type=int, default=None, help="add ONE request with a prompt this long ...")
     parser.add_argument("--long-prompt-at", type=float, default=d.long_prompt_at, help="... sent this many seconds into the run")

@@ -38,7 +38,7 @@ def best_time(fn: Callable[[], object], repeat: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model directory (default: the cached default model, fetched if needed)")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="timings per case; the best counts")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # one thread each, a fair comparison
     from transformers import AutoTokenizer
