@@ -36,6 +36,27 @@ def test_a_missing_model_is_a_clear_error(tmp_path):
     assert "not found" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_model_this_user_cannot_read_is_a_clear_error(tmp_path, monkeypatch):
+    # As in a container whose model volume belongs to another uid (a test run as root reads everything, so
+    # the two ways a read is refused are made here).
+    from pathlib import Path
+
+    from tokenmill.config import EngineConfig
+    from tokenmill.engine.loader import ModelLoadError, build_engine
+
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(os, "access", lambda *args: False)  # config.json is there, but not readable
+    with pytest.raises(ModelLoadError, match="cannot read .*config.json as uid .*: permission denied"):
+        build_engine(EngineConfig(), str(tmp_path), "x")
+
+    def refused(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "is_file", refused)  # the folder itself cannot be entered
+    with pytest.raises(ModelLoadError, match="cannot read .* as uid .*: Permission denied"):
+        build_engine(EngineConfig(), str(tmp_path), "x")
+
+
 def test_a_directory_without_a_model_is_a_clear_error(tmp_path):
     result = tokenmill("serve", "--model", str(tmp_path))
     assert result.returncode != 0

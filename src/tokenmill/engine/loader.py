@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -139,9 +140,17 @@ def _available_memory() -> int:
 
 def _load(path: str, dtype: torch.dtype, device: torch.device):
     """from_pretrained for a directory or a .gguf file, with errors a person can read."""
-    if path.endswith(".gguf") and not Path(path).is_file():
+    first = Path(path) if path.endswith(".gguf") else Path(path) / "config.json"
+    try:
+        found = first.is_file()
+        readable = found and os.access(first, os.R_OK)
+    except OSError as exc:  # a folder this user may not enter (a volume mounted for another uid)
+        raise ModelLoadError(f"cannot read {path} as uid {os.getuid()}: {exc.strerror}") from None
+    if found and not readable:
+        raise ModelLoadError(f"cannot read {first} as uid {os.getuid()}: permission denied")
+    if path.endswith(".gguf") and not found:
         raise ModelLoadError(f"GGUF file not found: {path}")
-    if not path.endswith(".gguf") and not (Path(path) / "config.json").is_file():
+    if not found:
         raise ModelLoadError(f"{path} is not a transformers model directory (no config.json)")
     try:
         if path.endswith(".gguf"):
