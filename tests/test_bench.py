@@ -173,3 +173,18 @@ def test_compare_serves_tokenmill_and_samples_its_memory(llama_dir, tmp_path, ca
     assert 0 < runs["2"]["memory_mib"]["start"] <= runs["2"]["memory_mib"]["peak"]
     out = capsys.readouterr().out
     assert "| tokenmill | " in out and "1.00x / 1.00x" in out
+
+
+def test_a_structured_workload_constrains_the_share_asked_for(llama, tmp_path):
+    from tokenmill.benchmarks.serve import constrained
+
+    assert [constrained(i, 0.5) for i in range(6)] == [False, True, False, True, False, True]
+    assert not any(constrained(i, 0.0) for i in range(6)) and all(constrained(i, 1.0) for i in range(6))
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"enum": ["yes", "no"]}))
+    out = tmp_path / "serve.json"
+    args = ["bench", "serve", "--base-url", llama.url, "--vocab-size", "900", "--num-prompts", "4", "--input-len", "8", "--output-len", "6"]
+    assert cli.main([*args, "--structured-fraction", "0.5", "--schema", str(schema), "--result-json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    tokens = [r["output_tokens"] for r in report["requests"]]
+    assert report["summary"]["failed"] == 0 and sorted(tokens)[:2] != [6, 6] and max(tokens) == 6  # the constrained ones end with their enum

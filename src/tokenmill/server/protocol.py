@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import from_json
 
-from tokenmill.sampling_params import SamplingParams
+from tokenmill.sampling_params import GrammarSpec, SamplingParams
 from tokenmill.server.errors import BAD_JSON, PROMPT_TYPES, APIError, clip, from_validation, invalid
 
 MAX_STOP = 4
@@ -18,6 +18,17 @@ Strict = ConfigDict(extra="forbid", strict=True)
 class StreamOptions(BaseModel):
     model_config = Strict
     include_usage: bool | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of these."""
+
+    model_config = Strict
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema (`json` would shadow BaseModel.json)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # GBNF, llama.cpp's dialect
+    json_object: bool | None = None
 
 
 class SamplingFields(BaseModel):
@@ -41,6 +52,11 @@ class SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0)
     top_k: int = Field(0, ge=-1, le=2**31 - 1)  # 0 or -1: off
     repetition_penalty: float = Field(1.0, gt=0, le=10)
+    structured_outputs: StructuredOutputs | None = None  # the output follows a JSON schema, regex, choice or GBNF grammar
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names for the same
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -192,9 +208,9 @@ def check_logit_bias(bias: dict[str, int] | None) -> None:
             raise invalid(f"Invalid value in 'logit_bias' for token {key}: {clip(str(value))} is outside -100..100.", "logit_bias")
 
 
-def to_sampling_params(r: CompletionRequest) -> SamplingParams:
+def to_sampling_params(r: CompletionRequest, grammar: GrammarSpec | None = None) -> SamplingParams:
     """The engine's view of a request: defaults resolved, no pydantic."""
-    return r.sampling_params(max_tokens=r.max_tokens_, logprobs=r.logprobs, echo=bool(r.echo), n=r.n_, best_of=r.best_of_)
+    return r.sampling_params(max_tokens=r.max_tokens_, logprobs=r.logprobs, echo=bool(r.echo), n=r.n_, best_of=r.best_of_, grammar=grammar)
 
 
 class CompletionLogprobs(BaseModel):
