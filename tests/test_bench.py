@@ -188,3 +188,13 @@ def test_a_structured_workload_constrains_the_share_asked_for(llama, tmp_path):
     report = json.loads(out.read_text())
     tokens = [r["output_tokens"] for r in report["requests"]]
     assert report["summary"]["failed"] == 0 and sorted(tokens)[:2] != [6, 6] and max(tokens) == 6  # the constrained ones end with their enum
+
+
+def test_grammar_library_comparison_runs(llama_dir, capsys):
+    from tokenmill.benchmarks import grammar_libraries
+
+    assert grammar_libraries.main(["--model", str(llama_dir)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| llguidance")]
+    assert len(rows) == 1
+    accepted, total = rows[0].rstrip(" |").rsplit("| ", 1)[1].split(" of ")
+    assert accepted == total  # the valid output is accepted whole
