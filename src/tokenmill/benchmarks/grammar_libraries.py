@@ -12,16 +12,8 @@ import argparse
 import json
 import time
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 32},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
-    },
-    "required": ["name", "age", "tags"],
-    "additionalProperties": False,
-}
+from tokenmill.benchmarks.serve import SCHEMA  # the structured workload's record
+
 OUTPUT = '{"name":"Ada Lovelace","age":36,"tags":["math","poetry","engines"]}'
 
 
