@@ -280,8 +280,8 @@ def test_fields_for_openais_own_service_are_accepted(chat):
         ({"messages": [{"role": "assistant", "content": None}]}, "messages[0].content", None),
         ({"messages": [{"role": "function", "name": "f", "content": "x"}]}, "messages[0].role", "unsupported_parameter"),
         ({"messages": ["hi"]}, "messages[0]", None),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
-        ({"tool_choice": "none"}, "tool_choice", "unsupported_parameter"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice", "unsupported_parameter"),  # 'auto', the default
+        ({"tool_choice": "none"}, "tool_choice", None),  # only with tools
         ({"functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
         ({"response_format": {"type": "yaml"}}, "response_format.type", None),
         ({"audio": {"voice": "alloy", "format": "mp3"}}, "audio", "unsupported_parameter"),

@@ -128,7 +128,9 @@ class Tokenizer:
         with self._lock:
             return self.hf.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False, **template_kwargs) -> str:
+    def render_chat(
+        self, messages: list[dict], add_generation_prompt: bool = True, continue_final_message: bool = False, tools: list[dict] | None = None, **template_kwargs
+    ) -> str:
         """A conversation as the model's chat template writes it.
 
         Raises NoChatTemplate when the model has none, and ChatTemplateError with the template's own
@@ -136,7 +138,7 @@ class Tokenizer:
         """
         if self.chat_template is None:
             raise NoChatTemplate("this model has no chat template")
-        kwargs = {**template_kwargs, "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message}
+        kwargs = {**template_kwargs, "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message, "tools": tools}
         try:
             with self._lock:
                 return self.hf.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False, **kwargs)

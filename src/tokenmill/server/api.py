@@ -168,7 +168,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
             body, prompt, max_tokens, grammar = await _prepare_chat(request, engine, config)
             header = Header(engine.info.name, system_fingerprint, new_id("chatcmpl-"))
             outputs = start(request, header, arrived, [prompt], to_chat_sampling_params(body, max_tokens, grammar))
-        render = ChatRender(header, engine.tokenizer, body.n_, body.echo_text(), body.include_usage)
+        render = ChatRender(header, engine.tokenizer, body.n_, body.echo_text(), body.include_usage, [f.name for f in body.forced_tools])
         if body.stream:
             return _sse(request, _events(outputs, header.id, render.opening(), render.chunks), config.sse_keepalive)
         acc = await _collect(request, outputs, Accumulator(body.n_, bool(body.logprobs)))

@@ -23,9 +23,6 @@ TEXT_PART_KEYS = {"type", "text", "prompt_cache_breakpoint"}
 
 # Fields that would change what the model produces in ways tokenmill cannot yet honour: refused, never ignored.
 UNSUPPORTED = (
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
     "functions",
     "function_call",
     "audio",
@@ -93,6 +90,31 @@ class ToolMessage(BaseModel):
     tool_call_id: str
 
 
+class FunctionDefinition(BaseModel):
+    model_config = Strict
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None  # enforced either way
+
+
+class Tool(BaseModel):
+    model_config = Strict
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = Strict
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = Strict
+    type: Literal["function"]
+    function: NamedFunction
+
+
 # The messages' shapes, for the OpenAPI description; parse_messages checks them by hand, for errors
 # that name `messages[i].field` (pydantic's union errors name every branch instead).
 Message = Annotated[InstructionMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
@@ -115,6 +137,9 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: ChatStreamOptions | None = None
     response_format: dict[str, Any] | None = None  # text, json_object or json_schema: see server/structured.py
     modalities: list[Literal["text", "audio"]] | None = None  # only ["text"]
+    tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # a forced call is always one call
 
     # Accepted, with no effect: they steer OpenAI's own service, not the text.
     store: bool | None = None
@@ -148,6 +173,22 @@ class ChatCompletionRequest(SamplingFields):
     def top_k_logprobs(self) -> int | None:
         """How many alternatives each token's logprobs carry (None: no logprobs)."""
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def forced_tools(self) -> list[FunctionDefinition]:
+        """The functions the reply must call one of ('required', or the one named); empty: a text reply."""
+        if not self.tools or self.tool_choice in (None, "none", "auto"):
+            return []
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            return [t.function for t in self.tools if t.function.name == name]
+        return [t.function for t in self.tools]
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as chat templates take them (transformers' shape), or None."""
+        if not self.tools:
+            return None
+        return [{"type": "function", "function": t.function.model_dump(exclude_none=True, exclude={"strict"})} for t in self.tools]
 
     def echo_text(self) -> str:
         """echo: the last message's text, when it is the assistant's (the reply continues it)."""
@@ -188,6 +229,9 @@ def refuse_unsupported(data: dict) -> None:
     for name in UNSUPPORTED:
         if data.get(name) is not None:
             raise unsupported(name)
+    tools = data.get("tools")
+    if isinstance(tools, list) and any(isinstance(t, dict) and t.get("type") == "custom" for t in tools):
+        raise unsupported("tools", " (custom tools: only function tools are served)")
     modalities = data.get("modalities")
     if isinstance(modalities, list) and "audio" in modalities:
         raise unsupported("modalities", " (audio: this model writes text only)")
@@ -296,9 +340,26 @@ def check_chat_request(r: ChatCompletionRequest) -> None:
         raise invalid("'top_logprobs' is only allowed when 'logprobs' is true.", "top_logprobs")
     if r.stream_options is not None and not r.stream:
         raise invalid("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options")
+    check_tools(r)
     if r.continue_final_message and r.add_generation_prompt:
         raise invalid("'continue_final_message' continues the last message, so it needs 'add_generation_prompt': false.", "continue_final_message")
     check_logit_bias(r.logit_bias)
+
+
+def check_tools(r: ChatCompletionRequest) -> None:
+    """tools with tool_choice 'none', 'required' or a named function; 'auto' (the default once tools are given) is not built yet."""
+    for name in ("tool_choice", "parallel_tool_calls"):
+        if getattr(r, name) is not None and not r.tools:
+            raise invalid(f"'{name}' is only allowed when 'tools' are specified.", name)
+    if not r.tools:
+        return
+    names = [t.function.name for t in r.tools]
+    if len(set(names)) != len(names):
+        raise invalid("Each tool needs its own function name.", "tools")
+    if r.tool_choice in (None, "auto"):
+        raise unsupported("tool_choice", " as 'auto' (the default once 'tools' are given): send 'required', 'none' or a named function")
+    if isinstance(r.tool_choice, NamedToolChoice) and r.tool_choice.function.name not in names:
+        raise invalid(f"'tool_choice' names {clip(repr(r.tool_choice.function.name))}, which is not among the 'tools'.", "tool_choice")
 
 
 def to_chat_sampling_params(r: ChatCompletionRequest, max_tokens: int, grammar: GrammarSpec | None = None) -> SamplingParams:
@@ -321,17 +382,36 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None = None
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None  # left out unless the reply is a tool call
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler):
+        return {k: v for k, v in handler(self).items() if k != "tool_calls" or v is not None}
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
 class ChatCompletion(BaseModel):
@@ -346,6 +426,26 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None  # the next piece of the arguments' JSON text
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class ChatDelta(BaseModel):
     """What a stream chunk adds to a choice; fields it does not carry are left out, as OpenAI sends them."""
 
@@ -353,6 +453,7 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler):
@@ -363,7 +464,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

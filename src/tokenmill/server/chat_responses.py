@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import cast
 
 from tokenmill.outputs import ChoiceDelta, Logprobs, RequestOutput
@@ -13,19 +15,29 @@ from tokenmill.server.chat_protocol import (
     ChatDelta,
     ChatMessage,
     ChoiceLogprobs,
+    DeltaFunction,
+    DeltaToolCall,
+    FunctionCall,
     TokenLogprob,
+    ToolCallOut,
     TopLogprob,
 )
-from tokenmill.server.responses import Accumulator, Header, usage_of
+from tokenmill.server.responses import Accumulator, Header, new_id, usage_of
 from tokenmill.tokenizer import Tokenizer
 
 
 class ChatRender:
-    """Shapes one chat request's outputs: whole replies, or the events of a stream."""
+    """Shapes one chat request's outputs: whole replies, or the events of a stream.
 
-    def __init__(self, header: Header, tokenizer: Tokenizer, choices: int, echo: str = "", include_usage: bool = False):
+    tools: the functions a forced tool call chooses from; the generated text is then the call (one
+    function's arguments, or {"name", "arguments"} when there are several) and becomes `tool_calls`.
+    """
+
+    def __init__(self, header: Header, tokenizer: Tokenizer, choices: int, echo: str = "", include_usage: bool = False, tools: list[str] | None = None):
         self.header, self.tokenizer, self.choices = header, tokenizer, choices
-        self.echo, self.include_usage = echo, include_usage
+        self.echo, self.include_usage, self.tools = echo, include_usage, tools or []
+        self._call_ids = [new_id("call_")[:29] for _ in range(choices)]  # one call per choice, one id through its stream
+        self._held = [""] * choices  # several tools, streamed: the call is sent whole once its name is known
 
     def whole(self, acc: Accumulator) -> dict:
         """The chat.completion object, from every output of the request."""
@@ -43,11 +55,34 @@ class ChatRender:
     def _choice(self, c: ChoiceDelta) -> ChatChoice:
         """One whole choice of the reply."""
         assert c.finish_reason is not None  # the whole reply is rendered once every choice has finished
-        return ChatChoice(index=c.index, message=ChatMessage(content=self.echo + c.text), logprobs=self._logprobs(c.logprobs), finish_reason=c.finish_reason)
+        logprobs = self._logprobs(c.logprobs)
+        if not self.tools:
+            return ChatChoice(index=c.index, message=ChatMessage(content=self.echo + c.text), logprobs=logprobs, finish_reason=c.finish_reason)
+        name, arguments = self._call(c.text)
+        call = ToolCallOut(id=self._call_ids[c.index], function=FunctionCall(name=name, arguments=arguments))
+        return ChatChoice(index=c.index, message=ChatMessage(content=None, tool_calls=[call]), logprobs=logprobs, finish_reason=_reason(c.finish_reason))
+
+    def _call(self, text: str) -> tuple[str, str]:
+        """A forced call's function name and arguments, from its generated text (cut short by max_tokens, as it may be)."""
+        if len(self.tools) == 1:
+            return self.tools[0], text
+        try:
+            call = json.loads(text)
+            return call["name"], json.dumps(call["arguments"], ensure_ascii=False, separators=(",", ":"))
+        except (ValueError, KeyError, TypeError):  # cut short: not yet a whole call
+            named = re.match(r'\{"name":"([^"]*)"', text)
+            return (named.group(1) if named else ""), text
 
     def opening(self) -> list[dict]:
-        """Each choice's first chunk: the role, and the echoed text if any (sent before any token, as OpenAI does)."""
-        return [self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=self.echo))]) for i in range(self.choices)]
+        """Each choice's first chunk: the role, and the echoed text if any (sent before any token, as OpenAI does).
+
+        With one forced function, the call's id and name come first too, then its arguments piece by piece.
+        """
+        deltas = [ChatDelta(role="assistant", content=None if self.tools else self.echo) for _ in range(self.choices)]
+        if len(self.tools) == 1:
+            for i, delta in enumerate(deltas):
+                delta.tool_calls = [DeltaToolCall(index=0, id=self._call_ids[i], type="function", function=DeltaFunction(name=self.tools[0], arguments=""))]
+        return [self._chunk([ChatChunkChoice(index=i, delta=d)]) for i, d in enumerate(deltas)]
 
     def chunks(self, output: RequestOutput) -> list[dict]:
         """The chunks one engine output makes: a content delta per choice, then usage at the end if asked."""
@@ -57,8 +92,23 @@ class ChatRender:
         return out
 
     def _chunk_choice(self, delta: ChoiceDelta) -> ChatChunkChoice:
+        logprobs = self._logprobs(delta.logprobs)
+        if self.tools:
+            return ChatChunkChoice(index=delta.index, delta=self._call_delta(delta), logprobs=logprobs, finish_reason=_reason(delta.finish_reason))
         content = ChatDelta(content=delta.text) if delta.text or not delta.finish_reason else ChatDelta()
-        return ChatChunkChoice(index=delta.index, delta=content, logprobs=self._logprobs(delta.logprobs), finish_reason=delta.finish_reason)
+        return ChatChunkChoice(index=delta.index, delta=content, logprobs=logprobs, finish_reason=delta.finish_reason)
+
+    def _call_delta(self, delta: ChoiceDelta) -> ChatDelta:
+        """A forced call's next piece: its arguments as they come (one function), or the whole call at the end (several)."""
+        if len(self.tools) == 1:
+            piece = [DeltaToolCall(index=0, function=DeltaFunction(arguments=delta.text))] if delta.text else None
+            return ChatDelta(tool_calls=piece)
+        self._held[delta.index] += delta.text
+        if not delta.finish_reason:
+            return ChatDelta()
+        name, arguments = self._call(self._held[delta.index])
+        call = DeltaToolCall(index=0, id=self._call_ids[delta.index], type="function", function=DeltaFunction(name=name, arguments=arguments))
+        return ChatDelta(tool_calls=[call])
 
     def _chunk(self, choices: list[ChatChunkChoice], usage=None) -> dict:
         chunk = ChatCompletionChunk(
@@ -86,3 +136,8 @@ class ChatRender:
             for text, lp, token_id, ranked in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.token_ids, logprobs.ranked, strict=True)
         ]
         return ChoiceLogprobs(content=content)
+
+
+def _reason(finish: str | None):
+    """A forced call that its grammar completed finishes as OpenAI says: tool_calls."""
+    return "tool_calls" if finish == "stop" else finish

@@ -54,7 +54,9 @@ def encode_chat(request: ChatCompletionRequest, tokenizer: Tokenizer, max_model_
     if request.n_ > max_sequences:
         raise invalid(f"This request asks for {request.n_} choices; at most {max_sequences} are served at once.", "n")
     messages = template_messages(request.messages)
-    text = render_chat(tokenizer, messages, request.add_generation_prompt, request.continue_final_message, request.chat_template_kwargs)
+    text = render_chat(
+        tokenizer, messages, request.add_generation_prompt, request.continue_final_message, request.chat_template_kwargs, request.template_tools()
+    )
     limit = request.token_limit
     _check_chars(len(text), tokenizer.max_token_chars, limit or 1, max_model_len, "messages")
     ids = _checked(tokenizer.encode, text, "messages", False)  # the template wrote any BOS itself
@@ -64,13 +66,20 @@ def encode_chat(request: ChatCompletionRequest, tokenizer: Tokenizer, max_model_
     return Prompt(tuple(ids), text), limit or max_model_len - len(ids)
 
 
-def render_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool, continue_final_message: bool, template_kwargs: dict | None) -> str:
+def render_chat(
+    tokenizer: Tokenizer,
+    messages: list[dict],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    template_kwargs: dict | None,
+    tools: list[dict] | None = None,
+) -> str:
     """A conversation through the chat template, with its failures as 400s."""
     reserved = next((k for k in template_kwargs or {} if k in tokenizer.reserved_template_args), None)
     if reserved is not None:
         raise invalid(f"'chat_template_kwargs' cannot set {clip(repr(reserved))}: it is an argument of the template call itself.", "chat_template_kwargs")
     try:
-        return tokenizer.render_chat(messages, add_generation_prompt, continue_final_message, **(template_kwargs or {}))
+        return tokenizer.render_chat(messages, add_generation_prompt, continue_final_message, tools, **(template_kwargs or {}))
     except NoChatTemplate:
         raise invalid(NO_TEMPLATE, "messages", code="no_chat_template") from None
     except ChatTemplateError as exc:

@@ -42,7 +42,10 @@ def compile_grammar(compiler: GrammarCompiler, constraint: tuple[str, GrammarSpe
 
 def _constraints(request) -> list[tuple[str, GrammarSpec | None]]:
     """Every field that can constrain the output, and the spec it gives."""
-    out = []
+    out: list[tuple[str, GrammarSpec | None]] = []
+    forced = getattr(request, "forced_tools", [])
+    if forced:
+        out.append(("tool_choice", GrammarSpec("json", json.dumps(tool_call_schema(forced), sort_keys=True))))
     fmt = getattr(request, "response_format", None)
     if fmt is not None:
         out.append(("response_format", _response_format(fmt)))
@@ -58,6 +61,25 @@ def _constraints(request) -> list[tuple[str, GrammarSpec | None]]:
         if value is not None:
             out.append((f"guided_{key}", _spec(key, value, f"guided_{key}")))
     return out
+
+
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+def tool_call_schema(functions: list) -> dict:
+    """What a forced tool call's output must be: one function's arguments, or {"name", "arguments"} for one of several."""
+    if len(functions) == 1:
+        return functions[0].parameters or NO_ARGUMENTS
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": f.name}, "arguments": f.parameters or NO_ARGUMENTS},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for f in functions
+    ]
+    return {"anyOf": calls}
 
 
 def _spec(kind: str, value: Any, param: str) -> GrammarSpec:
