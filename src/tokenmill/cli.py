@@ -26,7 +26,7 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """tokenmill's commands and their options (serve's derived from the config dataclasses)."""
-    parser = argparse.ArgumentParser(prog="tokenmill", description="An OpenAI-compatible completions server.", formatter_class=DefaultsFormatter)
+    parser = argparse.ArgumentParser(prog="tokenmill", description="An OpenAI-compatible completions and chat server.", formatter_class=DefaultsFormatter)
     parser.add_argument("--version", action="version", version=f"tokenmill {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="the least severe messages logged")
