@@ -13,7 +13,6 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 import llguidance
-import llguidance.hf
 from llguidance.gbnf_to_lark import gbnf_to_lark
 
 if TYPE_CHECKING:
@@ -49,6 +48,8 @@ class GrammarCompiler:
         """llguidance's view of the vocabulary (about 0.5 s to build for a 49k vocabulary)."""
         with self._lock:
             if self._tokenizer is None:
+                import llguidance.hf  # imports transformers (~1.7 s): only once a grammar is first used
+
                 self._tokenizer = llguidance.hf.from_tokenizer(self._hf, n_vocab=self._vocab_size)
             return self._tokenizer
 

@@ -199,7 +199,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 FIELDS = set(ChatCompletionRequest.model_fields) | set(UNSUPPORTED)
-_PLACEHOLDER = {"role": "user", "content": ""}  # stands in for the messages, already checked, while pydantic checks the rest
+PLACEHOLDER_MESSAGE = {"role": "user", "content": ""}  # stands in for the messages, already checked, while pydantic checks the rest
 
 
 def parse_chat_request(body: bytes) -> ChatCompletionRequest:
@@ -210,7 +210,7 @@ def parse_chat_request(body: bytes) -> ChatCompletionRequest:
     data = {k: v for k, v in data.items() if k not in UNSUPPORTED}  # what is left of them is null
     messages = parse_messages(data["messages"]) if "messages" in data else None
     try:
-        request = ChatCompletionRequest.model_validate({**data, "messages": [_PLACEHOLDER]} if messages is not None else data)
+        request = ChatCompletionRequest.model_validate({**data, "messages": [PLACEHOLDER_MESSAGE]} if messages is not None else data)
     except ValidationError as exc:
         raise from_validation(exc) from None
     assert messages is not None  # without them, validation has failed above

@@ -42,14 +42,7 @@ class ChatRender:
     def whole(self, acc: Accumulator) -> dict:
         """The chat.completion object, from every output of the request."""
         choices = [self._choice(c) for c in acc.deltas()]
-        reply = ChatCompletion(
-            id=self.header.id,
-            created=self.header.created,
-            model=self.header.model,
-            system_fingerprint=self.header.system_fingerprint,
-            choices=choices,
-            usage=acc.usage(),
-        )
+        reply = ChatCompletion(**self.header.fields(), choices=choices, usage=acc.usage())
         return reply.model_dump()
 
     def _choice(self, c: ChoiceDelta) -> ChatChoice:
@@ -111,14 +104,7 @@ class ChatRender:
         return ChatDelta(tool_calls=[call])
 
     def _chunk(self, choices: list[ChatChunkChoice], usage=None) -> dict:
-        chunk = ChatCompletionChunk(
-            id=self.header.id,
-            created=self.header.created,
-            model=self.header.model,
-            system_fingerprint=self.header.system_fingerprint,
-            choices=choices,
-            usage=usage,
-        )
+        chunk = ChatCompletionChunk(**self.header.fields(), choices=choices, usage=usage)
         return chunk.model_dump(exclude=None if self.include_usage else {"usage"})
 
     def _logprobs(self, logprobs: Logprobs | None) -> ChoiceLogprobs | None:

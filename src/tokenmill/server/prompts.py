@@ -26,7 +26,7 @@ def encode_prompts(request: CompletionRequest, tokenizer: Tokenizer, max_model_l
     if request.suffix:
         if tokenizer.fim is None:
             raise invalid("This model cannot insert text: its tokenizer has no fill-in-the-middle tokens, so 'suffix' is not supported.", "suffix")
-        _checked(tokenizer.check_encodable, request.suffix, "suffix")
+        checked(tokenizer.check_encodable, request.suffix, "suffix")
     items = _split(request.prompt)
     if len(items) * request.best_of_ > max_sequences:
         raise invalid(
@@ -39,10 +39,10 @@ def encode_prompts(request: CompletionRequest, tokenizer: Tokenizer, max_model_l
             _check_length(len(item), request.max_tokens_, max_model_len)
     prompts = [_encode(item, tokenizer, request.suffix) for item in items]
     for prompt in prompts:
-        _check_ids(prompt.token_ids, tokenizer.vocab_size, "prompt")
+        check_ids(prompt.token_ids, tokenizer.vocab_size, "prompt")
         _check_length(len(prompt.token_ids), request.max_tokens_, max_model_len)
     for key in request.logit_bias or {}:
-        _check_ids([int(key)], tokenizer.vocab_size, "logit_bias")
+        check_ids([int(key)], tokenizer.vocab_size, "logit_bias")
     return prompts
 
 
@@ -59,10 +59,10 @@ def encode_chat(request: ChatCompletionRequest, tokenizer: Tokenizer, max_model_
     )
     limit = request.token_limit
     _check_chars(len(text), tokenizer.max_token_chars, limit or 1, max_model_len, "messages")
-    ids = _checked(tokenizer.encode, text, "messages", False)  # the template wrote any BOS itself
+    ids = checked(tokenizer.encode, text, "messages", False)  # the template wrote any BOS itself
     _check_length(len(ids), limit or 1, max_model_len, "messages")
     for key in request.logit_bias or {}:
-        _check_ids([int(key)], tokenizer.vocab_size, "logit_bias")
+        check_ids([int(key)], tokenizer.vocab_size, "logit_bias")
     return Prompt(tuple(ids), text), limit or max_model_len - len(ids)
 
 
@@ -99,7 +99,7 @@ def _encode(item, tokenizer: Tokenizer, suffix: str | None) -> Prompt:
     """One prompt to ids; text is kept for echo."""
     if suffix:
         if isinstance(item, str):
-            prefix = _checked(tokenizer.encode, item, "prompt", False)
+            prefix = checked(tokenizer.encode, item, "prompt", False)
         else:
             prefix = list(item or [])
         return Prompt(tuple(tokenizer.encode_fim(prefix, suffix)))
@@ -107,11 +107,11 @@ def _encode(item, tokenizer: Tokenizer, suffix: str | None) -> Prompt:
         return Prompt(tuple(tokenizer.document_start()))
     if isinstance(item, list):
         return Prompt(tuple(item))
-    ids = _checked(tokenizer.encode, item, "prompt") or tokenizer.document_start()
+    ids = checked(tokenizer.encode, item, "prompt") or tokenizer.document_start()
     return Prompt(tuple(ids), item, skip=tokenizer.added_prefix if ids else 0)
 
 
-def _checked(fn, text: str, param: str, *args):
+def checked(fn, text: str, param: str, *args):
     """fn(text), with text the vocabulary cannot spell answered as a 400 naming `param`."""
     try:
         return fn(text, *args)
@@ -119,7 +119,7 @@ def _checked(fn, text: str, param: str, *args):
         raise invalid(f"'{param}' cannot be tokenized: {exc}.", param) from None
 
 
-def _check_ids(ids, vocab_size: int, param: str) -> None:
+def check_ids(ids, vocab_size: int, param: str) -> None:
     """Token ids must name tokens of this model."""
     bad = next((i for i in ids if not 0 <= i < vocab_size), None)
     if bad is not None:

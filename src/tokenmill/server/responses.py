@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from tokenmill import __version__
 from tokenmill.outputs import ChoiceDelta, FinishReason, Logprobs, ModelInfo, RequestOutput
@@ -33,7 +33,11 @@ class Header:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def completion(self, choices: list[CompletionChoice], usage: Usage | None = None) -> Completion:
-        return Completion(id=self.id, created=self.created, model=self.model, system_fingerprint=self.system_fingerprint, choices=choices, usage=usage)
+        return Completion(**self.fields(), choices=choices, usage=usage)
+
+    def fields(self) -> dict:
+        """id, created, model and system_fingerprint, as every response object carries them."""
+        return asdict(self)
 
 
 def usage_of(output: RequestOutput) -> Usage:

@@ -6,11 +6,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from tokenmill.server.chat_protocol import Message, parse_messages, template_messages
-from tokenmill.server.errors import clip, from_validation, invalid
-from tokenmill.server.prompts import render_chat
+from tokenmill.server.chat_protocol import PLACEHOLDER_MESSAGE, Message, parse_messages, template_messages
+from tokenmill.server.errors import from_validation, invalid
+from tokenmill.server.prompts import check_ids, checked, render_chat
 from tokenmill.server.protocol import Strict, load_object
-from tokenmill.tokenizer import Tokenizer, UnencodableText
+from tokenmill.tokenizer import Tokenizer
 
 
 class TokenizeText(BaseModel):
@@ -59,7 +59,7 @@ def parse_tokenize(body: bytes) -> TokenizeText | TokenizeChat:
     if "messages" not in data:
         return _validated(TokenizeText, data)
     messages = parse_messages(data["messages"])
-    request = _validated(TokenizeChat, {**data, "messages": [{"role": "user", "content": ""}]})
+    request = _validated(TokenizeChat, {**data, "messages": [PLACEHOLDER_MESSAGE]})
     request.messages = messages  # plain dicts, as the chat template takes them
     return request
 
@@ -85,19 +85,14 @@ def tokenize(request: TokenizeText | TokenizeChat, tokenizer: Tokenizer, max_mod
         )
     else:
         text, param = request.prompt, "prompt"
-    try:
-        ids = tokenizer.encode(text, request.add_special_tokens)
-    except UnencodableText as exc:
-        raise invalid(f"'{param}' cannot be tokenized: {exc}.", param) from None
+    ids = checked(tokenizer.encode, text, param, request.add_special_tokens)
     strs = [tokenizer.token_text(i) for i in ids] if request.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=max_model_len, tokens=ids, token_strs=strs)
 
 
 def detokenize(request: DetokenizeRequest, tokenizer: Tokenizer) -> DetokenizeResponse:
     """The text token ids spell, special tokens included."""
-    bad = next((t for t in request.tokens if not 0 <= t < tokenizer.vocab_size), None)
-    if bad is not None:
-        raise invalid(f"Token id {clip(bad)} in 'tokens' is out of range: this model's token ids are 0..{tokenizer.vocab_size - 1}.", "tokens")
+    check_ids(request.tokens, tokenizer.vocab_size, "tokens")
     return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
 
 
