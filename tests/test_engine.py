@@ -1,5 +1,7 @@
 """The engine without HTTP: greedy equals transformers, seeds, n/best_of, echo scoring, stop, abort."""
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -185,3 +187,29 @@ def test_a_sentencepiece_style_tokenizer_works_through_the_hf_path(metaspace_lla
     assert lp.text_offset == sorted(lp.text_offset)
     [(echoed, _, _)], _ = run(engine, "e", [prompt(engine, text)], SamplingParams(max_tokens=0, echo=True, logprobs=0))
     assert echoed == text
+
+
+def test_grammar_masks_are_computed_during_the_forward(engine, monkeypatch):
+    """Each constrained row's mask is made on the mask thread while the model runs, and changes nothing."""
+    import threading
+
+    from tokenmill.engine.engine import Engine
+    from tokenmill.sampling_params import GrammarSpec
+
+    params = SamplingParams(max_tokens=30, temperature=1.0, seed=3, n=2, best_of=3, grammar=GrammarSpec("regex", "[a-f]{3,12}( [0-9]{1,4})?"))
+    made_on: list[str] = []
+    compute = Engine._masks
+
+    def recording(self, seqs, vocab):
+        made_on.append(threading.current_thread().name)
+        return compute(self, seqs, vocab)
+
+    monkeypatch.setattr(Engine, "_masks", recording)
+    ahead, _ = run(engine, "ahead", [prompt(engine, "x = ")], params)
+    assert made_on and set(made_on) == {"tokenmill-masks"}, made_on
+    monkeypatch.setattr(Engine, "_masks_ahead", lambda self, plan: None)
+    made_on.clear()
+    late, _ = run(engine, "late", [prompt(engine, "x = ")], params)
+    assert set(made_on) == {threading.current_thread().name}
+    assert ahead == late
+    assert all(re.fullmatch("[a-f]{3,12}( [0-9]{1,4})?", text) for text, _, finish in ahead if finish == "stop")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 import torch
 
 BITS = 32  # tokens per int32 word of a mask row
+T = TypeVar("T")
 
 
 def grammar_bitmask(matchers: list, vocab: int, grammar_vocab: int, eos_ids: tuple[int, ...]) -> torch.Tensor:
@@ -41,3 +46,31 @@ def _bit(position: int) -> int:
     """The int32 value with one bit set (bit 31 is the sign)."""
     value = 1 << position
     return value - (1 << BITS) if value >= 1 << (BITS - 1) else value
+
+
+class Ahead(Generic[T]):
+    """Runs a function on a thread of its own (grammar masks while the model's forward runs); result() waits for it.
+
+    llguidance computes a mask in Rust and torch's ops release the GIL, so the two overlap; the
+    matchers are touched by nobody else until result() returns.
+    """
+
+    def __init__(self, fn: Callable[[], T]):
+        self._fn = fn
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tokenmill-masks", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._fn()
+        except BaseException as exc:  # raised again by result(), on the engine's thread
+            self._error = exc
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from tokenmill.engine.constraints import grammar_bitmask
+from tokenmill.engine.constraints import Ahead, grammar_bitmask
 from tokenmill.engine.detokenizer import Detokenizer
 from tokenmill.engine.kv_cache import BlockManager
 from tokenmill.engine.model_runner import ModelRunner, Work
@@ -130,12 +130,14 @@ class Engine:
         plan = self.scheduler.schedule()
         self._note_scheduled(plan)
         touched, self._ready = self._ready, set()
+        ahead = self._masks_ahead(plan)
         logits, failed = self._run(plan) if plan.scheduled else ([], [])
+        masks = self._masks_done(ahead)
         rows: list[tuple[Sequence, torch.Tensor]] = []
         for item, row_logits in zip(plan.scheduled, logits, strict=True):
             rows += self._advance(item, row_logits)
         if rows:
-            rows, failed_rows = self._sample_rows(rows)
+            rows, failed_rows = self._sample_rows(rows, masks)
             failed += failed_rows
             self._queue_candidates([s for s, _ in rows])
         for seq, _ in rows:
@@ -162,7 +164,7 @@ class Engine:
         output.queue_time = self._queue_times.pop(request_id, None)
         return output
 
-    def _sample_rows(self, rows: list[tuple[Sequence, torch.Tensor]]) -> tuple[list, list[RequestOutput]]:
+    def _sample_rows(self, rows: list[tuple[Sequence, torch.Tensor]], masks: dict[int, torch.Tensor]) -> tuple[list, list[RequestOutput]]:
         """Sample every row at once and hand each its token; a request whose row fails, fails alone.
 
         NaN logits show as a NaN chosen logprob (the sampler brings those to the host anyway) and fail
@@ -171,7 +173,7 @@ class Engine:
         """
         drawn: list[tuple[Sequence, torch.Tensor, SamplerOutput, int]] = []
         failed: list[RequestOutput] = []
-        allowed = self._allowed([s for s, _ in rows], rows[0][1].shape[-1])  # [B, V/32] bits, None if no row has a grammar
+        allowed = self._allowed([s for s, _ in rows], rows[0][1].shape[-1], masks)  # [B, V/32] bits, None if no row has a grammar
         try:
             out = sample(torch.stack([r for _, r in rows]), [self._row(s) for s, _ in rows], allowed)  # [B, V] in
             drawn = [(s, r, out, i) for i, (s, r) in enumerate(rows)]
@@ -195,11 +197,45 @@ class Engine:
                 failed.append(self.fail(seq.group.request_id, exc))
         return [(s, r) for s, r, _, _ in drawn if s.group.request_id in self._requests], failed
 
-    def _allowed(self, seqs: list[Sequence], vocab: int) -> torch.Tensor | None:
-        """The tokens each sequence's grammar allows next, as bits; None when no sequence has a grammar (they pay nothing)."""
+    def _allowed(self, seqs: list[Sequence], vocab: int, masks: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """The tokens each sequence's grammar allows next, as bits; None when no sequence has a grammar (they pay nothing).
+
+        masks: rows computed during the forward, by sequence id; any other constrained row is computed now.
+        """
         if all(s.matcher is None for s in seqs):
             return None
-        return grammar_bitmask([s.matcher for s in seqs], vocab, self.tokenizer.grammars.vocab_size, self.eos_ids)
+        words = -(-vocab // 32)
+        late = [s for s in seqs if s.matcher is not None and (s.seq_id not in masks or masks[s.seq_id].numel() != words)]
+        if late:
+            masks = {**masks, **self._masks(late, vocab)}
+        return torch.stack([masks[s.seq_id] if s.matcher is not None else torch.full((words,), -1, dtype=torch.int32) for s in seqs])
+
+    def _masks(self, seqs: list[Sequence], vocab: int) -> dict[int, torch.Tensor]:
+        """Each constrained sequence's mask row [V/32], by sequence id."""
+        rows = grammar_bitmask([s.matcher for s in seqs], vocab, self.tokenizer.grammars.vocab_size, self.eos_ids)
+        return {s.seq_id: row for s, row in zip(seqs, rows, strict=True)}
+
+    def _masks_ahead(self, plan: Plan) -> Ahead[dict[int, torch.Tensor]] | None:
+        """Start the masks of the constrained sequences that sample this step, to overlap the forward."""
+        seqs = []
+        for item in plan.scheduled:
+            seq = item.seq
+            if seq.num_computed + item.num_tokens >= seq.num_tokens:  # reaches its last token: it samples
+                seqs += [seq] if seq.group.prefilled else seq.group.sequences  # a prompt's end: every candidate
+        seqs = [s for s in seqs if s.matcher is not None and not s.finished]
+        if not seqs:
+            return None
+        return Ahead(lambda: self._masks(seqs, self.runner.vocab_size))
+
+    def _masks_done(self, ahead: Ahead[dict[int, torch.Tensor]] | None) -> dict[int, torch.Tensor]:
+        """The masks computed during the forward (none if that failed: they are computed again when needed)."""
+        if ahead is None:
+            return {}
+        try:
+            return ahead.result()
+        except Exception:
+            log.exception("computing grammar masks ahead failed; computing them again")
+            return {}
 
     def fail(self, request_id: str, exc: Exception) -> RequestOutput:
         """Abort a request the engine could not serve; its output says so (no internals)."""

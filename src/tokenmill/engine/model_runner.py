@@ -68,6 +68,7 @@ class ModelRunner:
         # packed linears agree at every row count; only other matmul layers (GPT-2's Conv1D, MKL) need padding
         self.pad_rows = batch_invariant and not (packed and not _unpacked_matmuls(model))
         self.shape = KVShape.of(model.config, next(model.parameters()).dtype)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]  # the width of the logits
         self.scratch = num_blocks  # one extra block: padding rows write here, padded tables point here
         s = self.shape  # zeros, not empty: a masked key weighs 0, and 0 x NaN would be NaN
         self.kv = torch.zeros(s.layers, 2, s.kv_heads, num_blocks + 1, block_size, s.head_dim, dtype=s.dtype, device=device)
