@@ -27,6 +27,22 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
+# ChatML with tools written Hermes-style (as Qwen2.5's template does): listed in a system turn, calls as <tool_call> JSON.
+HERMES_TEMPLATE = (
+    '{%- if tools %}{{- \'<|im_start|>system\nCall a function by writing <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>.\n<tools>\' }}'
+    "{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}{{- '\n</tools><|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is not none %}{{- message['content'] }}{%- endif %}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{{- '<tool_call>\n' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson) + '\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+TOOL_TOKENS = ["<tool_call>", "</tool_call>"]
+
 
 def train_tokenizer(fim: bool, chat: bool = False):
     """A byte-level BPE with a 1k vocabulary, trained on a few stdlib files (~0.5 s)."""
@@ -43,11 +59,12 @@ def train_tokenizer(fim: bool, chat: bool = False):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0, chat: bool = False) -> Path:
+def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0, chat: bool = False, tools: bool = False) -> Path:
     """Save a random-weight llama (with FIM tokens), qwen2 or gpt2 (without) and its tokenizer.
 
     bos: the tokenizer puts <|endoftext|> before every text; padding: extra embedding rows past the
-    tokenizer's vocabulary, as many real models have; chat: ChatML's special tokens and CHAT_TEMPLATE.
+    tokenizer's vocabulary, as many real models have; chat: ChatML's special tokens and CHAT_TEMPLATE;
+    tools: HERMES_TEMPLATE and <tool_call> / </tool_call> as tokens of their own (not special, as in Qwen2.5).
     """
     import torch
     from tokenizers import processors
@@ -56,6 +73,9 @@ def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0, chat
     tokenizer = train_tokenizer(fim=kind == "llama", chat=chat)
     if chat:
         tokenizer.chat_template = CHAT_TEMPLATE
+    if tools:
+        tokenizer.add_tokens(TOOL_TOKENS)
+        tokenizer.chat_template = HERMES_TEMPLATE
     if bos:
         tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)])
     torch.manual_seed(0)
@@ -67,7 +87,7 @@ def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0, chat
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=256,
+            max_position_embeddings=1024 if tools else 256,  # the tools' system turn is long
             bos_token_id=0,
             eos_token_id=0,
         )
@@ -106,6 +126,11 @@ def bos_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chat_llama_dir(tmp_path_factory) -> Path:
     return build_model("llama", tmp_path_factory.mktemp("tiny-llama-chat"), chat=True)
+
+
+@pytest.fixture(scope="session")
+def hermes_llama_dir(tmp_path_factory) -> Path:
+    return build_model("llama", tmp_path_factory.mktemp("tiny-llama-hermes"), chat=True, tools=True)
 
 
 @pytest.fixture(scope="session")

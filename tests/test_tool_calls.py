@@ -118,3 +118,170 @@ def test_a_streamed_call_equals_the_whole_one(chat):
 )
 def test_tool_mistakes_are_400s(chat, body, status, param, code):
     assert_error(post(chat, body), status, param, code)
+
+
+# --- tool_choice 'auto': the model chooses text or calls, written Hermes-style and read back out ---
+
+
+@pytest.fixture(scope="module")
+def hermes(hermes_llama_dir):
+    yield from serve(hermes_llama_dir, "tiny-hermes")
+
+
+def call_token(served) -> str:
+    """<tool_call>'s id, for a logit_bias that makes the random model begin a call."""
+    return str(served.engine.tokenizer.encode("<tool_call>", False)[0])
+
+
+def check_calls(message: dict, tools: list[dict]) -> None:
+    """Every call names one of the tools, and its arguments follow that tool's schema."""
+    schemas = {t["function"]["name"]: t["function"].get("parameters", {"const": {}}) for t in tools}
+    for call in message["tool_calls"]:
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+
+
+def test_auto_answers_in_text_when_the_model_writes_no_call(hermes):
+    for seed in range(3):
+        raw = post(hermes, {"tools": [WEATHER, TIME], "seed": seed, "max_tokens": 12}).json()
+        choice = strictly(ChatCompletion, raw).choices[0]
+        assert isinstance(choice.message.content, str) and choice.message.tool_calls is None or choice.finish_reason == "tool_calls"
+
+
+def test_auto_constrains_a_call_once_the_model_begins_one(hermes):
+    bias = {call_token(hermes): 100}
+    for extra in ({"temperature": 0}, {"seed": 1}, {"seed": 2, "tool_choice": "auto"}):
+        raw = post(hermes, {"tools": [WEATHER, TIME, NOTHING], "logit_bias": bias, "parallel_tool_calls": False, "max_tokens": 60, **extra}).json()
+        choice = strictly(ChatCompletion, raw).choices[0]
+        if choice.finish_reason == "length":  # cut short inside the call: its text is content, as written
+            assert choice.message.tool_calls is None and choice.message.content.startswith("<tool_call>\n{")
+            continue
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert len(choice.message.tool_calls) == 1
+        check_calls(raw["choices"][0]["message"], [WEATHER, TIME, NOTHING])
+
+
+def test_auto_makes_several_calls_when_parallel(hermes):
+    newline = str(hermes.engine.tokenizer.encode("\n", False)[0])  # after a call: another one rather than the end
+    bias = {call_token(hermes): 100, newline: 50}
+    raw = post(hermes, {"tools": [WEATHER, TIME, NOTHING], "logit_bias": bias, "temperature": 0, "max_tokens": 120}).json()
+    message = strictly(ChatCompletion, raw).choices[0].message
+    assert message.tool_calls and len(message.tool_calls) >= 2 and len({c.id for c in message.tool_calls}) == len(message.tool_calls)
+    check_calls(raw["choices"][0]["message"], [WEATHER, TIME, NOTHING])
+    assert raw["choices"][0]["finish_reason"] in ("tool_calls", "length")
+
+
+def test_auto_streamed_equals_whole(hermes):
+    bias = {call_token(hermes): 100}
+    for body in (
+        {"seed": 4, "n": 2, "max_tokens": 30},
+        {"seed": 5, "n": 2, "logit_bias": bias, "parallel_tool_calls": False, "max_tokens": 60},
+        {"temperature": 0, "logit_bias": bias, "max_tokens": 100},
+    ):
+        body = {"tools": [WEATHER, TIME, NOTHING], **body}
+        whole = post(hermes, body).json()
+        response = httpx.post(hermes.url + "/v1/chat/completions", json={"model": hermes.model, "messages": ASK, **body, "stream": True}, timeout=120)
+        chunks = [c for c in events(response) if c != "[DONE]"]
+        for c in whole["choices"]:
+            mine = [k["choices"][0] for k in chunks if k["choices"][0]["index"] == c["index"]]
+            content = "".join(k["delta"].get("content") or "" for k in mine)
+            assert content == (c["message"]["content"] or "")
+            calls = [t for k in mine for t in k["delta"].get("tool_calls") or []]
+            assert [t["index"] for t in calls] == list(range(len(calls)))
+            assert [(t["function"]["name"], t["function"]["arguments"]) for t in calls] == [
+                (t["function"]["name"], t["function"]["arguments"]) for t in c["message"].get("tool_calls") or []
+            ]
+            assert mine[-1]["finish_reason"] == c["finish_reason"] and all(k["finish_reason"] is None for k in mine[:-1])
+
+
+def test_the_next_turn_renders_the_calls_and_results_back(hermes):
+    first = post(hermes, {"tools": [WEATHER], "logit_bias": {call_token(hermes): 100}, "parallel_tool_calls": False, "temperature": 0, "max_tokens": 60}).json()
+    message = first["choices"][0]["message"]
+    assert first["choices"][0]["finish_reason"] == "tool_calls", first
+    turn = [*ASK, message, {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "sunny"}]
+    second = post(hermes, {"messages": turn, "tools": [WEATHER], "max_tokens": 5})
+    assert second.status_code == 200, second.text
+    call = message["tool_calls"][0]["function"]
+    expected = hermes.engine.tokenizer.render_chat(
+        [
+            *ASK,
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"type": "function", "function": {"name": call["name"], "arguments": json.loads(call["arguments"])}}],
+            },
+            {"role": "tool", "content": "sunny"},
+        ],
+        tools=[WEATHER],
+    )
+    assert '<tool_call>\n{"name": "get_weather", "arguments": ' in expected
+    assert second.json()["usage"]["prompt_tokens"] == len(hermes.engine.tokenizer.encode(expected, False))
+
+
+def test_auto_needs_a_parser(hermes_llama_dir):
+    for served in serve(hermes_llama_dir, "tiny-hermes-no-parser", tool_call_parser="none"):
+        assert_error(post(served, {"tools": [WEATHER]}), 400, "tool_choice", "unsupported_parameter")
+        assert post(served, {"tools": [WEATHER], "tool_choice": "required"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "text, content, calls",
+    [
+        ("Just text.", "Just text.", []),
+        ("a < b <tool", "a < b <tool", []),  # held back while it may still open a call, then content
+        ('<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', "", [("f", '{"x": 1}')]),
+        (
+            'Let me look.\n<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "g", "arguments": {"s": "é"}}\n</tool_call>\n',
+            "Let me look.\n",
+            [("f", "{}"), ("g", '{"s": "é"}')],
+        ),
+        ('<tool_call>\n{"name": "f", "argu', '<tool_call>\n{"name": "f", "argu', []),  # cut short: content, as written
+        ("<tool_call>\nnot json\n</tool_call>", "<tool_call>\nnot json\n</tool_call>", []),
+    ],
+)
+def test_hermes_calls_split_the_same_whatever_the_pieces(text, content, calls):
+    import random
+
+    from tokenmill.server.tool_calls import HermesCalls
+
+    for seed in range(20):
+        cuts = sorted(random.Random(seed).sample(range(1, len(text)), min(len(text) - 1, seed % 7)))
+        parser, got, made = HermesCalls(), "", []
+        for piece in [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]:
+            out, new = parser.feed(piece)
+            got, made = got + out, made + new
+        got += parser.finish()
+        assert (got, made) == (content, calls)
+
+
+def test_which_templates_render_tools(hermes_llama_dir, chat_llama_dir):
+    from transformers import AutoTokenizer
+
+    from tokenmill.tokenizer import Tokenizer, _reads_variable
+
+    assert Tokenizer(AutoTokenizer.from_pretrained(hermes_llama_dir)).renders_tools
+    assert not Tokenizer(AutoTokenizer.from_pretrained(chat_llama_dir)).renders_tools
+    assert not _reads_variable("{% set tools = [] %}{{ tools }}", "tools")
+    assert _reads_variable("{% generation %}{{ x }}{% endgeneration %}{{ tools }}", "tools")  # transformers' own tag: by the word
+
+
+def test_a_call_written_as_text_is_constrained_from_its_opening(chat_llama_dir):
+    """Where <tool_call> is no token of its own, the grammar's lazy opening ends at its text, and the call is forced from there."""
+    from transformers import AutoTokenizer
+
+    from tokenmill.grammars import GrammarCompiler
+    from tokenmill.sampling_params import GrammarSpec
+    from tokenmill.server.chat_protocol import FunctionDefinition
+    from tokenmill.server.structured import named_calls
+
+    hf = AutoTokenizer.from_pretrained(chat_llama_dir)
+    compiler = GrammarCompiler(hf, len(hf))
+    functions = [FunctionDefinition(**WEATHER["function"])]
+    spec = GrammarSpec("hermes_tools", json.dumps({"calls": named_calls(functions), "parallel": False}))
+    assert "lead[lazy]" in compiler.compile(spec)
+    free = compiler.matcher(spec)
+    assert free.consume_tokens(hf.encode("Any text < at all")) and free.is_accepting()
+    call = compiler.matcher(spec)
+    assert call.consume_tokens(hf.encode("Sure. <tool_call>")) and not call.is_accepting()
+    assert call.compute_ff_bytes() == b'\n{"name": "get_weather", "arguments": {"city": "'
+    assert not compiler.matcher(spec).consume_tokens(hf.encode("<tool_call>\nhello"))

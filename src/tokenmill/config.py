@@ -71,6 +71,11 @@ class ServerConfig:
     sse_keepalive: float | None = _opt(
         None, "seconds between `: ping` comment lines on idle streams, for proxies that cut quiet connections (default: none, as OpenAI sends streams)"
     )
+    tool_call_parser: str = _opt(
+        "hermes",
+        "how chat replies with tool_choice 'auto' write tool calls: hermes (<tool_call> JSON, as Qwen2.5 and Hermes models do), or none (then 'auto' is a 400)",
+        choices=("hermes", "none"),
+    )
     shutdown_timeout: float = _opt(30.0, "seconds in-flight requests get to finish after SIGTERM before they end with an error")
 
     def __post_init__(self):

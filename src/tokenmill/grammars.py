@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import llguidance
@@ -59,7 +60,7 @@ class GrammarCompiler:
             if spec in self._cache:
                 self._cache.move_to_end(spec)
                 return self._cache[spec]
-        grammar = _grammar(spec)
+        grammar = _grammar(spec, self._as_token)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if is_error:
             raise GrammarError("; ".join(messages))
@@ -69,6 +70,11 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return grammar
 
+    def _as_token(self, text: str) -> bool:
+        """Whether text is one token that llguidance matches only by id (added tokens such as Qwen2.5's <tool_call>)."""
+        ids = self.tokenizer.tokenize_str(text)
+        return len(ids) == 1 and self.tokenizer.is_special_token(ids[0])
+
     def matcher(self, spec: GrammarSpec) -> llguidance.LLMatcher:
         """A fresh matcher at the start of the spec's grammar."""
         matcher = llguidance.LLMatcher(self.tokenizer, self.compile(spec))
@@ -77,15 +83,47 @@ class GrammarCompiler:
         return matcher
 
 
-def _grammar(spec: GrammarSpec) -> str:
-    """llguidance's grammar text for a spec."""
+def _grammar(spec: GrammarSpec, as_token: Callable[[str], bool]) -> str:
+    """llguidance's grammar text for a spec; as_token tells which marker texts are tokens of their own."""
     try:
         if spec.kind == "json":
             return llguidance.LLMatcher.grammar_from_json_schema(spec.text, defaults=JSON_OPTIONS)
         if spec.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(spec.text)
+        if spec.kind == "hermes_tools":
+            return llguidance.LLMatcher.grammar_from_lark(hermes_tools_lark(json.loads(spec.text), as_token(TOOL_CALL_OPEN), as_token(TOOL_CALL_CLOSE)))
         if spec.kind == "choice":
             return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in json.loads(spec.text)))
         return llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(spec.text))
     except Exception as exc:  # the client's text is at fault whatever the converter raises (gbnf_to_lark raises plain Exception)
         raise GrammarError(str(exc) or type(exc).__name__) from None
+
+
+# Hermes-style calls, as Qwen2.5, Hermes and many small models write them (their templates' tojson spacing).
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+HERMES_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def hermes_tools_lark(options: dict, open_token: bool = False, close_token: bool = False) -> str:
+    """Free text, or text up to <tool_call> and then only well-formed calls: the arguments follow their schema once a call begins.
+
+    Written as text, the opening is a lazy lexeme: it ends at the first <tool_call>, and from there
+    the output may only be "\\n{call}\\n</tool_call>", more calls on new lines when parallel, then
+    the end. Where a marker is a token of its own, the grammar names the token instead (text cannot spell it).
+    """
+    call = json.dumps({**options["calls"], "x-guidance": HERMES_JSON})
+    opening = f"TEXT {TOOL_CALL_OPEN}" if open_token else "lead"
+    close = f'"\\n" {TOOL_CALL_CLOSE}' if close_token else f'"\\n{TOOL_CALL_CLOSE}"'
+    more = f'"\\n" {TOOL_CALL_OPEN}' if open_token else f'"\\n{TOOL_CALL_OPEN}"'
+    lines = [
+        "%llguidance {}",
+        f"start: TEXT | {opening} body" + (" (more body)*" if options["parallel"] else ""),
+        f'body: "\\n" call {close}',
+        f"call: %json {call}",
+        "TEXT: /(.|\\n)*/",
+    ]
+    if not open_token:
+        lines.append(f"lead[lazy]: /(.|\\n)*{TOOL_CALL_OPEN}/")
+    if options["parallel"]:
+        lines.append(f"more: {more}")
+    return "\n".join(lines)

@@ -12,9 +12,10 @@ GREEDY_BELOW = 1e-5
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What a request's output must match: a JSON schema (as JSON text), a regex, choices (a JSON list) or GBNF."""
+    """What a request's output must match: a JSON schema (as JSON text), a regex, choices (a JSON list), GBNF,
+    or free text that may end in Hermes-style tool calls ({"calls": schema of one call, "parallel": bool} as JSON)."""
 
-    kind: Literal["json", "regex", "choice", "grammar"]
+    kind: Literal["json", "regex", "choice", "grammar", "hermes_tools"]
     text: str
 
 

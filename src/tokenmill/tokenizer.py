@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -145,6 +146,14 @@ class Tokenizer:
         except Exception as exc:  # jinja's TemplateError from raise_exception(), or a template's own bug
             raise ChatTemplateError(str(exc) or type(exc).__name__) from None
 
+    @cached_property
+    def renders_tools(self) -> bool:
+        """Whether the chat template reads `tools`, i.e. shows the model the functions it may call."""
+        if self.chat_template is None:
+            return False
+        sources = list(self.chat_template.values()) if isinstance(self.chat_template, dict) else [self.chat_template]
+        return any(_reads_variable(source, "tools") for source in sources)
+
     def token_bytes_of(self, token_id: int) -> list[int]:
         """One token's UTF-8 bytes, as chat logprobs give them."""
         if self.token_bytes is not None:
@@ -237,3 +246,15 @@ def _find_fim(hf_tokenizer) -> FimTokens | None:
         if all(s in vocab for s in spelling):
             return FimTokens(*(vocab[s] for s in spelling))
     return None
+
+
+def _reads_variable(template: str, name: str) -> bool:
+    """Whether a Jinja template reads a variable it does not set (by its syntax tree; by a word search if jinja cannot parse it)."""
+    import jinja2
+    import jinja2.meta
+
+    try:
+        ast = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+    except jinja2.TemplateSyntaxError:  # a tag of transformers' own ({% generation %}): fall back to the word
+        return re.search(rf"\b{name}\b", template) is not None
+    return name in jinja2.meta.find_undeclared_variables(ast)

@@ -45,6 +45,7 @@ from tokenmill.server.tokenization import (
     tokenize,
     tokenizer_card,
 )
+from tokenmill.server.tool_calls import check_auto_tools
 from tokenmill.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def create_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
             body, prompt, max_tokens, grammar = await _prepare_chat(request, engine, config)
             header = Header(engine.info.name, system_fingerprint, new_id("chatcmpl-"))
             outputs = start(request, header, arrived, [prompt], to_chat_sampling_params(body, max_tokens, grammar))
-        render = ChatRender(header, engine.tokenizer, body.n_, body.echo_text(), body.include_usage, [f.name for f in body.forced_tools])
+        render = ChatRender(header, engine.tokenizer, body.n_, body.echo_text(), body.include_usage, [f.name for f in body.forced_tools], body.auto_tools)
         if body.stream:
             return _sse(request, _events(outputs, header.id, render.opening(), render.chunks), config.sse_keepalive)
         acc = await _collect(request, outputs, Accumulator(body.n_, bool(body.logprobs)))
@@ -246,6 +247,8 @@ async def _prepare_chat(request: Request, engine: EngineClient, config: ServerCo
     body = await _parse(request, parse_chat_request, config)
     info = engine.info
     _check_model(info, body.model)
+    if body.auto_tools:
+        check_auto_tools(config.tool_call_parser, engine.tokenizer)
     grammar = await _grammar(body, engine)
     prompt, max_tokens = await run_in_threadpool(encode_chat, body, engine.tokenizer, info.max_model_len, info.max_request_sequences)
     return body, prompt, max_tokens, grammar

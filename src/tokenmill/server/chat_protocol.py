@@ -139,7 +139,7 @@ class ChatCompletionRequest(SamplingFields):
     modalities: list[Literal["text", "audio"]] | None = None  # only ["text"]
     tools: list[Tool] | None = Field(None, min_length=1, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None  # a forced call is always one call
+    parallel_tool_calls: bool | None = None  # with 'auto': several calls (default) or at most one; a forced call is always one
 
     # Accepted, with no effect: they steer OpenAI's own service, not the text.
     store: bool | None = None
@@ -183,6 +183,11 @@ class ChatCompletionRequest(SamplingFields):
             name = self.tool_choice.function.name
             return [t.function for t in self.tools if t.function.name == name]
         return [t.function for t in self.tools]
+
+    @property
+    def auto_tools(self) -> bool:
+        """The model chooses: a text reply, or calls to the tools in its own format ('auto', the default once tools are given)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
 
     def template_tools(self) -> list[dict] | None:
         """The tools as chat templates take them (transformers' shape), or None."""
@@ -347,7 +352,7 @@ def check_chat_request(r: ChatCompletionRequest) -> None:
 
 
 def check_tools(r: ChatCompletionRequest) -> None:
-    """tools with tool_choice 'none', 'required' or a named function; 'auto' (the default once tools are given) is not built yet."""
+    """tools and tool_choice that fit together ('auto' also needs the server's parser and template: server/tool_calls.py)."""
     for name in ("tool_choice", "parallel_tool_calls"):
         if getattr(r, name) is not None and not r.tools:
             raise invalid(f"'{name}' is only allowed when 'tools' are specified.", name)
@@ -356,8 +361,6 @@ def check_tools(r: ChatCompletionRequest) -> None:
     names = [t.function.name for t in r.tools]
     if len(set(names)) != len(names):
         raise invalid("Each tool needs its own function name.", "tools")
-    if r.tool_choice in (None, "auto"):
-        raise unsupported("tool_choice", " as 'auto' (the default once 'tools' are given): send 'required', 'none' or a named function")
     if isinstance(r.tool_choice, NamedToolChoice) and r.tool_choice.function.name not in names:
         raise invalid(f"'tool_choice' names {clip(repr(r.tool_choice.function.name))}, which is not among the 'tools'.", "tool_choice")
 

@@ -23,6 +23,7 @@ from tokenmill.server.chat_protocol import (
     TopLogprob,
 )
 from tokenmill.server.responses import Accumulator, Header, new_id, usage_of
+from tokenmill.server.tool_calls import HermesCalls
 from tokenmill.tokenizer import Tokenizer
 
 
@@ -31,13 +32,24 @@ class ChatRender:
 
     tools: the functions a forced tool call chooses from; the generated text is then the call (one
     function's arguments, or {"name", "arguments"} when there are several) and becomes `tool_calls`.
+    auto: the model chose between text and calls in its own format (tool_choice 'auto'); the calls are read out of the text.
     """
 
-    def __init__(self, header: Header, tokenizer: Tokenizer, choices: int, echo: str = "", include_usage: bool = False, tools: list[str] | None = None):
+    def __init__(
+        self,
+        header: Header,
+        tokenizer: Tokenizer,
+        choices: int,
+        echo: str = "",
+        include_usage: bool = False,
+        tools: list[str] | None = None,
+        auto: bool = False,
+    ):
         self.header, self.tokenizer, self.choices = header, tokenizer, choices
         self.echo, self.include_usage, self.tools = echo, include_usage, tools or []
         self._call_ids = [new_id("call_")[:29] for _ in range(choices)]  # one call per choice, one id through its stream
         self._held = [""] * choices  # several tools, streamed: the call is sent whole once its name is known
+        self._parsers = [HermesCalls() for _ in range(choices)] if auto else None
 
     def whole(self, acc: Accumulator) -> dict:
         """The chat.completion object, from every output of the request."""
@@ -49,6 +61,10 @@ class ChatRender:
         """One whole choice of the reply."""
         assert c.finish_reason is not None  # the whole reply is rendered once every choice has finished
         logprobs = self._logprobs(c.logprobs)
+        if self._parsers is not None:
+            delta = self._auto_delta(c)
+            message = ChatMessage(content=delta.content if delta.content or not delta.tool_calls else None, tool_calls=_whole_calls(delta.tool_calls))
+            return ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=self._auto_reason(c))
         if not self.tools:
             return ChatChoice(index=c.index, message=ChatMessage(content=self.echo + c.text), logprobs=logprobs, finish_reason=c.finish_reason)
         name, arguments = self._call(c.text)
@@ -86,6 +102,8 @@ class ChatRender:
 
     def _chunk_choice(self, delta: ChoiceDelta) -> ChatChunkChoice:
         logprobs = self._logprobs(delta.logprobs)
+        if self._parsers is not None:
+            return ChatChunkChoice(index=delta.index, delta=self._auto_delta(delta), logprobs=logprobs, finish_reason=self._auto_reason(delta))
         if self.tools:
             return ChatChunkChoice(index=delta.index, delta=self._call_delta(delta), logprobs=logprobs, finish_reason=_reason(delta.finish_reason))
         content = ChatDelta(content=delta.text) if delta.text or not delta.finish_reason else ChatDelta()
@@ -102,6 +120,25 @@ class ChatRender:
         name, arguments = self._call(self._held[delta.index])
         call = DeltaToolCall(index=0, id=self._call_ids[delta.index], type="function", function=DeltaFunction(name=name, arguments=arguments))
         return ChatDelta(tool_calls=[call])
+
+    def _auto_delta(self, delta: ChoiceDelta) -> ChatDelta:
+        """tool_choice 'auto': the content and the whole calls this piece of text completes (the rest at the end)."""
+        assert self._parsers is not None
+        parser = self._parsers[delta.index]
+        before = parser.calls
+        content, calls = parser.feed(delta.text)
+        if delta.finish_reason:
+            content += parser.finish()
+        pieces = [
+            DeltaToolCall(index=before + k, id=new_id("call_")[:29], type="function", function=DeltaFunction(name=name, arguments=arguments))
+            for k, (name, arguments) in enumerate(calls)
+        ]
+        return ChatDelta(content=content or None, tool_calls=pieces or None)
+
+    def _auto_reason(self, delta: ChoiceDelta):
+        """A reply whose calls the grammar completed finishes with tool_calls; one with no call (or cut short) as usual."""
+        assert self._parsers is not None
+        return _reason(delta.finish_reason) if self._parsers[delta.index].calls else delta.finish_reason
 
     def _chunk(self, choices: list[ChatChunkChoice], usage=None) -> dict:
         chunk = ChatCompletionChunk(**self.header.fields(), choices=choices, usage=usage)
@@ -127,3 +164,14 @@ class ChatRender:
 def _reason(finish: str | None):
     """A forced call that its grammar completed finishes as OpenAI says: tool_calls."""
     return "tool_calls" if finish == "stop" else finish
+
+
+def _whole_calls(pieces: list[DeltaToolCall] | None) -> list[ToolCallOut] | None:
+    """Calls given whole in one delta, as a message's tool_calls."""
+    if not pieces:
+        return None
+    return [
+        ToolCallOut(id=cast(str, p.id), function=FunctionCall(name=cast(str, p.function.name), arguments=cast(str, p.function.arguments)))
+        for p in pieces
+        if p.function
+    ]

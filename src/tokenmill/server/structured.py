@@ -46,6 +46,9 @@ def _constraints(request) -> list[tuple[str, GrammarSpec | None]]:
     forced = getattr(request, "forced_tools", [])
     if forced:
         out.append(("tool_choice", GrammarSpec("json", json.dumps(tool_call_schema(forced), sort_keys=True))))
+    if getattr(request, "auto_tools", False):
+        options = {"calls": named_calls([t.function for t in request.tools]), "parallel": request.parallel_tool_calls is not False}
+        out.append(("tools", GrammarSpec("hermes_tools", json.dumps(options, sort_keys=True))))
     fmt = getattr(request, "response_format", None)
     if fmt is not None:
         out.append(("response_format", _response_format(fmt)))
@@ -70,6 +73,11 @@ def tool_call_schema(functions: list) -> dict:
     """What a forced tool call's output must be: one function's arguments, or {"name", "arguments"} for one of several."""
     if len(functions) == 1:
         return functions[0].parameters or NO_ARGUMENTS
+    return named_calls(functions)
+
+
+def named_calls(functions: list) -> dict:
+    """A call to one of the functions: {"name": its name, "arguments": under its parameter schema}."""
     calls = [
         {
             "type": "object",
