@@ -4,10 +4,12 @@ Checked with chunked prompts, prefix-cache hits and preemption, on llama, qwen2 
 """
 
 import random
+import shutil
 
 import pytest
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine.attention import NativeDecodeAttention, TorchAttention
 from tokenmill.engine.loader import load_engine
 from tokenmill.outputs import Logprobs
 from tokenmill.sampling_params import Prompt, SamplingParams
@@ -81,6 +83,16 @@ def test_forty_mixed_requests_batched_equal_each_alone(model_dir, solo_results):
     assert crowd == solo
     assert engine.blocks.hit_tokens > 0  # the shared prefixes were served from the cache
     assert engine.blocks.num_free == engine.blocks.num_blocks
+    if shutil.which("g++") or shutil.which("c++"):  # generated positions ran through the compiled kernel
+        assert isinstance(engine.runner.backend, NativeDecodeAttention)
+
+
+def test_the_torch_attention_path_is_batch_invariant_too(llama_dir):
+    """--attention torch (and machines with no compiler): the same promise, on the gather-and-matmul recipes."""
+    engine = engine_for(llama_dir, attention="torch", max_num_batched_tokens=64)
+    assert type(engine.runner.backend) is TorchAttention
+    requests = mixed_requests(16, engine.tokenizer.vocab_size, seed=1)
+    assert together(engine, requests) == alone(engine, requests)
 
 
 def test_a_pool_small_enough_to_preempt_gives_the_same_outputs(model_dir, solo_results):

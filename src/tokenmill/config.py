@@ -28,6 +28,11 @@ class EngineConfig:
     block_size: int = _opt(16, "tokens per KV cache block")
     no_prefix_caching: bool = _opt(False, "do not reuse the cached keys and values of a prompt prefix seen before")
     chat_template: str | None = _opt(None, "a Jinja chat template file for /v1/chat/completions, instead of the model's own")
+    attention: str = _opt(
+        "auto",
+        "decode attention on the CPU: auto (a C++ kernel compiled for this machine at first start, when a compiler is found; else torch ops) or torch",
+        choices=("auto", "torch"),
+    )
     no_batch_invariance: bool = _opt(
         False,
         "do not pad steps to 16 rows where the model needs it (MKL matmuls): faster "

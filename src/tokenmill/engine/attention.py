@@ -15,8 +15,9 @@ one of two fixed recipes, chosen by what the position is, never by what else run
   other sequences' in one bmm (batch members never change each other's bits).
 
 Both split the weighted sum over values into chunks of VALUE_CHUNK keys and add the partial sums in
-order; keys past a query's position weigh exactly 0. The CUDA seam is `AttentionBackend`: a kernel
-that keeps these two recipes replaces `TorchAttention`.
+order; keys past a query's position weigh exactly 0. The seam is `AttentionBackend`: on the CPU,
+`NativeDecodeAttention` runs generated positions through a compiled kernel (a third fixed recipe,
+each sequence alone); a CUDA kernel that keeps fixed recipes replaces `TorchAttention` the same way.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class StepContext:
     decode_rows: int  # rows [0, decode_rows) are generated positions, one per sequence
     decode_blocks: torch.Tensor | None  # [D, nb] their block tables, padded
     decode_bias: torch.Tensor | None  # [D, 1, L] 0 where a key is visible, -inf past the position
+    decode_lens: torch.Tensor | None = None  # [D] keys each generated position sees (its position + 1)
     chunks: list[Chunk] = field(default_factory=list)
     backend: AttentionBackend | None = None
     workspace: Workspace | None = None
@@ -138,6 +140,34 @@ class TorchAttention:
         keys, values = _gather(pool, chunk.blocks[None], gather, step.workspace)  # [KVH, 1, L, D]
         out = _attend(q, keys, values, bias, scaling)[:, 0, : g * c]  # [KVH, g*C, D]
         return out.reshape(h, c, d).transpose(0, 1)
+
+
+class NativeDecodeAttention(TorchAttention):
+    """Generated positions through the compiled kernel (engine/csrc/paged_decode.cpp), which reads the pool in place.
+
+    Prompt chunks stay in torch ops (matmuls pay off there). The kernel is its own fixed recipe:
+    each (sequence, kv head) alone, in a fixed order, so a request's tokens still never depend on
+    what else runs. Shapes it does not take (head size not a multiple of 16, not float32) use torch ops.
+    """
+
+    def __init__(self, library):
+        self.library = library
+
+    def _decode(self, query, pool, step, scaling):
+        """Generated positions: q [H, B, D], one per sequence -> [B, H, D]."""
+        h, b, d = query.shape
+        if d % 16 or pool.dtype != torch.float32 or pool.device.type != "cpu":
+            return super()._decode(query, pool, step, scaling)
+        q = query.transpose(0, 1).contiguous()  # [B, H, D]
+        out = torch.empty_like(q)
+        keys, values = pool[0], pool[1]  # [KVH, NB, BS, D] each, contiguous
+        tables, lens = step.decode_blocks, step.decode_lens
+        kvh, nb, bs = keys.shape[:3]
+        self.library.paged_decode(
+            q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
+            b, h, kvh, nb, bs, d, tables.shape[1], scaling, torch.get_num_threads(),
+        )  # fmt: skip
+        return out
 
 
 def visibility(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:

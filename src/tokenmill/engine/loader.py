@@ -11,7 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine import native
 from tokenmill.engine.async_engine import AsyncEngine
+from tokenmill.engine.attention import AttentionBackend, NativeDecodeAttention
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.gguf import load_gguf
 from tokenmill.engine.kv_cache import BlockManager
@@ -71,9 +73,20 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
         max_request_sequences=config.max_num_seqs,
     )
     blocks = BlockManager(num_blocks, config.block_size, prefix_caching=not config.no_prefix_caching)
-    runner = ModelRunner(model, device, num_blocks, config.block_size, batch_invariant=not config.no_batch_invariance)
+    backend = _attention(config, device, dtype)
+    runner = ModelRunner(model, device, num_blocks, config.block_size, batch_invariant=not config.no_batch_invariance, backend=backend)
     scheduling = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
     return Engine(runner, tokenizer, eos, blocks, scheduling), info
+
+
+def _attention(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> AttentionBackend | None:
+    """The compiled decode kernel on a float32 CPU model (--attention auto), where it builds; else None: torch ops."""
+    if config.attention != "auto" or device.type != "cpu" or dtype != torch.float32:
+        return None
+    from tokenmill.models.cache import default_home
+
+    library = native.load_paged_decode(default_home())
+    return NativeDecodeAttention(library) if library is not None else None
 
 
 def read_chat_template(path: str | None) -> str | None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tokenmill.engine import attention
-from tokenmill.engine.attention import Chunk, StepContext, TorchAttention, Workspace
+from tokenmill.engine.attention import AttentionBackend, Chunk, StepContext, TorchAttention, Workspace
 
 if TYPE_CHECKING:  # transformers is imported by whoever loads the model
     from transformers import PreTrainedModel
@@ -56,7 +56,15 @@ class ModelRunner:
     matmul layer runs on MKL, so each row goes through the same kernels whatever else is in the step.
     """
 
-    def __init__(self, model: PreTrainedModel, device: torch.device, num_blocks: int, block_size: int, batch_invariant: bool = True):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        device: torch.device,
+        num_blocks: int,
+        block_size: int,
+        batch_invariant: bool = True,
+        backend: AttentionBackend | None = None,
+    ):
         attention.register()
         model.set_attn_implementation(attention.NAME)
         packed = device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -72,7 +80,7 @@ class ModelRunner:
         self.scratch = num_blocks  # one extra block: padding rows write here, padded tables point here
         s = self.shape  # zeros, not empty: a masked key weighs 0, and 0 x NaN would be NaN
         self.kv = torch.zeros(s.layers, 2, s.kv_heads, num_blocks + 1, block_size, s.head_dim, dtype=s.dtype, device=device)
-        self.backend = TorchAttention()
+        self.backend = backend or TorchAttention()
         self.workspace = Workspace(s.dtype, device)
         # keys are gathered in whole value chunks, so tables are padded to this many blocks
         self._table_multiple = math.lcm(block_size, attention.VALUE_CHUNK) // block_size
@@ -124,6 +132,7 @@ class ModelRunner:
             step.decode_blocks = t([tb + [self.scratch] * (width - len(tb)) for tb in tables])  # [D, nb]
             bias = attention.visibility(t(positions[: len(decode)]), width * self.block_size, self.shape.dtype)
             step.decode_bias = bias[:, None, :]  # [D, 1, L]
+            step.decode_lens = t([w.start + 1 for w in decode])  # [D]
         step.chunks = [Chunk(rows, start, t(table)) for rows, start, table in chunks]
         return t(ids), t(positions), step.slots, step
 

@@ -1,0 +1,125 @@
+// Paged decode attention on the CPU: each sequence's one new query attends over its own blocks of
+// the pool, read in place (the torch path gathers them into a padded copy first: 3x the memory traffic).
+//
+// Every (sequence, kv head) is one task computed alone in a fixed order (16-lane dot products summed
+// by a fixed tree, a fixed exp polynomial, values summed key by key), so its bits never depend on what
+// else is in the batch or on how tasks are split over threads. Threads come from OpenMP, linked to the
+// same libgomp.so.1 as torch, so the kernel runs on torch's own thread pool instead of competing with it.
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v4 __attribute__((vector_size(16), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
+
+static inline float hsum(v16 a) {  // a fixed tree of additions
+    v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+static inline v16 exp16(v16 x) {  // e^x for x <= 0: 2^n * p(r), r = x - n ln2, p Taylor to r^7 (~1 ulp)
+    const v16 lowest = v16{} - 87.0f;
+    x = x < lowest ? lowest : x;
+    const v16 t = x * 1.44269504f;
+    const i16 n = __builtin_convertvector(t + (t < 0 ? -0.5f : 0.5f), i16);
+    const v16 nf = __builtin_convertvector(n, v16);
+    const v16 r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;  // ln2 in two parts
+    v16 p = v16{} + 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const i16 bits = (n + 127) << 23;
+    v16 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline void prefetch(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
+}
+
+struct Shape {
+    int64_t B, H, KVH, NB, BS, D, NBT;  // sequences, query heads, kv heads, pool blocks, block size, head size, table width
+};
+
+// One (sequence b, kv head) task: its G = H / KVH query heads over its len keys.
+static void attend(const float *q, const float *k, const float *v, const int64_t *table, int64_t len, float *out, const Shape &s, int64_t kvh,
+                   float scale, float *scores, int64_t stride) {
+    const int64_t G = s.H / s.KVH, D = s.D, BS = s.BS, C = D / 16, block = BS * D;
+    const float *keys = k + kvh * s.NB * block, *values = v + kvh * s.NB * block;
+    prefetch(keys + table[0] * block, block);
+    for (int64_t l = 0; l < len; l++) {
+        if (l % BS == 0) {  // the keys two blocks on, and this block's values (read after the softmax)
+            const int64_t ahead = l / BS + 2 < s.NBT ? l / BS + 2 : l / BS;
+            prefetch(keys + table[ahead] * block, block);
+            prefetch(values + table[l / BS] * block, block);
+        }
+        const v16 *key = (const v16 *)(keys + table[l / BS] * block + (l % BS) * D);
+        for (int64_t g = 0; g < G; g++) {
+            const v16 *qg = (const v16 *)(q + g * D);
+            v16 acc = qg[0] * key[0];
+            for (int64_t c = 1; c < C; c++) acc += qg[c] * key[c];
+            scores[g * stride + l] = hsum(acc) * scale;
+        }
+    }
+    const int64_t padded = (len + 15) / 16 * 16;
+    for (int64_t g = 0; g < G; g++) {
+        float *sc = scores + g * stride;
+        for (int64_t l = len; l < padded; l++) sc[l] = -INFINITY;
+        v16 top = v16{} - INFINITY;
+        for (int64_t l = 0; l < padded; l += 16) {
+            const v16 x = *(v16 *)(sc + l);
+            top = x > top ? x : top;
+        }
+        float m = top[0];
+        for (int j = 1; j < 16; j++) m = top[j] > m ? top[j] : m;
+        v16 sum = v16{};
+        for (int64_t l = 0; l < padded; l += 16) {
+            const v16 x = *(v16 *)(sc + l);
+            const v16 e = x == -INFINITY ? v16{} : exp16(x - m);
+            *(v16 *)(sc + l) = e;
+            sum += e;
+        }
+        const float inv = 1.0f / hsum(sum);
+        for (int64_t l = 0; l < padded; l += 16) *(v16 *)(sc + l) *= inv;
+    }
+    v16 *o = (v16 *)out;
+    memset(out, 0, sizeof(float) * G * D);
+    for (int64_t l = 0; l < len; l++) {
+        const v16 *val = (const v16 *)(values + table[l / BS] * block + (l % BS) * D);
+        for (int64_t g = 0; g < G; g++) {
+            const float p = scores[g * stride + l];
+            for (int64_t c = 0; c < C; c++) o[g * C + c] += p * val[c];
+        }
+    }
+}
+
+// q [B, H, D]; k, v [KVH, NB, BS, D] (one layer of the pool); tables [B, NBT]; lens [B] keys each query sees; out [B, H, D].
+// Returns 0, or -1 when D is not a multiple of 16 (the caller falls back to torch ops).
+extern "C" int paged_decode(const float *q, const float *k, const float *v, const int64_t *tables, const int64_t *lens, float *out, int64_t B,
+                            int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads) {
+    if (D % 16) return -1;
+    const Shape s{B, H, KVH, NB, BS, D, NBT};
+    const int64_t tasks = B * KVH, G = H / KVH, stride = (NBT * BS + 15) / 16 * 16;
+    if (threads > tasks) threads = (int)tasks;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
+        float *scores = (float *)aligned_alloc(64, sizeof(float) * G * stride);
+        for (int64_t t = tasks * i / n; t < tasks * (i + 1) / n; t++) {
+            const int64_t b = t / KVH, kvh = t % KVH;
+            attend(q + (b * H + kvh * G) * D, k, v, tables + b * NBT, lens[b], out + (b * H + kvh * G) * D, s, kvh, scale, scores, stride);
+        }
+        free(scores);
+    }
+    return 0;
+}

@@ -1,0 +1,75 @@
+"""The C++ kernels in csrc/, compiled for this machine at first use and cached; None where no compiler is found.
+
+Built with the system's C++ compiler (`$CXX`, else g++ or c++), `-O3 -march=native -fopenmp`, in
+about a second, into `<cache>/kernels/` under a name keyed by the source, the flags and this CPU's
+model and features, so a cache shared between machines never serves one CPU another's build. The
+library links `libgomp.so.1`, which torch's wheel already loaded: the kernels share torch's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+
+
+def load_paged_decode(cache: Path) -> ctypes.CDLL | None:
+    """The paged decode kernel's library (its `paged_decode` typed), or None: no compiler, or the build failed."""
+    source = resources.files("tokenmill.engine").joinpath("csrc/paged_decode.cpp").read_text()
+    library = _build(source, "paged_decode", cache)
+    if library is None:
+        return None
+    lib = ctypes.CDLL(str(library))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.paged_decode.argtypes = [pointer] * 6 + [size] * 7 + [ctypes.c_float, ctypes.c_int]
+    lib.paged_decode.restype = ctypes.c_int
+    return lib
+
+
+def _build(source: str, name: str, cache: Path) -> Path | None:
+    """Compile source into cache/kernels (once per source, flags and CPU); its path, or None."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        log.info("no C++ compiler found: attention runs in torch ops (install g++ for the faster CPU kernel)")
+        return None
+    key = hashlib.sha256("\0".join([source, compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    target = cache / "kernels" / f"{name}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / f"{name}.cpp", Path(tmp) / f"{name}.so"
+        src.write_text(source)
+        try:
+            done = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("compiling the %s kernel failed (%s): attention runs in torch ops", name, exc)
+            return None
+        if done.returncode != 0:
+            log.warning("compiling the %s kernel failed: attention runs in torch ops\n%s", name, done.stderr[-2000:])
+            return None
+        os.replace(out, target)  # atomic: a server starting beside this one sees the whole file or none
+    log.info("compiled the %s kernel in %.1f s: %s", name, time.monotonic() - started, target)
+    return target
+
+
+def _cpu() -> str:
+    """This CPU's model and features, as -march=native sees them (empty where /proc/cpuinfo is absent)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
