@@ -177,6 +177,14 @@ def test_auto_streamed_equals_whole(hermes):
         {"seed": 4, "n": 2, "max_tokens": 30},
         {"seed": 5, "n": 2, "logit_bias": bias, "parallel_tool_calls": False, "max_tokens": 60},
         {"temperature": 0, "logit_bias": bias, "max_tokens": 100},
+        {
+            "seed": 6,
+            "max_tokens": 20,
+            "echo": True,
+            "messages": [*ASK, {"role": "assistant", "content": "Let me see"}],
+            "add_generation_prompt": False,
+            "continue_final_message": True,
+        },
     ):
         body = {"tools": [WEATHER, TIME, NOTHING], **body}
         whole = post(hermes, body).json()
@@ -186,6 +194,8 @@ def test_auto_streamed_equals_whole(hermes):
             mine = [k["choices"][0] for k in chunks if k["choices"][0]["index"] == c["index"]]
             content = "".join(k["delta"].get("content") or "" for k in mine)
             assert content == (c["message"]["content"] or "")
+            if body.get("echo"):
+                assert content.startswith("Let me see")
             calls = [t for k in mine for t in k["delta"].get("tool_calls") or []]
             assert [t["index"] for t in calls] == list(range(len(calls)))
             assert [(t["function"]["name"], t["function"]["arguments"]) for t in calls] == [

@@ -63,7 +63,8 @@ class ChatRender:
         logprobs = self._logprobs(c.logprobs)
         if self._parsers is not None:
             delta = self._auto_delta(c)
-            message = ChatMessage(content=delta.content if delta.content or not delta.tool_calls else None, tool_calls=_whole_calls(delta.tool_calls))
+            content = self.echo + (delta.content or "")  # as a stream sends it: the echo first, then the text
+            message = ChatMessage(content=content if content or not delta.tool_calls else None, tool_calls=_whole_calls(delta.tool_calls))
             return ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=self._auto_reason(c))
         if not self.tools:
             return ChatChoice(index=c.index, message=ChatMessage(content=self.echo + c.text), logprobs=logprobs, finish_reason=c.finish_reason)
