@@ -51,16 +51,20 @@ struct Shape {
     int64_t B, H, KVH, NB, BS, D, NBT;  // sequences, query heads, kv heads, pool blocks, block size, head size, table width
 };
 
-// One (sequence b, kv head) task: its G = H / KVH query heads over its len keys.
+// One (sequence b, kv head) task: its G query heads over its len keys. GN and CN fix G and the
+// head size in 16-lane chunks at compile time (0: read from s), so the common shapes keep the
+// queries and the output sums in registers; every shape runs the same operations in the same order.
+template <int GN, int CN>
 static void attend(const float *q, const float *k, const float *v, const int64_t *table, int64_t len, float *out, const Shape &s, int64_t kvh,
                    float scale, float *scores, int64_t stride) {
-    const int64_t G = s.H / s.KVH, D = s.D, BS = s.BS, C = D / 16, block = BS * D;
+    const int64_t G = GN ? GN : s.H / s.KVH, C = CN ? CN : s.D / 16, D = C * 16, BS = s.BS, block = BS * D;
     const float *keys = k + kvh * s.NB * block, *values = v + kvh * s.NB * block;
     prefetch(keys + table[0] * block, block);
     for (int64_t l = 0; l < len; l++) {
-        if (l % BS == 0) {  // the keys two blocks on, and this block's values (read after the softmax)
-            const int64_t ahead = l / BS + 2 < s.NBT ? l / BS + 2 : l / BS;
-            prefetch(keys + table[ahead] * block, block);
+        if (l % BS == 0) {  // keys two and four blocks on, and this block's values (read after the softmax)
+            const int64_t next = l / BS + 2 < s.NBT ? l / BS + 2 : l / BS;
+            prefetch(keys + table[next] * block, block);
+            if (l / BS + 4 < s.NBT) prefetch(keys + table[l / BS + 4] * block, block);
             prefetch(values + table[l / BS] * block, block);
         }
         const v16 *key = (const v16 *)(keys + table[l / BS] * block + (l % BS) * D);
@@ -92,6 +96,20 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
         const float inv = 1.0f / hsum(sum);
         for (int64_t l = 0; l < padded; l += 16) *(v16 *)(sc + l) *= inv;
     }
+    if (GN && CN) {  // the output sums in registers
+        v16 acc[GN ? GN : 1][CN ? CN : 1] = {};
+        for (int64_t l = 0; l < len; l++) {
+            const v16 *val = (const v16 *)(values + table[l / BS] * block + (l % BS) * D);
+            for (int g = 0; g < GN; g++) {
+                const float p = scores[g * stride + l];
+                for (int c = 0; c < CN; c++) acc[g][c] += p * val[c];
+            }
+        }
+        v16 *o = (v16 *)out;
+        for (int g = 0; g < GN; g++)
+            for (int c = 0; c < CN; c++) o[g * CN + c] = acc[g][c];
+        return;
+    }
     v16 *o = (v16 *)out;
     memset(out, 0, sizeof(float) * G * D);
     for (int64_t l = 0; l < len; l++) {
@@ -103,6 +121,27 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
     }
 }
 
+typedef void (*Attend)(const float *, const float *, const float *, const int64_t *, int64_t, float *, const Shape &, int64_t, float, float *, int64_t);
+
+template <int CN>
+static Attend pick_group(int64_t G) {
+    switch (G) {
+        case 1: return attend<1, CN>;
+        case 2: return attend<2, CN>;
+        case 3: return attend<3, CN>;
+        case 4: return attend<4, CN>;
+        case 5: return attend<5, CN>;
+        case 6: return attend<6, CN>;
+        case 7: return attend<7, CN>;
+        case 8: return attend<8, CN>;
+        default: return attend<0, 0>;
+    }
+}
+
+static Attend pick(int64_t G, int64_t C) {  // head sizes 64 and 128 with up to 8 query heads a kv head: fixed shapes
+    return C == 4 ? pick_group<4>(G) : C == 8 ? pick_group<8>(G) : attend<0, 0>;
+}
+
 // q [B, H, D]; k, v [KVH, NB, BS, D] (one layer of the pool); tables [B, NBT]; lens [B] keys each query sees; out [B, H, D].
 // Returns 0, or -1 when D is not a multiple of 16 (the caller falls back to torch ops).
 extern "C" int paged_decode(const float *q, const float *k, const float *v, const int64_t *tables, const int64_t *lens, float *out, int64_t B,
@@ -111,13 +150,14 @@ extern "C" int paged_decode(const float *q, const float *k, const float *v, cons
     const Shape s{B, H, KVH, NB, BS, D, NBT};
     const int64_t tasks = B * KVH, G = H / KVH, stride = (NBT * BS + 15) / 16 * 16;
     if (threads > tasks) threads = (int)tasks;
+    const Attend run = pick(G, D / 16);
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
         float *scores = (float *)aligned_alloc(64, sizeof(float) * G * stride);
         for (int64_t t = tasks * i / n; t < tasks * (i + 1) / n; t++) {
             const int64_t b = t / KVH, kvh = t % KVH;
-            attend(q + (b * H + kvh * G) * D, k, v, tables + b * NBT, lens[b], out + (b * H + kvh * G) * D, s, kvh, scale, scores, stride);
+            run(q + (b * H + kvh * G) * D, k, v, tables + b * NBT, lens[b], out + (b * H + kvh * G) * D, s, kvh, scale, scores, stride);
         }
         free(scores);
     }
