@@ -82,3 +82,12 @@ def test_the_build_is_cached_and_a_broken_compiler_means_torch_ops(tmp_path, mon
     assert list((tmp_path / "kernels").glob("*.so")) == built
     monkeypatch.setenv("CXX", "/nonexistent/g++")
     assert native.load_paged_decode(tmp_path) is None
+
+
+def test_the_attention_benchmark_runs(capsys):
+    from tokenmill.benchmarks import attention
+
+    assert attention.main(["--sequences", "4", "--layers", "2", "--min-len", "10", "--max-len", "70", "--repeat", "1", "--head-dim", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "| compiled kernel |" in out and "| torch ops |" in out
+    assert float(out.rsplit("them: ", 1)[1]) < 1e-5
