@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -90,9 +91,12 @@ class ModelRunner:
         """One forward over every work; each work's wanted logits [n, V] (None where it wants none)."""
         works_order = sorted(range(len(works)), key=lambda i: works[i].prefill)  # decode rows first
         ordered = [works[i] for i in works_order]
-        ids, positions, slots, step = self._inputs(ordered)
-        keep, spans = self._logit_rows(ordered)
-        out = self.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=keep, use_cache=False, tokenmill_step=step)
+        upload = Upload()
+        build = self._inputs(ordered, upload)
+        keep_part, spans = self._logit_rows(ordered, upload)
+        parts = upload.send(self.device)  # the step's one host-to-device copy
+        ids, positions, step = build(parts)
+        out = self.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=parts[keep_part], use_cache=False, tokenmill_step=step)
         logits = out.logits[0]  # [len(keep), V]
         results: list[torch.Tensor | None] = [None] * len(works)
         for i, span in zip(works_order, spans, strict=True):
@@ -106,12 +110,13 @@ class ModelRunner:
             dst = torch.tensor([p[1] for p in pairs], device=self.device)
             self.kv[:, :, :, dst] = self.kv[:, :, :, src]
 
-    def _inputs(self, works: list[Work]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepContext]:
-        """Flat token ids, positions and pool slots [T], padded, and the attention context."""
+    def _inputs(self, works: list[Work], upload: Upload) -> Callable[[list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor, StepContext]]:
+        """Gather flat token ids, positions and pool slots [T] (padded) and the attention context's tables into
+        `upload`; returns what builds (ids, positions, StepContext) from the sent parts."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        chunks: list[tuple[slice, int, list[int]]] = []
+        chunks: list[tuple[slice, int, int]] = []  # rows, start, upload part of the block table
         decode = [w for w in works if not w.prefill]
         for w in works:
             row = len(ids)
@@ -119,22 +124,26 @@ class ModelRunner:
             positions += range(w.start, w.start + len(w.token_ids))
             slots += [w.blocks[p // self.block_size] * self.block_size + p % self.block_size for p in positions[row:]]
             if w.prefill:
-                chunks.append((slice(row, len(ids)), w.start, self._table(w.blocks, w.start + len(w.token_ids))))
+                chunks.append((slice(row, len(ids)), w.start, upload.add(self._table(w.blocks, w.start + len(w.token_ids)))))
         pad = self._padding(len(ids))
-        ids += [0] * pad
-        positions += [0] * pad
-        slots += [self.scratch * self.block_size] * pad
-        t = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
-        step = StepContext(self.kv, t(slots), len(decode), None, None, backend=self.backend, workspace=self.workspace)
+        parts = [upload.add(ids + [0] * pad), upload.add(positions + [0] * pad), upload.add(slots + [self.scratch * self.block_size] * pad)]
+        tables = [self._table(w.blocks, w.start + 1) for w in decode]
+        width = max((len(tb) for tb in tables), default=0)
         if decode:
-            tables = [self._table(w.blocks, w.start + 1) for w in decode]
-            width = max(len(tb) for tb in tables)
-            step.decode_blocks = t([tb + [self.scratch] * (width - len(tb)) for tb in tables])  # [D, nb]
-            bias = attention.visibility(t(positions[: len(decode)]), width * self.block_size, self.shape.dtype)
-            step.decode_bias = bias[:, None, :]  # [D, 1, L]
-            step.decode_lens = t([w.start + 1 for w in decode])  # [D]
-        step.chunks = [Chunk(rows, start, t(table)) for rows, start, table in chunks]
-        return t(ids), t(positions), step.slots, step
+            parts += [upload.add([b for tb in tables for b in tb + [self.scratch] * (width - len(tb))]), upload.add(positions[: len(decode)])]
+
+        def build(sent: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, StepContext]:
+            ids_t, positions_t, slots_t = (sent[i] for i in parts[:3])
+            step = StepContext(self.kv, slots_t, len(decode), None, None, backend=self.backend, workspace=self.workspace)
+            if decode:
+                step.decode_blocks = sent[parts[3]].view(len(decode), width)  # [D, nb]
+                decoded = sent[parts[4]]  # [D] their positions
+                step.decode_bias = attention.visibility(decoded, width * self.block_size, self.shape.dtype)[:, None, :]  # [D, 1, L]
+                step.decode_lens = decoded + 1  # [D] keys each one sees
+            step.chunks = [Chunk(rows, start, sent[part]) for rows, start, part in chunks]
+            return ids_t, positions_t, step
+
+        return build
 
     def _table(self, blocks: list[int], num_tokens: int) -> list[int]:
         """The blocks covering positions [0, num_tokens), padded with scratch to whole value chunks."""
@@ -148,8 +157,8 @@ class ModelRunner:
             return 0
         return max(attention.MIN_ROWS, -(-rows // attention.MIN_ROWS) * attention.MIN_ROWS) - rows
 
-    def _logit_rows(self, works: list[Work]) -> tuple[torch.Tensor, list[slice | None]]:
-        """Rows whose logits are wanted (padded to 16 or more), and each work's span among them."""
+    def _logit_rows(self, works: list[Work], upload: Upload) -> tuple[int, list[slice | None]]:
+        """Rows whose logits are wanted (padded to 16 or more; their upload part), and each work's span among them."""
         keep: list[int] = []
         spans: list[slice | None] = []
         row = 0
@@ -161,7 +170,26 @@ class ModelRunner:
             keep = [0]
         if self.pad_rows and len(keep) < attention.MIN_ROWS:
             keep += [keep[-1]] * (attention.MIN_ROWS - len(keep))
-        return torch.tensor(keep, dtype=torch.long, device=self.device), spans
+        return upload.add(keep), spans
+
+
+class Upload:
+    """A step's integer inputs, gathered on the host and sent to the device as one tensor (pinned and non-blocking on CUDA)."""
+
+    def __init__(self):
+        self._parts: list[list[int]] = []
+
+    def add(self, values: list[int]) -> int:
+        """Queue a list; returns its index among the sent parts."""
+        self._parts.append(values)
+        return len(self._parts) - 1
+
+    def send(self, device: torch.device) -> list[torch.Tensor]:
+        """Every queued list as an int64 tensor on the device, in the order added: one copy for all of them."""
+        host = torch.tensor([v for part in self._parts for v in part], dtype=torch.long)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        return list(host.to(device, non_blocking=True).split([len(part) for part in self._parts]))
 
 
 def pack_linears(model: torch.nn.Module) -> None:
