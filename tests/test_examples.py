@@ -57,3 +57,19 @@ def test_benchmark_example(served, tmp_path):
 def test_lm_eval_example(served, tasks):  # noqa: F811 - the fixture imported above
     out = run(served, "lm_eval.sh", TASKS="tm_choices", INCLUDE_PATH=str(tasks), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     assert "tm_choices" in out and "acc" in out
+
+
+@pytest.mark.slow
+def test_the_gpu_check_dry_runs_on_the_cpu(tmp_path):
+    """examples/gpu_check.sh with TINY=1: every system on every workload of both shapes, on tiny models, so the script cannot rot."""
+    environment = {**os.environ, "TINY": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", str(EXAMPLES / "gpu_check.sh")], capture_output=True, text=True, timeout=900, env=environment)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["shapes"]) == {"qwen2.5-0.5b", "llama-3.2-1b"}
+    for shape in results["shapes"].values():
+        rows = shape["results"]
+        assert len(rows) == 10  # 3 workloads x 3 systems, and HTTP on the fixed one
+        assert all("error" not in row and row["output_throughput"] > 0 for row in rows.values()), rows
+    assert "| fixed / tokenmill HTTP |" in (tmp_path / "results.md").read_text()
+    assert "passed" in (tmp_path / "gpu-tests.txt").read_text() or "skipped" in (tmp_path / "gpu-tests.txt").read_text()

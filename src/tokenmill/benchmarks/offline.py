@@ -50,7 +50,8 @@ class Driver:
             request_id = f"{self.prefix}-{i}"
             self.results[request_id] = RequestResult(sent=time.perf_counter() - start, prompt_tokens=len(ids))
             self.running.add(request_id)
-            self.engine.add_request(request_id, [Prompt(token_ids=tuple(ids))], self.params)
+            params = self.params[i] if isinstance(self.params, list) else self.params  # one for all, or one per prompt
+            self.engine.add_request(request_id, [Prompt(token_ids=tuple(ids))], params)
 
     def _record(self, out, now: float, progress) -> None:
         result = self.results[out.request_id]
