@@ -91,3 +91,9 @@ def test_the_attention_benchmark_runs(capsys):
     out = capsys.readouterr().out
     assert "| compiled kernel |" in out and "| torch ops |" in out
     assert float(out.rsplit("them: ", 1)[1]) < 1e-5
+
+
+def test_a_cache_folder_it_cannot_write_means_torch_ops(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert native.load_paged_decode(blocked) is None  # kernels/ cannot be made under a file

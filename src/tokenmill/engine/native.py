@@ -30,7 +30,11 @@ def load_paged_decode(cache: Path) -> ctypes.CDLL | None:
     library = _build(source, "paged_decode", cache)
     if library is None:
         return None
-    lib = ctypes.CDLL(str(library))
+    try:
+        lib = ctypes.CDLL(str(library))
+    except OSError as exc:  # a truncated file, a runtime library missing
+        log.warning("loading the paged_decode kernel failed (%s): attention runs in torch ops", exc)
+        return None
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.paged_decode.argtypes = [pointer] * 6 + [size] * 7 + [ctypes.c_float, ctypes.c_int]
     lib.paged_decode.restype = ctypes.c_int
@@ -47,6 +51,15 @@ def _build(source: str, name: str, cache: Path) -> Path | None:
     target = cache / "kernels" / f"{name}-{key}.so"
     if target.exists():
         return target
+    try:
+        return _compile(compiler, source, name, target)
+    except OSError as exc:  # a cache folder this user cannot write, a full disk: run without the kernel
+        log.warning("building the %s kernel in %s failed (%s): attention runs in torch ops", name, target.parent, exc)
+        return None
+
+
+def _compile(compiler: str, source: str, name: str, target: Path) -> Path | None:
+    """Compile source to target through a temporary folder beside it; None if the compiler refuses."""
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -54,7 +67,7 @@ def _build(source: str, name: str, cache: Path) -> Path | None:
         src.write_text(source)
         try:
             done = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as exc:
+        except subprocess.TimeoutExpired as exc:
             log.warning("compiling the %s kernel failed (%s): attention runs in torch ops", name, exc)
             return None
         if done.returncode != 0:
