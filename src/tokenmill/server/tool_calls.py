@@ -14,8 +14,6 @@ from tokenmill.grammars import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from tokenmill.server.errors import invalid
 from tokenmill.tokenizer import Tokenizer
 
-PARSERS = ("hermes", "none")
-
 
 def check_auto_tools(parser: str, tokenizer: Tokenizer) -> None:
     """tool_choice 'auto' needs a parser for the model's calls and a template that shows the model its tools; else a 400."""
