@@ -218,19 +218,17 @@ def run_shape(shape: str, args: argparse.Namespace, device: torch.device, ceilin
     path = build_model(shape, args.out / "models" / shape, args.tiny, dtype)
     model = cast(Any, AutoModelForCausalLM.from_pretrained(path, dtype=dtype)).to(device).eval()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = _kv_bytes_per_token(model.config, dtype)
     rows: dict[str, dict] = {}
     for workload in workloads(args.tiny, args.seed):
         ids, outputs = prompts(workload, args.seed), [out for _, out in workload.lengths]
-        rows[f"{workload.name} / tokenmill offline"] = _attempt(tokenmill_offline, path, workload, ids, device, dtype_name)
+        row = rows[f"{workload.name} / tokenmill offline"] = _attempt(tokenmill_offline, path, workload, ids, device, dtype_name)
+        if "output_throughput" in row:
+            row["roofline_fraction"] = row["output_throughput"] / roofline(workload, weights, kv_per_token, ceiling["copy_bytes_per_s"])
         if workload.name == "fixed":
             rows[f"{workload.name} / tokenmill HTTP"] = _attempt(tokenmill_http, path, workload, device, dtype_name, args.out)
         rows[f"{workload.name} / transformers generate (padded)"] = _attempt(transformers_padded, model, ids, outputs, device, 64)
         rows[f"{workload.name} / transformers generate_batch"] = _attempt(transformers_continuous, model, ids, outputs, device)
-    kv_per_token = _kv_bytes_per_token(model.config, dtype)
-    for workload in workloads(args.tiny, args.seed):
-        row = rows[f"{workload.name} / tokenmill offline"]
-        if "output_throughput" in row:
-            row["roofline_fraction"] = row["output_throughput"] / roofline(workload, weights, kv_per_token, ceiling["copy_bytes_per_s"])
     return {"weights_bytes": weights, "floor_ms_per_step_batch1": 1000 * weights / ceiling["copy_bytes_per_s"], "results": rows}
 
 

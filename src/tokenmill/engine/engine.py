@@ -205,7 +205,7 @@ class Engine:
         if all(s.matcher is None for s in seqs):
             return None
         words = -(-vocab // 32)
-        late = [s for s in seqs if s.matcher is not None and (s.seq_id not in masks or masks[s.seq_id].numel() != words)]
+        late = [s for s in seqs if s.matcher is not None and s.seq_id not in masks]
         if late:
             masks = {**masks, **self._masks(late, vocab)}
         return torch.stack([masks[s.seq_id] if s.matcher is not None else torch.full((words,), -1, dtype=torch.int32) for s in seqs])

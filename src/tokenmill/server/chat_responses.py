@@ -62,9 +62,11 @@ class ChatRender:
         assert c.finish_reason is not None  # the whole reply is rendered once every choice has finished
         logprobs = self._logprobs(c.logprobs)
         if self._parsers is not None:
-            delta = self._auto_delta(c)
-            content = self.echo + (delta.content or "")  # as a stream sends it: the echo first, then the text
-            message = ChatMessage(content=content if content or not delta.tool_calls else None, tool_calls=_whole_calls(delta.tool_calls))
+            parser = self._parsers[c.index]
+            text, calls = parser.feed(c.text)
+            content = self.echo + text + parser.finish()  # as a stream sends it: the echo first, then the text
+            tool_calls = [ToolCallOut(id=new_id("call_")[:29], function=FunctionCall(name=name, arguments=arguments)) for name, arguments in calls]
+            message = ChatMessage(content=content if content or not tool_calls else None, tool_calls=tool_calls or None)
             return ChatChoice(index=c.index, message=message, logprobs=logprobs, finish_reason=self._auto_reason(c))
         if not self.tools:
             return ChatChoice(index=c.index, message=ChatMessage(content=self.echo + c.text), logprobs=logprobs, finish_reason=c.finish_reason)
@@ -165,14 +167,3 @@ class ChatRender:
 def _reason(finish: str | None):
     """A forced call that its grammar completed finishes as OpenAI says: tool_calls."""
     return "tool_calls" if finish == "stop" else finish
-
-
-def _whole_calls(pieces: list[DeltaToolCall] | None) -> list[ToolCallOut] | None:
-    """Calls given whole in one delta, as a message's tool_calls."""
-    if not pieces:
-        return None
-    return [
-        ToolCallOut(id=cast(str, p.id), function=FunctionCall(name=cast(str, p.function.name), arguments=cast(str, p.function.arguments)))
-        for p in pieces
-        if p.function
-    ]
