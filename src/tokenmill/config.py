@@ -33,6 +33,12 @@ class EngineConfig:
         "decode attention on the CPU: auto (a C++ kernel compiled for this machine at first start, when a compiler is found; else torch ops) or torch",
         choices=("auto", "torch"),
     )
+    model_impl: str = _opt(
+        "auto",
+        "auto: llama and qwen2 models run through tokenmill's own forward pass (same numbers, less Python a layer), "
+        "others through transformers' modules; transformers: every model through transformers' modules",
+        choices=("auto", "transformers"),
+    )
     no_batch_invariance: bool = _opt(
         False,
         "do not pad steps to 16 rows where the model needs it (MKL matmuls): faster "

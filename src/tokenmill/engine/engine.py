@@ -175,7 +175,7 @@ class Engine:
         failed: list[RequestOutput] = []
         allowed = self._allowed([s for s, _ in rows], rows[0][1].shape[-1], masks)  # [B, V/32] bits, None if no row has a grammar
         try:
-            out = sample(torch.stack([r for _, r in rows]), [self._row(s) for s, _ in rows], allowed)  # [B, V] in
+            out = sample(stacked([r for _, r in rows]), [self._row(s) for s, _ in rows], allowed)  # [B, V] in
             drawn = [(s, r, out, i) for i, (s, r) in enumerate(rows)]
         except Exception:
             log.exception("a batched sampling step failed; sampling its rows one by one")
@@ -439,3 +439,15 @@ class Engine:
             if text or finish or (logprobs is not None and len(logprobs)):
                 deltas.append(ChoiceDelta(group.prompt_index * n + j, text, logprobs, finish))
         return deltas
+
+
+def stacked(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Rows [V] as one [B, V]: a view where they are consecutive rows of one tensor (a step's usual logits), else a copy.
+
+    At 64 sequences the copy is 12.6 MB of SmolLM2 logits a step, ~3 ms here; the sampler only reads its input.
+    """
+    first = rows[0]
+    width, base, offset = first.shape[-1], first.untyped_storage().data_ptr(), first.storage_offset()
+    if all(r.stride() == (1,) and r.untyped_storage().data_ptr() == base and r.storage_offset() == offset + i * width for i, r in enumerate(rows)):
+        return first.as_strided((len(rows), width), (width, 1))
+    return torch.stack(rows)

@@ -74,7 +74,8 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
     )
     blocks = BlockManager(num_blocks, config.block_size, prefix_caching=not config.no_prefix_caching)
     backend = _attention(config, device, dtype)
-    runner = ModelRunner(model, device, num_blocks, config.block_size, batch_invariant=not config.no_batch_invariance, backend=backend)
+    invariant = not config.no_batch_invariance
+    runner = ModelRunner(model, device, num_blocks, config.block_size, batch_invariant=invariant, backend=backend, model_impl=config.model_impl)
     scheduling = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
     return Engine(runner, tokenizer, eos, blocks, scheduling), info
 

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tokenmill.engine import attention
+from tokenmill.engine import attention, llama_forward
 from tokenmill.engine.attention import AttentionBackend, Chunk, StepContext, TorchAttention, Workspace
+from tokenmill.engine.llama_forward import LlamaForward
 
 if TYPE_CHECKING:  # transformers is imported by whoever loads the model
     from transformers import PreTrainedModel
@@ -65,11 +66,13 @@ class ModelRunner:
         block_size: int,
         batch_invariant: bool = True,
         backend: AttentionBackend | None = None,
+        model_impl: str = "auto",
     ):
         attention.register()
         model.set_attn_implementation(attention.NAME)
         packed = device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        if packed:
+        self.lean = LlamaForward(model, packed) if model_impl == "auto" and llama_forward.fits(model) else None
+        if packed and self.lean is None:
             pack_linears(model)
         self.model = model
         self.device = device
@@ -96,8 +99,11 @@ class ModelRunner:
         keep_part, spans = self._logit_rows(ordered, upload)
         parts = upload.send(self.device)  # the step's one host-to-device copy
         ids, positions, step = build(parts)
-        out = self.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=parts[keep_part], use_cache=False, tokenmill_step=step)
-        logits = out.logits[0]  # [len(keep), V]
+        if self.lean is not None:
+            logits = self.lean(ids, positions, parts[keep_part], step)  # [len(keep), V]
+        else:
+            out = self.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=parts[keep_part], use_cache=False, tokenmill_step=step)
+            logits = out.logits[0]
         results: list[torch.Tensor | None] = [None] * len(works)
         for i, span in zip(works_order, spans, strict=True):
             results[i] = logits[span] if span is not None else None

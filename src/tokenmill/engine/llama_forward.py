@@ -1,0 +1,152 @@
+"""The llama family's forward pass over the paged pool, without transformers' per-layer Python.
+
+transformers' modules make ~50 small calls a layer (module hooks, keyword plumbing, views, RoPE's
+slices and `cat`); at one sequence that is a quarter of a decode step here. `LlamaForward` does the
+same arithmetic on the same weights in the same order, so its numbers equal the transformers path's
+bit for bit (tests/test_model_impl.py), with q and k rotated together and the projections of one
+input in one matmul. It takes only layers built of the stock llama and qwen2 modules; any other
+model goes through transformers (`--model-impl transformers` forces that for every model).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.engine.attention import StepContext
+
+# the decoder layers whose parts this file reproduces (module class names in transformers)
+STOCK_LAYERS = {
+    "LlamaDecoderLayer": ("LlamaAttention", "LlamaMLP", "LlamaRMSNorm"),
+    "Qwen2DecoderLayer": ("Qwen2Attention", "Qwen2MLP", "Qwen2RMSNorm"),
+}
+
+
+class Projection:
+    """One or more nn.Linear of the same input as one matmul: x [T, in] -> [T, sum(out)].
+
+    On a float32 CPU the weight is packed for oneDNN once (its rows' bits do not depend on the
+    number of rows, see model_runner.pack_linears); elsewhere it is a plain `F.linear`.
+    """
+
+    def __init__(self, linears: list[torch.nn.Linear], packed: bool):
+        self.weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
+        biases = [lin.bias for lin in linears]
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_size=16) if packed else None
+        if packed:
+            del self.weight  # the packed copy replaces it (the modules keep the originals)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm:
+    """transformers' llama RMSNorm, op for op: w * (x * rsqrt(mean(x^2) + eps)), in float32."""
+
+    def __init__(self, module: Any):  # Any: transformers' modules, read by attribute
+        self.weight = module.weight.detach()
+        self.eps = module.variance_epsilon
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]."""
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Layer:
+    """One decoder layer's weights, gathered out of its transformers modules."""
+
+    def __init__(self, layer: Any, packed: bool):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.index = attn.layer_idx
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        self.norm1 = RMSNorm(layer.input_layernorm)
+        self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed)
+        self.o = Projection([attn.o_proj], packed)
+        self.norm2 = RMSNorm(layer.post_attention_layernorm)
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], packed)
+        self.down = Projection([mlp.down_proj], packed)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext) -> torch.Tensor:
+        """x [T, hidden], cos/sin [T, 1, D] -> [T, hidden]."""
+        t, d = x.shape[0], self.head_dim
+        qkv = self.qkv(self.norm1(x))  # [T, (H + 2 KVH) D]
+        q_width, k_width, _ = self.widths
+        qk = rotate(qkv[:, : q_width + k_width].view(t, -1, d), cos, sin)  # [T, H + KVH, D]
+        heads = q_width // d
+        query = qk[:, :heads].transpose(0, 1)  # [H, T, D]
+        key = qk[:, heads:].transpose(0, 1)  # [KVH, T, D]
+        value = qkv[:, q_width + k_width :].view(t, -1, d).transpose(0, 1)  # [KVH, T, D]
+        assert step.backend is not None  # the runner always gives one
+        out = step.backend(self.index, query, key, value, self.scaling, step)  # [T, H, D]
+        x = x + self.o(out.reshape(t, -1))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers applies it (x cos + rotate_half(x) sin): x [T, N, D], cos/sin [T, 1, D]."""
+    half = x.shape[-1] // 2
+    turned = torch.empty_like(x)  # rotate_half(x) = (-x2, x1), written in place of transformers' cat
+    torch.neg(x[..., half:], out=turned[..., :half])
+    turned[..., half:].copy_(x[..., :half])
+    return (x * cos).add_(turned.mul_(sin))
+
+
+class LlamaForward:
+    """A llama or qwen2 model's forward: flat token ids [T] -> logits of the kept rows [K, V]."""
+
+    def __init__(self, model: Any, packed: bool):
+        inner = model.model
+        self.embed = inner.embed_tokens.weight.detach()  # [V, hidden]
+        self.rotary = inner.rotary_emb
+        self.layers = [Layer(layer, packed) for layer in inner.layers]
+        self.norm = RMSNorm(inner.norm)
+        self.lm_head = Projection([model.lm_head], packed)
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, step: StepContext) -> torch.Tensor:
+        """ids, positions [T]; keep [K] rows whose logits are wanted -> [K, V]."""
+        x = F.embedding(ids, self.embed)  # [T, hidden]
+        cos, sin = self.rotary(x[None], positions[None])  # [1, T, D] each
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
+        for layer in self.layers:
+            x = layer(x, cos, sin, step)
+        return self.lm_head(self.norm(x[keep]))
+
+
+def fits(model: Any) -> bool:
+    """Whether every part of the model is a stock llama/qwen2 module this file reproduces."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or type(getattr(model, "lm_head", None)) is not torch.nn.Linear:
+        return False
+    if type(getattr(inner, "embed_tokens", None)) is not torch.nn.Embedding or not hasattr(inner, "rotary_emb"):
+        return False
+    return all(_stock(layer) for layer in layers) and type(getattr(inner, "norm", None)).__name__ in {parts[2] for parts in STOCK_LAYERS.values()}
+
+
+def _stock(layer: Any) -> bool:
+    """A decoder layer made of exactly the modules STOCK_LAYERS names, with plain linears and SiLU."""
+    parts = STOCK_LAYERS.get(type(layer).__name__)
+    if parts is None:
+        return False
+    attn, mlp = layer.self_attn, layer.mlp
+    names = (type(attn).__name__, type(mlp).__name__, type(layer.input_layernorm).__name__, type(layer.post_attention_layernorm).__name__)
+    if names != (parts[0], parts[1], parts[2], parts[2]):
+        return False
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+    if any(type(lin) is not torch.nn.Linear for lin in linears):
+        return False
+    if len({lin.bias is None for lin in linears[:3]}) != 1 or len({lin.bias is None for lin in linears[4:6]}) != 1:
+        return False  # the projections fused into one matmul have biases all or none
+    return type(mlp.act_fn).__name__ in {"SiLU", "SiLUActivation"} and attn.q_proj.out_features % attn.head_dim == 0

@@ -1,0 +1,48 @@
+"""--model-impl: llama and qwen2 run through tokenmill's own forward, with the transformers path's numbers bit for bit."""
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tests.test_batching import engine_for, mixed_requests, together
+from tokenmill.engine import llama_forward
+from tokenmill.sampling_params import Prompt, SamplingParams
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def lean_dir(request, llama_dir, qwen2_dir):
+    return {"llama": llama_dir, "qwen2": qwen2_dir}[request.param]
+
+
+def scoring_requests(vocab: int) -> list:
+    """Prompts scored with echo and max_tokens 0 (how lm-evaluation-harness asks), some chunked."""
+    rng = random.Random(7)
+    params = SamplingParams(max_tokens=0, echo=True, logprobs=3)
+    return [([Prompt(tuple(rng.randrange(1, vocab) for _ in range(length)))], params) for length in (2, 17, 90)]
+
+
+def test_the_own_forward_equals_transformers_bit_for_bit(lean_dir):
+    lean = engine_for(lean_dir, max_num_batched_tokens=64)
+    stock = engine_for(lean_dir, max_num_batched_tokens=64, model_impl="transformers")
+    assert lean.runner.lean is not None and stock.runner.lean is None
+    requests = mixed_requests(16, lean.tokenizer.vocab_size, seed=2) + scoring_requests(lean.tokenizer.vocab_size)
+    assert together(lean, requests) == together(stock, requests)  # texts, tokens, logprobs and top logprobs, exactly
+
+
+def test_gpt2_and_unknown_layers_go_through_transformers(gpt2_dir):
+    assert engine_for(gpt2_dir).runner.lean is None
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    assert llama_forward.fits(LlamaForCausalLM(config))
+    gelu = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "hidden_act": "gelu"}))
+    assert not llama_forward.fits(gelu)  # an activation the own forward does not reproduce
+
+
+def test_rotate_equals_transformers_rotary():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    q, k, cos, sin = torch.randn(5, 4, 16), torch.randn(5, 2, 16), torch.randn(5, 1, 16), torch.randn(5, 1, 16)
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos.transpose(0, 1), sin.transpose(0, 1))
+    got = llama_forward.rotate(torch.cat([q, k], dim=1), cos, sin)
+    assert torch.equal(got[:, :4], want_q[0].transpose(0, 1)) and torch.equal(got[:, 4:], want_k[0].transpose(0, 1))
