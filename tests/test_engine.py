@@ -1,5 +1,6 @@
 """The engine without HTTP: greedy equals transformers, seeds, n/best_of, echo scoring, stop, abort."""
 
+import platform
 import re
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tokenmill.config import EngineConfig
+from tokenmill.engine import host_memory
+from tokenmill.engine.engine import stacked
 from tokenmill.engine.loader import load_engine
 from tokenmill.outputs import Logprobs
 from tokenmill.sampling_params import Prompt, SamplingParams
@@ -213,3 +216,17 @@ def test_grammar_masks_are_computed_during_the_forward(engine, monkeypatch):
     assert set(made_on) == {threading.current_thread().name}
     assert ahead == late
     assert all(re.fullmatch("[a-f]{3,12}( [0-9]{1,4})?", text) for text, _, finish in ahead if finish == "stop")
+
+
+def test_a_steps_logit_rows_reach_the_sampler_as_a_view_or_a_copy():
+    logits = torch.randn(5, 11)
+    view = stacked([logits[i] for i in range(1, 4)])
+    assert torch.equal(view, logits[1:4]) and view.data_ptr() == logits[1].data_ptr()  # consecutive: no copy
+    copy = stacked([logits[3], logits[1]])
+    assert torch.equal(copy, logits[[3, 1]]) and copy.data_ptr() != logits[3].data_ptr()
+    assert stacked([logits[0], torch.randn(5, 11)[1]]).shape == (2, 11)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_the_allocator_keeps_large_freed_blocks_on_glibc():
+    assert host_memory.keep_freed_memory()

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine import native
+from tokenmill.engine import host_memory, native
 from tokenmill.engine.async_engine import AsyncEngine
 from tokenmill.engine.attention import AttentionBackend, NativeDecodeAttention
 from tokenmill.engine.engine import Engine
@@ -57,6 +57,8 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
     """Load weights and tokenizer from `model_path` and build the engine, in the calling thread."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    if device.type == "cpu":
+        host_memory.keep_freed_memory()
     model, hf_tokenizer = _load(model_path, dtype, device)
     max_len = _context_length(model.config, config.max_model_len)
     num_blocks, max_len = _kv_blocks(config, KVShape.of(model.config, dtype), max_len, device)
