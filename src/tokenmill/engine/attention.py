@@ -30,6 +30,7 @@ import torch
 NAME = "tokenmill_paged"
 MIN_ROWS = 16  # fewer matmul rows than this take other kernels with other rounding
 VALUE_CHUNK = 64  # keys per partial sum of probabilities x values
+RUN = 64  # prompt positions attended together (each run reads keys only up to its last position)
 
 
 @dataclass
@@ -123,23 +124,29 @@ class TorchAttention:
         return out.permute(1, 0, 2, 3).reshape(b, h, d)
 
     def _chunk(self, query, pool, chunk, scaling, step, index):
-        """Prompt positions of one sequence: q [H, C, D] -> [C, H, D]."""
+        """Prompt positions of one sequence: q [H, C, D] -> [C, H, D], RUN positions at a time.
+
+        Each run reads the keys up to its own last position (in whole value chunks) instead of the
+        chunk's: past a position keys weigh exactly 0, so the bits are the same and a long chunk
+        does about half the work of attending every key.
+        """
         kvh, d = pool.shape[1], pool.shape[-1]
         h, c = query.shape[:2]
         g = h // kvh
-        q = query.reshape(kvh, 1, g * c, d)  # rows ordered (head in group, position)
-        rows = max(g * c, MIN_ROWS)
-        if rows > g * c:
-            q = torch.cat([q, q.new_zeros(kvh, 1, rows - g * c, d)], dim=2)
         if ("chunk", index) not in step.memo:  # the same for every layer of the step
-            positions = torch.arange(chunk.start, chunk.start + c, device=q.device).repeat(g)
-            positions = torch.cat([positions, positions.new_zeros(rows - g * c)])  # padding rows see key 0
             length = chunk.blocks.shape[0] * pool.shape[3]
-            step.memo["chunk", index] = (gather_rows(chunk.blocks[None], kvh, pool.shape[2]), visibility(positions, length, q.dtype)[None])  # [1, rows, L]
-        gather, bias = step.memo["chunk", index]
+            step.memo["chunk", index] = (gather_rows(chunk.blocks[None], kvh, pool.shape[2]), runs(chunk.start, c, g, length, query.dtype, query.device))
+        gather, spans = step.memo["chunk", index]
         keys, values = _gather(pool, chunk.blocks[None], gather, step.workspace)  # [KVH, 1, L, D]
-        out = _attend(q, keys, values, bias, scaling)[:, 0, : g * c]  # [KVH, g*C, D]
-        return out.reshape(h, c, d).transpose(0, 1)
+        grouped = query.reshape(kvh, g, c, d)
+        out = query.new_empty(c, h, d)
+        for a, b, length, bias in spans:
+            q = grouped[:, :, a:b].reshape(kvh, 1, g * (b - a), d)  # rows ordered (head in group, position)
+            if bias.shape[1] > g * (b - a):
+                q = torch.cat([q, q.new_zeros(kvh, 1, bias.shape[1] - g * (b - a), d)], dim=2)
+            o = _attend(q, keys[:, :, :length], values[:, :, :length], bias, scaling)[:, 0, : g * (b - a)]  # [KVH, g*n, D]
+            out[a:b] = o.reshape(h, b - a, d).transpose(0, 1)
+        return out
 
 
 class NativeDecodeAttention(TorchAttention):
@@ -168,6 +175,22 @@ class NativeDecodeAttention(TorchAttention):
             b, h, kvh, nb, bs, d, tables.shape[1], scaling, torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+
+def runs(start: int, count: int, g: int, length: int, dtype: torch.dtype, device: torch.device) -> list[tuple[int, int, int, torch.Tensor]]:
+    """A chunk's positions start..start+count-1 split into runs of RUN: (first, end, keys read, bias [1, rows, keys]).
+
+    rows = g x the run's positions, padded to MIN_ROWS (padding rows see key 0); keys = up to the
+    run's last position, rounded up to whole value chunks.
+    """
+    out = []
+    for a in range(0, count, RUN):
+        b = min(a + RUN, count)
+        keys = min(length, -(-(start + b) // VALUE_CHUNK) * VALUE_CHUNK)
+        positions = torch.arange(start + a, start + b, device=device).repeat(g)
+        positions = torch.cat([positions, positions.new_zeros(max(0, MIN_ROWS - len(positions)))])
+        out.append((a, b, keys, visibility(positions, keys, dtype)[None]))
+    return out
 
 
 def visibility(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
