@@ -46,3 +46,18 @@ def test_rotate_equals_transformers_rotary():
     want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos.transpose(0, 1), sin.transpose(0, 1))
     got = llama_forward.rotate(torch.cat([q, k], dim=1), cos, sin)
     assert torch.equal(got[:, :4], want_q[0].transpose(0, 1)) and torch.equal(got[:, 4:], want_k[0].transpose(0, 1))
+
+
+def test_unpacked_projections_share_their_weights_with_the_modules():
+    """Off a float32 CPU (bf16, CUDA) the fused q/k/v and gate/up weights are the modules' own memory, not a copy."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    )
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(3, 32)
+    want = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+    forward = llama_forward.LlamaForward(model, packed=False)
+    qkv = forward.layers[0].qkv
+    assert attn.k_proj.weight.data_ptr() == qkv.weight[32:].data_ptr()
+    assert torch.allclose(qkv(x), want, atol=1e-6) and torch.allclose(attn.k_proj(x), want[:, 32:48], atol=1e-6)

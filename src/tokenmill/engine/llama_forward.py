@@ -38,6 +38,13 @@ class Projection:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_size=16) if packed else None
         if packed:
             del self.weight  # the packed copy replaces it (the modules keep the originals)
+        elif len(linears) > 1:  # the modules' weights become views of the fused one: no second copy on the device
+            sizes = [lin.out_features for lin in linears]
+            for lin, weight in zip(linears, self.weight.split(sizes), strict=True):
+                lin.weight.data = weight
+            if self.bias is not None:
+                for lin, bias in zip(linears, self.bias.split(sizes), strict=True):
+                    lin.bias.data = bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:

@@ -56,6 +56,8 @@ class ModelRunner:
 
     batch_invariant pads every step to a multiple of 16 rows (and the logits to 16 or more) where a
     matmul layer runs on MKL, so each row goes through the same kernels whatever else is in the step.
+    model_impl "auto" runs llama and qwen2 models through `LlamaForward` (the same numbers without
+    transformers' per-layer Python); "transformers", or any other model, calls the model itself.
     """
 
     def __init__(
