@@ -1,6 +1,7 @@
 """--model-impl: llama and qwen2 run through tokenmill's own forward, with the transformers path's numbers bit for bit."""
 
 import random
+import shutil
 
 import pytest
 import torch
@@ -23,10 +24,13 @@ def scoring_requests(vocab: int) -> list:
     return [([Prompt(tuple(rng.randrange(1, vocab) for _ in range(length)))], params) for length in (2, 17, 90)]
 
 
-def test_the_own_forward_equals_transformers_bit_for_bit(lean_dir):
-    lean = engine_for(lean_dir, max_num_batched_tokens=64)
-    stock = engine_for(lean_dir, max_num_batched_tokens=64, model_impl="transformers")
+@pytest.mark.parametrize("attention", ["auto", "torch"])  # auto: RoPE and the K/V write in the compiled kernel, where g++ is found
+def test_the_own_forward_equals_transformers_bit_for_bit(lean_dir, attention):
+    lean = engine_for(lean_dir, max_num_batched_tokens=64, attention=attention)
+    stock = engine_for(lean_dir, max_num_batched_tokens=64, attention=attention, model_impl="transformers")
     assert lean.runner.lean is not None and stock.runner.lean is None
+    compiled = attention == "auto" and bool(shutil.which("g++") or shutil.which("c++"))
+    assert (lean.runner.lean.kernel is not None) == compiled
     requests = mixed_requests(16, lean.tokenizer.vocab_size, seed=2) + scoring_requests(lean.tokenizer.vocab_size)
     assert together(lean, requests) == together(stock, requests)  # texts, tokens, logprobs and top logprobs, exactly
 

@@ -30,7 +30,8 @@ class EngineConfig:
     chat_template: str | None = _opt(None, "a Jinja chat template file for /v1/chat/completions, instead of the model's own")
     attention: str = _opt(
         "auto",
-        "decode attention on the CPU: auto (a C++ kernel compiled for this machine at first start, when a compiler is found; else torch ops) or torch",
+        "the CPU's C++ kernels (decode attention; RoPE with the K/V write in llama and qwen2 models): "
+        "auto (compiled for this machine at first start, when a compiler is found; else torch ops) or torch",
         choices=("auto", "torch"),
     )
     model_impl: str = _opt(

@@ -72,6 +72,7 @@ class StepContext:
     backend: AttentionBackend | None = None
     workspace: Workspace | None = None
     memo: dict = field(default_factory=dict)  # what every layer of this step shares (gather rows, masks)
+    kv_written: bool = False  # the forward already wrote this step's keys and values into the pool
 
 
 class AttentionBackend(Protocol):
@@ -103,8 +104,9 @@ class TorchAttention:
         """q [H, T, D], k/v [KVH, T, D] for the step's rows -> [T, H, D]."""
         pool = step.kv[layer]  # [2, KVH, NB, BS, D]
         kvh, nb, bs, d = pool.shape[1:]
-        pool[0].view(kvh, nb * bs, d).index_copy_(1, step.slots, key)
-        pool[1].view(kvh, nb * bs, d).index_copy_(1, step.slots, value)
+        if not step.kv_written:
+            pool[0].view(kvh, nb * bs, d).index_copy_(1, step.slots, key)
+            pool[1].view(kvh, nb * bs, d).index_copy_(1, step.slots, value)
         out = query.new_zeros(query.shape[1], query.shape[0], d)  # padding rows stay 0
         if step.decode_rows:
             out[: step.decode_rows] = self._decode(query[:, : step.decode_rows], pool, step, scaling)

@@ -83,13 +83,22 @@ class Layer:
         self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], packed)
         self.down = Projection([mlp.down_proj], packed)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext) -> torch.Tensor:
-        """x [T, hidden], cos/sin [T, 1, D] -> [T, hidden]."""
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext, kernel: Any = None) -> torch.Tensor:
+        """x [T, hidden], cos/sin [T, 1, D] -> [T, hidden]; kernel: the compiled rope_store, or None (torch ops)."""
         t, d = x.shape[0], self.head_dim
         qkv = self.qkv(self.norm1(x))  # [T, (H + 2 KVH) D]
         q_width, k_width, _ = self.widths
-        qk = rotate(qkv[:, : q_width + k_width].view(t, -1, d), cos, sin)  # [T, H + KVH, D]
         heads = q_width // d
+        if kernel is not None:  # rotated in place and keys/values written to the pool: step.kv_written
+            pool = step.kv[self.index]  # [2, KVH, NB, BS, D]
+            kvh, slots_per_head = pool.shape[1], pool.shape[2] * pool.shape[3]
+            kernel.rope_store(
+                qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), step.slots.data_ptr(), pool[0].data_ptr(), pool[1].data_ptr(),
+                t, heads, kvh, d, qkv.shape[1], slots_per_head, torch.get_num_threads(),
+            )  # fmt: skip
+            qk = qkv[:, : q_width + k_width].view(t, -1, d)
+        else:
+            qk = rotate(qkv[:, : q_width + k_width].view(t, -1, d), cos, sin)  # [T, H + KVH, D]
         query = qk[:, :heads].transpose(0, 1)  # [H, T, D]
         key = qk[:, heads:].transpose(0, 1)  # [KVH, T, D]
         value = qkv[:, q_width + k_width :].view(t, -1, d).transpose(0, 1)  # [KVH, T, D]
@@ -112,7 +121,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class LlamaForward:
     """A llama or qwen2 model's forward: flat token ids [T] -> logits of the kept rows [K, V]."""
 
-    def __init__(self, model: Any, packed: bool):
+    def __init__(self, model: Any, packed: bool, kernel: Any = None):
+        """kernel: the compiled rope_store library (float32 CPU), or None: RoPE and the K/V write in torch ops."""
+        self.kernel = kernel
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach()  # [V, hidden]
         self.rotary = inner.rotary_emb
@@ -125,9 +136,11 @@ class LlamaForward:
         """ids, positions [T]; keep [K] rows whose logits are wanted -> [K, V]."""
         x = F.embedding(ids, self.embed)  # [T, hidden]
         cos, sin = self.rotary(x[None], positions[None])  # [1, T, D] each
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]
+        cos, sin = cos[0, :, None].contiguous(), sin[0, :, None].contiguous()  # [T, 1, D]
+        kernel = self.kernel if x.device.type == "cpu" and x.dtype == torch.float32 and step.kv.dtype == torch.float32 else None
+        step.kv_written = kernel is not None
         for layer in self.layers:
-            x = layer(x, cos, sin, step)
+            x = layer(x, cos, sin, step, kernel)
         return self.lm_head(self.norm(x[keep]))
 
 

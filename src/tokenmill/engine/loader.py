@@ -76,8 +76,9 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
     )
     blocks = BlockManager(num_blocks, config.block_size, prefix_caching=not config.no_prefix_caching)
     backend = _attention(config, device, dtype)
+    rope = _rope_kernel(config, device, dtype)
     invariant = not config.no_batch_invariance
-    runner = ModelRunner(model, device, num_blocks, config.block_size, batch_invariant=invariant, backend=backend, model_impl=config.model_impl)
+    runner = ModelRunner(model, device, num_blocks, config.block_size, invariant, backend, config.model_impl, rope)
     scheduling = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
     return Engine(runner, tokenizer, eos, blocks, scheduling), info
 
@@ -90,6 +91,15 @@ def _attention(config: EngineConfig, device: torch.device, dtype: torch.dtype) -
 
     library = native.load_paged_decode(default_home())
     return NativeDecodeAttention(library) if library is not None else None
+
+
+def _rope_kernel(config: EngineConfig, device: torch.device, dtype: torch.dtype):
+    """The compiled RoPE-and-K/V-write kernel on a float32 CPU model (--attention auto), where it builds; else None."""
+    if config.attention != "auto" or device.type != "cpu" or dtype != torch.float32:
+        return None
+    from tokenmill.models.cache import default_home
+
+    return native.load_rope_store(default_home())
 
 
 def read_chat_template(path: str | None) -> str | None:

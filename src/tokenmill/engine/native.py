@@ -41,24 +41,42 @@ def load_paged_decode(cache: Path) -> ctypes.CDLL | None:
     return lib
 
 
-def _build(source: str, name: str, cache: Path) -> Path | None:
+def load_rope_store(cache: Path) -> ctypes.CDLL | None:
+    """The RoPE-and-K/V-write kernel's library (its `rope_store` typed), or None: no compiler, or the build failed."""
+    source = resources.files("tokenmill.engine").joinpath("csrc/rope_store.cpp").read_text()
+    library = _build(source, "rope_store", cache, ["-ffp-contract=off"])  # transformers' roundings, no fused multiply-add
+    if library is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(library))
+    except OSError as exc:
+        log.warning("loading the rope_store kernel failed (%s): RoPE runs in torch ops", exc)
+        return None
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.rope_store.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_int]
+    lib.rope_store.restype = None
+    return lib
+
+
+def _build(source: str, name: str, cache: Path, extra: list[str] | None = None) -> Path | None:
     """Compile source into cache/kernels (once per source, flags and CPU); its path, or None."""
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if compiler is None:
-        log.info("no C++ compiler found: attention runs in torch ops (install g++ for the faster CPU kernel)")
+        log.info("no C++ compiler found: %s runs in torch ops (install g++ for the faster CPU kernels)", name)
         return None
-    key = hashlib.sha256("\0".join([source, compiler, *FLAGS, _cpu()]).encode()).hexdigest()[:16]
+    flags = FLAGS + (extra or [])
+    key = hashlib.sha256("\0".join([source, compiler, *flags, _cpu()]).encode()).hexdigest()[:16]
     target = cache / "kernels" / f"{name}-{key}.so"
     if target.exists():
         return target
     try:
-        return _compile(compiler, source, name, target)
+        return _compile(compiler, flags, source, name, target)
     except OSError as exc:  # a cache folder this user cannot write, a full disk: run without the kernel
         log.warning("building the %s kernel in %s failed (%s): attention runs in torch ops", name, target.parent, exc)
         return None
 
 
-def _compile(compiler: str, source: str, name: str, target: Path) -> Path | None:
+def _compile(compiler: str, flags: list[str], source: str, name: str, target: Path) -> Path | None:
     """Compile source to target through a temporary folder beside it; None if the compiler refuses."""
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -66,7 +84,7 @@ def _compile(compiler: str, source: str, name: str, target: Path) -> Path | None
         src, out = Path(tmp) / f"{name}.cpp", Path(tmp) / f"{name}.so"
         src.write_text(source)
         try:
-            done = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
+            done = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired as exc:
             log.warning("compiling the %s kernel failed (%s): attention runs in torch ops", name, exc)
             return None
