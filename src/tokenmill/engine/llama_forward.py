@@ -76,6 +76,7 @@ class Layer:
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        self.heads = attn.q_proj.out_features // attn.head_dim
         self.norm1 = RMSNorm(layer.input_layernorm)
         self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed)
         self.o = Projection([attn.o_proj], packed)
@@ -88,19 +89,18 @@ class Layer:
         t, d = x.shape[0], self.head_dim
         qkv = self.qkv(self.norm1(x))  # [T, (H + 2 KVH) D]
         q_width, k_width, _ = self.widths
-        heads = q_width // d
         if kernel is not None:  # rotated in place and keys/values written to the pool: step.kv_written
             pool = step.kv[self.index]  # [2, KVH, NB, BS, D]
             kvh, slots_per_head = pool.shape[1], pool.shape[2] * pool.shape[3]
             kernel.rope_store(
                 qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), step.slots.data_ptr(), pool[0].data_ptr(), pool[1].data_ptr(),
-                t, heads, kvh, d, qkv.shape[1], slots_per_head, torch.get_num_threads(),
+                t, self.heads, kvh, d, qkv.shape[1], slots_per_head, torch.get_num_threads(),
             )  # fmt: skip
             qk = qkv[:, : q_width + k_width].view(t, -1, d)
         else:
             qk = rotate(qkv[:, : q_width + k_width].view(t, -1, d), cos, sin)  # [T, H + KVH, D]
-        query = qk[:, :heads].transpose(0, 1)  # [H, T, D]
-        key = qk[:, heads:].transpose(0, 1)  # [KVH, T, D]
+        query = qk[:, : self.heads].transpose(0, 1)  # [H, T, D]
+        key = qk[:, self.heads :].transpose(0, 1)  # [KVH, T, D]
         value = qkv[:, q_width + k_width :].view(t, -1, d).transpose(0, 1)  # [KVH, T, D]
         assert step.backend is not None  # the runner always gives one
         out = step.backend(self.index, query, key, value, self.scaling, step)  # [T, H, D]
@@ -122,7 +122,7 @@ class LlamaForward:
     """A llama or qwen2 model's forward: flat token ids [T] -> logits of the kept rows [K, V]."""
 
     def __init__(self, model: Any, packed: bool, kernel: Any = None):
-        """kernel: the compiled rope_store library (float32 CPU), or None: RoPE and the K/V write in torch ops."""
+        """kernel: the compiled rope_store library (the loader gives it only to a float32 CPU model), or None: torch ops."""
         self.kernel = kernel
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach()  # [V, hidden]
@@ -137,10 +137,9 @@ class LlamaForward:
         x = F.embedding(ids, self.embed)  # [T, hidden]
         cos, sin = self.rotary(x[None], positions[None])  # [1, T, D] each
         cos, sin = cos[0, :, None].contiguous(), sin[0, :, None].contiguous()  # [T, 1, D]
-        kernel = self.kernel if x.device.type == "cpu" and x.dtype == torch.float32 and step.kv.dtype == torch.float32 else None
-        step.kv_written = kernel is not None
+        step.kv_written = self.kernel is not None
         for layer in self.layers:
-            x = layer(x, cos, sin, step, kernel)
+            x = layer(x, cos, sin, step, self.kernel)
         return self.lm_head(self.norm(x[keep]))
 
 

@@ -85,21 +85,24 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
 
 def _attention(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> AttentionBackend | None:
     """The compiled decode kernel on a float32 CPU model (--attention auto), where it builds; else None: torch ops."""
-    if config.attention != "auto" or device.type != "cpu" or dtype != torch.float32:
-        return None
-    from tokenmill.models.cache import default_home
-
-    library = native.load_paged_decode(default_home())
+    cache = _kernel_cache(config, device, dtype)
+    library = native.load_paged_decode(cache) if cache is not None else None
     return NativeDecodeAttention(library) if library is not None else None
 
 
 def _rope_kernel(config: EngineConfig, device: torch.device, dtype: torch.dtype):
     """The compiled RoPE-and-K/V-write kernel on a float32 CPU model (--attention auto), where it builds; else None."""
+    cache = _kernel_cache(config, device, dtype)
+    return native.load_rope_store(cache) if cache is not None else None
+
+
+def _kernel_cache(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> Path | None:
+    """Where compiled CPU kernels live, or None where none is used (--attention torch, CUDA, not float32)."""
     if config.attention != "auto" or device.type != "cpu" or dtype != torch.float32:
         return None
     from tokenmill.models.cache import default_home
 
-    return native.load_rope_store(default_home())
+    return default_home()
 
 
 def read_chat_template(path: str | None) -> str | None:

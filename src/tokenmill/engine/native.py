@@ -26,35 +26,30 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 
 def load_paged_decode(cache: Path) -> ctypes.CDLL | None:
     """The paged decode kernel's library (its `paged_decode` typed), or None: no compiler, or the build failed."""
-    source = resources.files("tokenmill.engine").joinpath("csrc/paged_decode.cpp").read_text()
-    library = _build(source, "paged_decode", cache)
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    return _load("paged_decode", cache, [pointer] * 6 + [size] * 7 + [ctypes.c_float, ctypes.c_int], ctypes.c_int)
+
+
+def load_rope_store(cache: Path) -> ctypes.CDLL | None:
+    """The RoPE-and-K/V-write kernel's library (its `rope_store` typed), or None: no compiler, or the build failed."""
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    # -ffp-contract=off: no fused multiply-add, so every product and sum rounds as transformers' ops do
+    return _load("rope_store", cache, [pointer] * 6 + [size] * 6 + [ctypes.c_int], None, ["-ffp-contract=off"])
+
+
+def _load(name: str, cache: Path, argtypes: list, restype, extra: list[str] | None = None) -> ctypes.CDLL | None:
+    """Build csrc/<name>.cpp (or find it built) and load it with its function `name` typed; None on any failure."""
+    source = resources.files("tokenmill.engine").joinpath(f"csrc/{name}.cpp").read_text()
+    library = _build(source, name, cache, extra)
     if library is None:
         return None
     try:
         lib = ctypes.CDLL(str(library))
     except OSError as exc:  # a truncated file, a runtime library missing
-        log.warning("loading the paged_decode kernel failed (%s): attention runs in torch ops", exc)
+        log.warning("loading the %s kernel failed (%s): it runs in torch ops", name, exc)
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.paged_decode.argtypes = [pointer] * 6 + [size] * 7 + [ctypes.c_float, ctypes.c_int]
-    lib.paged_decode.restype = ctypes.c_int
-    return lib
-
-
-def load_rope_store(cache: Path) -> ctypes.CDLL | None:
-    """The RoPE-and-K/V-write kernel's library (its `rope_store` typed), or None: no compiler, or the build failed."""
-    source = resources.files("tokenmill.engine").joinpath("csrc/rope_store.cpp").read_text()
-    library = _build(source, "rope_store", cache, ["-ffp-contract=off"])  # transformers' roundings, no fused multiply-add
-    if library is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(library))
-    except OSError as exc:
-        log.warning("loading the rope_store kernel failed (%s): RoPE runs in torch ops", exc)
-        return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    lib.rope_store.argtypes = [pointer] * 6 + [size] * 6 + [ctypes.c_int]
-    lib.rope_store.restype = None
+    function = getattr(lib, name)
+    function.argtypes, function.restype = argtypes, restype
     return lib
 
 
@@ -72,7 +67,7 @@ def _build(source: str, name: str, cache: Path, extra: list[str] | None = None) 
     try:
         return _compile(compiler, flags, source, name, target)
     except OSError as exc:  # a cache folder this user cannot write, a full disk: run without the kernel
-        log.warning("building the %s kernel in %s failed (%s): attention runs in torch ops", name, target.parent, exc)
+        log.warning("building the %s kernel in %s failed (%s): it runs in torch ops", name, target.parent, exc)
         return None
 
 
@@ -86,10 +81,10 @@ def _compile(compiler: str, flags: list[str], source: str, name: str, target: Pa
         try:
             done = subprocess.run([compiler, *flags, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired as exc:
-            log.warning("compiling the %s kernel failed (%s): attention runs in torch ops", name, exc)
+            log.warning("compiling the %s kernel failed (%s): it runs in torch ops", name, exc)
             return None
         if done.returncode != 0:
-            log.warning("compiling the %s kernel failed: attention runs in torch ops\n%s", name, done.stderr[-2000:])
+            log.warning("compiling the %s kernel failed: it runs in torch ops\n%s", name, done.stderr[-2000:])
             return None
         os.replace(out, target)  # atomic: a server starting beside this one sees the whole file or none
     log.info("compiled the %s kernel in %.1f s: %s", name, time.monotonic() - started, target)
