@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from tokenmill.config import EngineConfig
-from tokenmill.engine.attention import NativeDecodeAttention, TorchAttention
+from tokenmill.engine.attention import NativeAttention, TorchAttention
 from tokenmill.engine.loader import load_engine
 from tokenmill.outputs import Logprobs
 from tokenmill.sampling_params import Prompt, SamplingParams
@@ -84,7 +84,7 @@ def test_forty_mixed_requests_batched_equal_each_alone(model_dir, solo_results):
     assert engine.blocks.hit_tokens > 0  # the shared prefixes were served from the cache
     assert engine.blocks.num_free == engine.blocks.num_blocks
     if shutil.which("g++") or shutil.which("c++"):  # generated positions ran through the compiled kernel
-        assert isinstance(engine.runner.backend, NativeDecodeAttention)
+        assert isinstance(engine.runner.backend, NativeAttention)
 
 
 def test_the_torch_attention_path_is_batch_invariant_too(llama_dir):

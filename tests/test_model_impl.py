@@ -2,6 +2,7 @@
 
 import random
 import shutil
+import types
 
 import pytest
 import torch
@@ -24,13 +25,14 @@ def scoring_requests(vocab: int) -> list:
     return [([Prompt(tuple(rng.randrange(1, vocab) for _ in range(length)))], params) for length in (2, 17, 90)]
 
 
-@pytest.mark.parametrize("attention", ["auto", "torch"])  # auto: RoPE and the K/V write in the compiled kernel, where g++ is found
+@pytest.mark.parametrize("attention", ["auto", "torch"])  # auto: RoPE, the K/V write and RMSNorm compiled, where g++ is found
 def test_the_own_forward_equals_transformers_bit_for_bit(lean_dir, attention):
     lean = engine_for(lean_dir, max_num_batched_tokens=64, attention=attention)
     stock = engine_for(lean_dir, max_num_batched_tokens=64, attention=attention, model_impl="transformers")
     assert lean.runner.lean is not None and stock.runner.lean is None
     compiled = attention == "auto" and bool(shutil.which("g++") or shutil.which("c++"))
     assert (lean.runner.lean.kernel is not None) == compiled
+    assert (lean.runner.lean.norm_lanes in (16, 8)) == compiled  # the compiled norm gives torch's bits here, so it is used
     requests = mixed_requests(16, lean.tokenizer.vocab_size, seed=2) + scoring_requests(lean.tokenizer.vocab_size)
     assert together(lean, requests) == together(stock, requests)  # texts, tokens, logprobs and top logprobs, exactly
 
@@ -65,3 +67,24 @@ def test_unpacked_projections_share_their_weights_with_the_modules():
     qkv = forward.layers[0].qkv
     assert attn.k_proj.weight.data_ptr() == qkv.weight[32:].data_ptr()
     assert torch.allclose(qkv(x), want, atol=1e-6) and torch.allclose(attn.k_proj(x), want[:, 32:48], atol=1e-6)
+
+
+def test_the_compiled_norm_is_torchs_bit_for_bit_at_one_vector_width_only(tmp_path):
+    """add_rms_norm reproduces the order of torch's sum at the width torch runs here; the other width is caught by the check."""
+    from tokenmill.engine import native
+
+    ops = native.load_llama_ops(tmp_path)
+    if ops is None:
+        pytest.skip("no C++ compiler")
+    lanes = llama_forward.norm_lanes(ops, 576, 1e-5)
+    assert lanes in (16, 8)
+    gen = torch.Generator().manual_seed(1)
+    module = types.SimpleNamespace(weight=torch.randn(960, generator=gen), variance_epsilon=1e-6)
+    for rows in (1, 7, 300):  # one row (no threads), and enough rows to split over threads
+        x, delta = torch.randn(rows, 960, generator=gen) * 3, torch.randn(rows, 960, generator=gen)
+        want_x, got_x, other_x = x.clone(), x.clone(), x.clone()
+        want = llama_forward.RMSNorm(module)(want_x, delta)
+        assert torch.equal(llama_forward.RMSNorm(module, ops, lanes)(got_x, delta), want) and torch.equal(got_x, want_x)
+        other = llama_forward.RMSNorm(module, ops, 24 - lanes)(other_x, delta)
+        assert torch.equal(other_x, want_x) and (rows < 300 or not torch.equal(other, want))  # the sum's order shows in the bits
+        assert torch.equal(llama_forward.RMSNorm(module, ops, lanes)(want_x.clone()), llama_forward.RMSNorm(module)(want_x.clone()))

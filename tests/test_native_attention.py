@@ -1,4 +1,4 @@
-"""The compiled decode-attention kernel (engine/csrc/paged_decode.cpp): close to the torch path, and its bits independent of the batch."""
+"""The compiled attention kernels (engine/csrc/paged_attention.cpp): close to the torch path, and their bits independent of the batch."""
 
 import shutil
 
@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from tokenmill.engine import native
-from tokenmill.engine.attention import NativeDecodeAttention, StepContext, TorchAttention, Workspace, visibility
+from tokenmill.engine.attention import Chunk, NativeAttention, StepContext, TorchAttention, Workspace, visibility
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
 
 
 @pytest.fixture(scope="module")
 def library(tmp_path_factory):
-    lib = native.load_paged_decode(tmp_path_factory.mktemp("kernels"))
+    lib = native.load_paged_attention(tmp_path_factory.mktemp("kernels"))
     assert lib is not None
     return lib
 
@@ -43,7 +43,7 @@ def decode_step(kv_heads: int, group: int, head_dim: int, block_size: int, lengt
 @pytest.mark.parametrize("kv_heads, group, head_dim, block_size", [(3, 3, 64, 16), (2, 2, 16, 16), (1, 4, 128, 8), (4, 1, 32, 32), (2, 7, 64, 16)])
 def test_the_kernel_agrees_with_the_torch_path(library, kv_heads, group, head_dim, block_size):
     query, pool, step = decode_step(kv_heads, group, head_dim, block_size, [1, 5, 16, 17, 63, 64, 65, 200, 333])
-    got = NativeDecodeAttention(library)._decode(query, pool, step, head_dim**-0.5)
+    got = NativeAttention(library)._decode(query, pool, step, head_dim**-0.5)
     want = TorchAttention()._decode(query, pool, step, head_dim**-0.5)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
@@ -52,7 +52,7 @@ def test_the_kernel_agrees_with_the_torch_path(library, kv_heads, group, head_di
 def test_a_sequences_bits_do_not_depend_on_the_batch_or_the_threads(library):
     lengths = [37, 300, 5, 129, 64, 250, 1, 77]
     query, pool, step = decode_step(3, 3, 64, 16, lengths)
-    kernel = NativeDecodeAttention(library)
+    kernel = NativeAttention(library)
     together = kernel._decode(query, pool, step, 0.125)
     threads = torch.get_num_threads()
     try:
@@ -69,19 +69,19 @@ def test_a_sequences_bits_do_not_depend_on_the_batch_or_the_threads(library):
 def test_shapes_the_kernel_does_not_take_use_torch_ops(library):
     query, pool, step = decode_step(2, 2, 24, 16, [10, 40])  # head size not a multiple of 16
     step.decode_lens = None  # the kernel would need these: the torch path does not
-    got = NativeDecodeAttention(library)._decode(query, pool, step, 0.2)
+    got = NativeAttention(library)._decode(query, pool, step, 0.2)
     assert torch.equal(got, TorchAttention()._decode(query, pool, step, 0.2))
 
 
 def test_the_build_is_cached_and_a_broken_compiler_means_torch_ops(tmp_path, monkeypatch):
-    first = native.load_paged_decode(tmp_path)
-    built = list((tmp_path / "kernels").glob("paged_decode-*.so"))
+    first = native.load_paged_attention(tmp_path)
+    built = list((tmp_path / "kernels").glob("paged_attention-*.so"))
     assert first is not None and len(built) == 1
     monkeypatch.setenv("CXX", "/bin/false")  # another compiler: another key, and this one fails
-    assert native.load_paged_decode(tmp_path) is None
+    assert native.load_paged_attention(tmp_path) is None
     assert list((tmp_path / "kernels").glob("*.so")) == built
     monkeypatch.setenv("CXX", "/nonexistent/g++")
-    assert native.load_paged_decode(tmp_path) is None
+    assert native.load_paged_attention(tmp_path) is None
 
 
 def test_the_attention_benchmark_runs(capsys):
@@ -96,4 +96,75 @@ def test_the_attention_benchmark_runs(capsys):
 def test_a_cache_folder_it_cannot_write_means_torch_ops(tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
-    assert native.load_paged_decode(blocked) is None  # kernels/ cannot be made under a file
+    assert native.load_paged_attention(blocked) is None  # kernels/ cannot be made under a file
+
+
+def prompt_pool(kv_heads: int, group: int, head_dim: int, block_size: int, lengths: list[int], seed: int = 0):
+    """A random one-layer pool holding prompts of the given lengths, their block tables, and a query [H, n, D] for every position."""
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // block_size) for n in lengths) + 1
+    pool = torch.randn(1, 2, kv_heads, num_blocks + 1, block_size, head_dim, generator=gen)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, queries = [], []
+    for n in lengths:
+        need = -(-n // block_size)
+        tables.append(order[:need])
+        order = order[need:]
+        queries.append(torch.randn(kv_heads * group, n, head_dim, generator=gen))
+    return pool, tables, queries, num_blocks
+
+
+def prefill(backend, pool, tables, queries, scratch, pieces: list[tuple[int, int, int]], block_size: int, scale: float) -> list[torch.Tensor]:
+    """One step over prompt pieces (sequence, first position, end): each piece's output [n, H, D], as the model runner lays the step out."""
+    multiple = max(1, 64 // block_size)  # tables padded to whole 64-key value chunks
+    chunks, rows, qs = [], 0, []
+    for seq, a, b in pieces:
+        need = -(-b // block_size)
+        width = -(-need // multiple) * multiple
+        blocks = torch.tensor(tables[seq][:need] + [scratch] * (width - need))
+        chunks.append(Chunk(slice(rows, rows + b - a), a, blocks))
+        qs.append(queries[seq][:, a:b])
+        rows += b - a
+    query = torch.cat(qs, dim=1)  # [H, T, D]
+    step = StepContext(pool, torch.zeros(0, dtype=torch.long), 0, None, None, chunks=chunks, workspace=Workspace(torch.float32, torch.device("cpu")))
+    out = query.new_zeros(rows, query.shape[0], query.shape[2])
+    backend._prefill(query, pool[0], step, scale, out)
+    return [out[c.rows] for c in chunks]
+
+
+@pytest.mark.parametrize("kv_heads, group, head_dim, block_size", [(3, 3, 64, 16), (2, 2, 16, 16), (1, 4, 128, 8), (4, 1, 32, 32), (2, 7, 64, 16)])
+def test_the_prefill_kernel_agrees_with_the_torch_path(library, kv_heads, group, head_dim, block_size):
+    lengths = [1, 17, 64, 130, 333]
+    pool, tables, queries, scratch = prompt_pool(kv_heads, group, head_dim, block_size, lengths)
+    pieces = [(0, 0, 1), (1, 0, 17), (2, 0, 64), (3, 50, 130), (4, 0, 333)]
+    scale = head_dim**-0.5
+    got = prefill(NativeAttention(library), pool, tables, queries, scratch, pieces, block_size, scale)
+    want = prefill(TorchAttention(), pool, tables, queries, scratch, pieces, block_size, scale)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6)
+
+
+def test_a_prompt_positions_bits_do_not_depend_on_its_chunk_the_batch_or_the_threads(library):
+    lengths = [300, 90]
+    pool, tables, queries, scratch = prompt_pool(3, 3, 64, 16, lengths)
+    kernel = NativeAttention(library)
+    run = lambda pieces: prefill(kernel, pool, tables, queries, scratch, pieces, 16, 0.125)  # noqa: E731
+    whole = run([(0, 0, 300)])[0]
+    pieces = run([(1, 0, 90), (0, 0, 37), (0, 37, 200), (0, 200, 300)])  # one sequence's chunks beside another's (keys already in the pool)
+    assert torch.equal(torch.cat(pieces[1:]), whole)
+    one_by_one = torch.cat([run([(0, p, p + 1)])[0] for p in range(0, 300, 23)])
+    assert torch.equal(one_by_one, whole[::23])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(run([(0, 0, 300)])[0], whole)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(pieces[0], run([(1, 0, 90)])[0])
+
+
+def test_prefill_shapes_the_kernel_does_not_take_use_torch_ops(library):
+    for kv_heads, group, head_dim in [(1, 9, 64), (2, 2, 48)]:  # 9 query heads a kv head; a head size of 48
+        pool, tables, queries, scratch = prompt_pool(kv_heads, group, head_dim, 16, [40])
+        got = prefill(NativeAttention(library), pool, tables, queries, scratch, [(0, 0, 40)], 16, 0.2)
+        assert torch.equal(got[0], prefill(TorchAttention(), pool, tables, queries, scratch, [(0, 0, 40)], 16, 0.2)[0])

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tokenmill.engine import native
-from tokenmill.engine.attention import VALUE_CHUNK, NativeDecodeAttention, StepContext, TorchAttention, Workspace, visibility
+from tokenmill.engine.attention import VALUE_CHUNK, NativeAttention, StepContext, TorchAttention, Workspace, visibility
 
 
 def layout(args: argparse.Namespace) -> tuple[torch.Tensor, StepContext]:
@@ -56,14 +56,14 @@ def time_step(backend, query: torch.Tensor, pool: torch.Tensor, step: StepContex
 
 def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as cache:
-        library = native.load_paged_decode(Path(cache))
+        library = native.load_paged_attention(Path(cache))
         if library is None:
             print("tokenmill: error: the kernel could not be compiled (is g++ installed?)", file=sys.stderr)
             return 1
         pool, step = layout(args)
         query = torch.randn(args.kv_heads * args.group, args.sequences, args.head_dim, generator=torch.Generator().manual_seed(args.seed + 1))
         rows = {}
-        for name, backend in (("torch ops", TorchAttention()), ("compiled kernel", NativeDecodeAttention(library))):
+        for name, backend in (("torch ops", TorchAttention()), ("compiled kernel", NativeAttention(library))):
             rows[name] = time_step(backend, query, pool, step, args.repeat)
     print(
         f"{args.sequences} sequences of {args.min_len}-{args.max_len} keys, {args.layers} layers, {args.kv_heads} kv heads x {args.group} queries,"

@@ -16,8 +16,7 @@ one of two fixed recipes, chosen by what the position is, never by what else run
 
 Both split the weighted sum over values into chunks of VALUE_CHUNK keys and add the partial sums in
 order; keys past a query's position weigh exactly 0. The seam is `AttentionBackend`: on the CPU,
-`NativeDecodeAttention` runs generated positions through a compiled kernel (a third fixed recipe,
-each sequence alone); a CUDA kernel that keeps fixed recipes replaces `TorchAttention` the same way.
+`NativeAttention` runs them through compiled kernels (fixed recipes of their own); a CUDA kernel that keeps fixed recipes replaces `TorchAttention` the same way.
 """
 
 from __future__ import annotations
@@ -110,9 +109,14 @@ class TorchAttention:
         out = query.new_zeros(query.shape[1], query.shape[0], d)  # padding rows stay 0
         if step.decode_rows:
             out[: step.decode_rows] = self._decode(query[:, : step.decode_rows], pool, step, scaling)
+        if step.chunks:
+            self._prefill(query, pool, step, scaling, out)
+        return out
+
+    def _prefill(self, query, pool, step, scaling, out):
+        """Prompt positions: q [H, T, D] -> their rows of out [T, H, D], chunk by chunk."""
         for i, chunk in enumerate(step.chunks):
             out[chunk.rows] = self._chunk(query[:, chunk.rows], pool, chunk, scaling, step, i)
-        return out
 
     def _decode(self, query, pool, step, scaling):
         """Generated positions: q [H, B, D], one per sequence -> [B, H, D]."""
@@ -151,12 +155,13 @@ class TorchAttention:
         return out
 
 
-class NativeDecodeAttention(TorchAttention):
-    """Generated positions through the compiled kernel (engine/csrc/paged_decode.cpp), which reads the pool in place.
+class NativeAttention(TorchAttention):
+    """Attention through the compiled kernels (engine/csrc/paged_attention.cpp), which read the pool in place.
 
-    Prompt chunks stay in torch ops (matmuls pay off there). The kernel is its own fixed recipe:
-    each (sequence, kv head) alone, in a fixed order, so a request's tokens still never depend on
-    what else runs. Shapes it does not take (head size not a multiple of 16, not float32) use torch ops.
+    Each kernel is its own fixed recipe: a generated position alone per (sequence, kv head), a prompt
+    position by a recipe fixed by its position, so a request's tokens still never depend on what else
+    runs. Shapes the kernels do not take (head size not a multiple of 16, more than 8 query heads a kv
+    head, not float32) use torch ops.
     """
 
     def __init__(self, library):
@@ -177,6 +182,31 @@ class NativeDecodeAttention(TorchAttention):
             b, h, kvh, nb, bs, d, tables.shape[1], scaling, torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+    def _prefill(self, query, pool, step, scaling, out):
+        """Prompt positions: q [H, T, D] -> their rows of out [T, H, D], every chunk in one call."""
+        if pool.dtype != torch.float32 or pool.device.type != "cpu" or query.stride(-1) != 1:
+            return super()._prefill(query, pool, step, scaling, out)
+        if "prefill" not in step.memo:  # the same for every layer of the step
+            step.memo["prefill"] = prefill_tables(step.chunks)
+        chunks, tables = step.memo["prefill"]
+        keys, values = pool[0], pool[1]  # [KVH, NB, BS, D] each, contiguous
+        kvh, nb, bs, d = keys.shape
+        done = self.library.paged_prefill(
+            query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(), chunks.data_ptr(), tables.data_ptr(),
+            len(step.chunks), out.data_ptr(), query.shape[0], kvh, nb, bs, d, scaling, torch.get_num_threads(),
+        )  # fmt: skip
+        if done != 0:  # a shape the kernel does not take
+            super()._prefill(query, pool, step, scaling, out)
+
+
+def prefill_tables(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prefill kernel's view of a step's chunks: [C, 4] (first row, start, count, table offset) and their tables, concatenated."""
+    offsets = [0]
+    for chunk in chunks[:-1]:
+        offsets.append(offsets[-1] + chunk.blocks.shape[0])
+    meta = torch.tensor([[c.rows.start, c.start, c.rows.stop - c.rows.start, o] for c, o in zip(chunks, offsets, strict=True)], dtype=torch.long)
+    return meta, torch.cat([c.blocks for c in chunks]).contiguous()
 
 
 def runs(start: int, count: int, g: int, length: int, dtype: torch.dtype, device: torch.device) -> list[tuple[int, int, int, torch.Tensor]]:

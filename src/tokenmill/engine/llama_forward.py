@@ -3,13 +3,15 @@
 transformers' modules make ~50 small calls a layer (module hooks, keyword plumbing, views, RoPE's
 slices and `cat`); at one sequence that is a quarter of a decode step here. `LlamaForward` does the
 same arithmetic on the same weights in the same order, so its numbers equal the transformers path's
-bit for bit (tests/test_model_impl.py), with q and k rotated together and the projections of one
-input in one matmul. It takes only layers built of the stock llama and qwen2 modules; any other
-model goes through transformers (`--model-impl transformers` forces that for every model).
+bit for bit (tests/test_model_impl.py), with q and k rotated together, the projections of one
+input in one matmul, and each residual add folded into the norm after it. It takes only layers
+built of the stock llama and qwen2 modules; any other model goes through transformers
+(`--model-impl transformers` forces that for every model).
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -53,41 +55,71 @@ class Projection:
 
 
 class RMSNorm:
-    """transformers' llama RMSNorm, op for op: w * (x * rsqrt(mean(x^2) + eps)), in float32."""
+    """transformers' llama RMSNorm, op for op: w * (x * rsqrt(mean(x^2) + eps)), in float32, after the residual add.
 
-    def __init__(self, module: Any):  # Any: transformers' modules, read by attribute
+    kernel/lanes: the compiled add_rms_norm and the vector width of torch's sum it reproduces
+    (`norm_lanes`), or None/0: torch ops.
+    """
+
+    def __init__(self, module: Any, kernel: Any = None, lanes: int = 0):  # Any: transformers' modules, read by attribute
         self.weight = module.weight.detach()
         self.eps = module.variance_epsilon
+        self.kernel = kernel if lanes else None
+        self.lanes = lanes
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]."""
+    def __call__(self, x: torch.Tensor, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, hidden], the residual stream, with delta [T, hidden] added into it in place first -> normed [T, hidden]."""
+        if self.kernel is not None:
+            out = torch.empty_like(x)
+            self.kernel.add_rms_norm(
+                x.data_ptr(), None if delta is None else delta.data_ptr(), self.weight.data_ptr(), out.data_ptr(),
+                x.shape[0], x.shape[1], self.eps, self.lanes, torch.get_num_threads(),
+            )  # fmt: skip
+            return out
+        if delta is not None:
+            x.add_(delta)
         dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
 
 
+def norm_lanes(kernel: Any, hidden: int, eps: float) -> int:
+    """The vector width (16 or 8) at which the compiled add_rms_norm gives torch's bits on this machine; 0: neither does."""
+    gen = torch.Generator().manual_seed(0)
+    x, delta, weight = torch.randn(33, hidden, generator=gen) * 4, torch.randn(33, hidden, generator=gen), torch.randn(hidden, generator=gen)
+    module = types.SimpleNamespace(weight=weight, variance_epsilon=eps)
+    want_x = x.clone()
+    want = RMSNorm(module)(want_x, delta)
+    for lanes in (16, 8):
+        got_x = x.clone()
+        if torch.equal(RMSNorm(module, kernel, lanes)(got_x, delta), want) and torch.equal(got_x, want_x):
+            return lanes
+    return 0
+
+
 class Layer:
     """One decoder layer's weights, gathered out of its transformers modules."""
 
-    def __init__(self, layer: Any, packed: bool):
+    def __init__(self, layer: Any, packed: bool, kernel: Any = None, lanes: int = 0):
         attn, mlp = layer.self_attn, layer.mlp
         self.index = attn.layer_idx
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
         self.widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.heads = attn.q_proj.out_features // attn.head_dim
-        self.norm1 = RMSNorm(layer.input_layernorm)
+        self.norm1 = RMSNorm(layer.input_layernorm, kernel, lanes)
         self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed)
         self.o = Projection([attn.o_proj], packed)
-        self.norm2 = RMSNorm(layer.post_attention_layernorm)
+        self.norm2 = RMSNorm(layer.post_attention_layernorm, kernel, lanes)
         self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], packed)
         self.down = Projection([mlp.down_proj], packed)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext, kernel: Any = None) -> torch.Tensor:
-        """x [T, hidden], cos/sin [T, 1, D] -> [T, hidden]; kernel: the compiled rope_store, or None (torch ops)."""
+    def __call__(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, step: StepContext, kernel: Any = None) -> torch.Tensor:
+        """x [T, hidden] the residual stream, delta [T, hidden] the last layer's output (None at the first), both added
+        into x here; cos/sin [T, 1, D] -> this layer's output [T, hidden]. kernel: the compiled llama ops, or None (torch ops)."""
         t, d = x.shape[0], self.head_dim
-        qkv = self.qkv(self.norm1(x))  # [T, (H + 2 KVH) D]
+        qkv = self.qkv(self.norm1(x, delta))  # [T, (H + 2 KVH) D]
         q_width, k_width, _ = self.widths
         if kernel is not None:  # rotated in place and keys/values written to the pool: step.kv_written
             pool = step.kv[self.index]  # [2, KVH, NB, BS, D]
@@ -104,9 +136,8 @@ class Layer:
         value = qkv[:, q_width + k_width :].view(t, -1, d).transpose(0, 1)  # [KVH, T, D]
         assert step.backend is not None  # the runner always gives one
         out = step.backend(self.index, query, key, value, self.scaling, step)  # [T, H, D]
-        x = x + self.o(out.reshape(t, -1))
-        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        gate, up = self.gate_up(self.norm2(x, self.o(out.reshape(t, -1)))).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -122,13 +153,15 @@ class LlamaForward:
     """A llama or qwen2 model's forward: flat token ids [T] -> logits of the kept rows [K, V]."""
 
     def __init__(self, model: Any, packed: bool, kernel: Any = None):
-        """kernel: the compiled rope_store library (the loader gives it only to a float32 CPU model), or None: torch ops."""
+        """kernel: the compiled llama ops (the loader gives them only to a float32 CPU model), or None: torch ops."""
         self.kernel = kernel
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach()  # [V, hidden]
         self.rotary = inner.rotary_emb
-        self.layers = [Layer(layer, packed) for layer in inner.layers]
-        self.norm = RMSNorm(inner.norm)
+        # the compiled norm only where it gives torch's bits on this machine (else torch ops, RoPE still compiled)
+        self.norm_lanes = norm_lanes(kernel, self.embed.shape[1], inner.norm.variance_epsilon) if kernel is not None else 0
+        self.layers = [Layer(layer, packed, kernel, self.norm_lanes) for layer in inner.layers]
+        self.norm = RMSNorm(inner.norm, kernel, self.norm_lanes)
         self.lm_head = Projection([model.lm_head], packed)
 
     @torch.inference_mode()
@@ -138,9 +171,10 @@ class LlamaForward:
         cos, sin = self.rotary(x[None], positions[None])  # [1, T, D] each
         cos, sin = cos[0, :, None].contiguous(), sin[0, :, None].contiguous()  # [T, 1, D]
         step.kv_written = self.kernel is not None
+        delta = None
         for layer in self.layers:
-            x = layer(x, cos, sin, step, self.kernel)
-        return self.lm_head(self.norm(x[keep]))
+            delta = layer(x, delta, cos, sin, step, self.kernel)
+        return self.lm_head(self.norm(x[keep], delta[keep]))
 
 
 def fits(model: Any) -> bool:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from tokenmill.config import EngineConfig
 from tokenmill.engine import host_memory, native
 from tokenmill.engine.async_engine import AsyncEngine
-from tokenmill.engine.attention import AttentionBackend, NativeDecodeAttention
+from tokenmill.engine.attention import AttentionBackend, NativeAttention
 from tokenmill.engine.engine import Engine
 from tokenmill.engine.gguf import load_gguf
 from tokenmill.engine.kv_cache import BlockManager
@@ -76,24 +76,25 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
     )
     blocks = BlockManager(num_blocks, config.block_size, prefix_caching=not config.no_prefix_caching)
     backend = _attention(config, device, dtype)
-    rope = _rope_kernel(config, device, dtype)
+    llama_ops = _llama_ops(config, device, dtype)
     invariant = not config.no_batch_invariance
-    runner = ModelRunner(model, device, num_blocks, config.block_size, invariant, backend, config.model_impl, rope)
+    runner = ModelRunner(model, device, num_blocks, config.block_size, invariant, backend, config.model_impl, llama_ops)
     scheduling = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
     return Engine(runner, tokenizer, eos, blocks, scheduling), info
 
 
 def _attention(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> AttentionBackend | None:
-    """The compiled decode kernel on a float32 CPU model (--attention auto), where it builds; else None: torch ops."""
+    """The compiled attention kernels on a float32 CPU model (--attention auto), where they build; else None: torch ops."""
     cache = _kernel_cache(config, device, dtype)
-    library = native.load_paged_decode(cache) if cache is not None else None
-    return NativeDecodeAttention(library) if library is not None else None
+    library = native.load_paged_attention(cache) if cache is not None else None
+    return NativeAttention(library) if library is not None else None
 
 
-def _rope_kernel(config: EngineConfig, device: torch.device, dtype: torch.dtype):
-    """The compiled RoPE-and-K/V-write kernel on a float32 CPU model (--attention auto), where it builds; else None."""
+def _llama_ops(config: EngineConfig, device: torch.device, dtype: torch.dtype):
+    """The llama layer's compiled ops (RoPE with the K/V write, residual add with RMSNorm) on a float32 CPU model
+    (--attention auto), where they build; else None."""
     cache = _kernel_cache(config, device, dtype)
-    return native.load_rope_store(cache) if cache is not None else None
+    return native.load_llama_ops(cache) if cache is not None else None
 
 
 def _kernel_cache(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> Path | None:

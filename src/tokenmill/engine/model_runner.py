@@ -69,12 +69,12 @@ class ModelRunner:
         batch_invariant: bool = True,
         backend: AttentionBackend | None = None,
         model_impl: str = "auto",
-        rope_kernel=None,
+        llama_ops=None,
     ):
         attention.register()
         model.set_attn_implementation(attention.NAME)
         packed = device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        self.lean = LlamaForward(model, packed, rope_kernel) if model_impl == "auto" and llama_forward.fits(model) else None
+        self.lean = LlamaForward(model, packed, llama_ops) if model_impl == "auto" and llama_forward.fits(model) else None
         if packed and self.lean is None:
             pack_linears(model)
         self.model = model

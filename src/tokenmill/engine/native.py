@@ -24,21 +24,25 @@ log = logging.getLogger(__name__)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 
 
-def load_paged_decode(cache: Path) -> ctypes.CDLL | None:
-    """The paged decode kernel's library (its `paged_decode` typed), or None: no compiler, or the build failed."""
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    return _load("paged_decode", cache, [pointer] * 6 + [size] * 7 + [ctypes.c_float, ctypes.c_int], ctypes.c_int)
+def load_paged_attention(cache: Path) -> ctypes.CDLL | None:
+    """The paged attention kernels' library (`paged_decode`, `paged_prefill` typed), or None: no compiler, or the build failed."""
+    pointer, size, scale, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    decode = [pointer] * 6 + [size] * 7 + [scale, threads]
+    prefill = [pointer, size, size, pointer, pointer, pointer, pointer, size, pointer] + [size] * 5 + [scale, threads]
+    return _load("paged_attention", cache, {"paged_decode": (decode, ctypes.c_int), "paged_prefill": (prefill, ctypes.c_int)})
 
 
-def load_rope_store(cache: Path) -> ctypes.CDLL | None:
-    """The RoPE-and-K/V-write kernel's library (its `rope_store` typed), or None: no compiler, or the build failed."""
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
+def load_llama_ops(cache: Path) -> ctypes.CDLL | None:
+    """The llama layer's compiled ops (`rope_store`, `add_rms_norm` typed), or None: no compiler, or the build failed."""
+    pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    rope = [pointer] * 6 + [size] * 6 + [threads]
+    norm = [pointer] * 4 + [size] * 2 + [ctypes.c_float, ctypes.c_int, threads]
     # -ffp-contract=off: no fused multiply-add, so every product and sum rounds as transformers' ops do
-    return _load("rope_store", cache, [pointer] * 6 + [size] * 6 + [ctypes.c_int], None, ["-ffp-contract=off"])
+    return _load("llama_ops", cache, {"rope_store": (rope, None), "add_rms_norm": (norm, None)}, ["-ffp-contract=off"])
 
 
-def _load(name: str, cache: Path, argtypes: list, restype, extra: list[str] | None = None) -> ctypes.CDLL | None:
-    """Build csrc/<name>.cpp (or find it built) and load it with its function `name` typed; None on any failure."""
+def _load(name: str, cache: Path, functions: dict[str, tuple[list, type | None]], extra: list[str] | None = None) -> ctypes.CDLL | None:
+    """Build csrc/<name>.cpp (or find it built) and load it with `functions` typed (name: argtypes, restype); None on any failure."""
     source = resources.files("tokenmill.engine").joinpath(f"csrc/{name}.cpp").read_text()
     library = _build(source, name, cache, extra)
     if library is None:
@@ -48,8 +52,8 @@ def _load(name: str, cache: Path, argtypes: list, restype, extra: list[str] | No
     except OSError as exc:  # a truncated file, a runtime library missing
         log.warning("loading the %s kernel failed (%s): it runs in torch ops", name, exc)
         return None
-    function = getattr(lib, name)
-    function.argtypes, function.restype = argtypes, restype
+    for function, (argtypes, restype) in functions.items():
+        getattr(lib, function).argtypes, getattr(lib, function).restype = argtypes, restype
     return lib
 
 

@@ -1,0 +1,301 @@
+// Paged attention on the CPU over the block pool, read in place (the torch path gathers keys and values
+// into a padded copy first: 3x the memory traffic).
+//
+// paged_decode: each sequence's one new query. Every (sequence, kv head) is one task computed alone in a
+// fixed order (16-lane dot products summed by a fixed tree, a fixed exp polynomial, values summed key by
+// key), so its bits never depend on what else is in the batch or on how tasks are split over threads.
+//
+// paged_prefill: prompt positions, chunk by chunk. Each position's query heads attend over keys 0..position
+// by a recipe fixed by the position alone (keys 16 at a time in the lanes, each lane's dot product one
+// multiply-add per element in order), so a position's bits do not depend on its chunk, the batch or the
+// threads. The two recipes round differently, which is why generated positions are never recomputed as prompt.
+//
+// Threads come from OpenMP, linked to the same libgomp.so.1 as torch, so the kernels run on torch's own
+// thread pool instead of competing with it.
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v4 __attribute__((vector_size(16), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
+
+static inline float hsum(v16 a) {  // a fixed tree of additions
+    v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+    return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+static inline v16 exp16(v16 x) {  // e^x for x <= 0: 2^n * p(r), r = x - n ln2, p Taylor to r^7 (~1 ulp)
+    const v16 lowest = v16{} - 87.0f;
+    x = x < lowest ? lowest : x;
+    const v16 t = x * 1.44269504f;
+    const i16 n = __builtin_convertvector(t + (t < 0 ? -0.5f : 0.5f), i16);
+    const v16 nf = __builtin_convertvector(n, v16);
+    const v16 r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;  // ln2 in two parts
+    v16 p = v16{} + 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const i16 bits = (n + 127) << 23;
+    v16 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+// sc[0, len) -> softmax, in place; sc is padded with -inf to whole 16-lane vectors.
+static void softmax(float *sc, int64_t len) {
+    const int64_t padded = (len + 15) / 16 * 16;
+    for (int64_t l = len; l < padded; l++) sc[l] = -INFINITY;
+    v16 top = v16{} - INFINITY;
+    for (int64_t l = 0; l < padded; l += 16) {
+        const v16 x = *(v16 *)(sc + l);
+        top = x > top ? x : top;
+    }
+    float m = top[0];
+    for (int j = 1; j < 16; j++) m = top[j] > m ? top[j] : m;
+    v16 sum = v16{};
+    for (int64_t l = 0; l < padded; l += 16) {
+        const v16 x = *(v16 *)(sc + l);
+        const v16 e = x == -INFINITY ? v16{} : exp16(x - m);
+        *(v16 *)(sc + l) = e;
+        sum += e;
+    }
+    const float inv = 1.0f / hsum(sum);
+    for (int64_t l = 0; l < padded; l += 16) *(v16 *)(sc + l) *= inv;
+}
+
+static inline void prefetch(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
+}
+
+struct Shape {
+    int64_t B, H, KVH, NB, BS, D, NBT;  // sequences, query heads, kv heads, pool blocks, block size, head size, table width
+};
+
+// One (sequence b, kv head) task: its G query heads over its len keys. GN and CN fix G and the
+// head size in 16-lane chunks at compile time (0: read from s), so the common shapes keep the
+// queries and the output sums in registers; every shape runs the same operations in the same order.
+template <int GN, int CN>
+static void attend(const float *q, const float *k, const float *v, const int64_t *table, int64_t len, float *out, const Shape &s, int64_t kvh,
+                   float scale, float *scores, int64_t stride) {
+    const int64_t G = GN ? GN : s.H / s.KVH, C = CN ? CN : s.D / 16, D = C * 16, BS = s.BS, block = BS * D;
+    const float *keys = k + kvh * s.NB * block, *values = v + kvh * s.NB * block;
+    prefetch(keys + table[0] * block, block);
+    for (int64_t l = 0; l < len; l++) {
+        if (l % BS == 0) {  // keys two and four blocks on, and this block's values (read after the softmax)
+            const int64_t next = l / BS + 2 < s.NBT ? l / BS + 2 : l / BS;
+            prefetch(keys + table[next] * block, block);
+            if (l / BS + 4 < s.NBT) prefetch(keys + table[l / BS + 4] * block, block);
+            prefetch(values + table[l / BS] * block, block);
+        }
+        const v16 *key = (const v16 *)(keys + table[l / BS] * block + (l % BS) * D);
+        for (int64_t g = 0; g < G; g++) {
+            const v16 *qg = (const v16 *)(q + g * D);
+            v16 acc = qg[0] * key[0];
+            for (int64_t c = 1; c < C; c++) acc += qg[c] * key[c];
+            scores[g * stride + l] = hsum(acc) * scale;
+        }
+    }
+    for (int64_t g = 0; g < G; g++) softmax(scores + g * stride, len);
+    if (GN && CN) {  // the output sums in registers
+        v16 acc[GN ? GN : 1][CN ? CN : 1] = {};
+        for (int64_t l = 0; l < len; l++) {
+            const v16 *val = (const v16 *)(values + table[l / BS] * block + (l % BS) * D);
+            for (int g = 0; g < GN; g++) {
+                const float p = scores[g * stride + l];
+                for (int c = 0; c < CN; c++) acc[g][c] += p * val[c];
+            }
+        }
+        v16 *o = (v16 *)out;
+        for (int g = 0; g < GN; g++)
+            for (int c = 0; c < CN; c++) o[g * CN + c] = acc[g][c];
+        return;
+    }
+    v16 *o = (v16 *)out;
+    memset(out, 0, sizeof(float) * G * D);
+    for (int64_t l = 0; l < len; l++) {
+        const v16 *val = (const v16 *)(values + table[l / BS] * block + (l % BS) * D);
+        for (int64_t g = 0; g < G; g++) {
+            const float p = scores[g * stride + l];
+            for (int64_t c = 0; c < C; c++) o[g * C + c] += p * val[c];
+        }
+    }
+}
+
+typedef void (*Attend)(const float *, const float *, const float *, const int64_t *, int64_t, float *, const Shape &, int64_t, float, float *, int64_t);
+
+template <int CN>
+static Attend pick_group(int64_t G) {
+    switch (G) {
+        case 1: return attend<1, CN>;
+        case 2: return attend<2, CN>;
+        case 3: return attend<3, CN>;
+        case 4: return attend<4, CN>;
+        case 5: return attend<5, CN>;
+        case 6: return attend<6, CN>;
+        case 7: return attend<7, CN>;
+        case 8: return attend<8, CN>;
+        default: return attend<0, 0>;
+    }
+}
+
+static Attend pick(int64_t G, int64_t C) {  // head sizes 64 and 128 with up to 8 query heads a kv head: fixed shapes
+    return C == 4 ? pick_group<4>(G) : C == 8 ? pick_group<8>(G) : attend<0, 0>;
+}
+
+// q [B, H, D]; k, v [KVH, NB, BS, D] (one layer of the pool); tables [B, NBT]; lens [B] keys each query sees; out [B, H, D].
+// Returns 0, or -1 when D is not a multiple of 16 (the caller falls back to torch ops).
+extern "C" int paged_decode(const float *q, const float *k, const float *v, const int64_t *tables, const int64_t *lens, float *out, int64_t B,
+                            int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads) {
+    if (D % 16) return -1;
+    const Shape s{B, H, KVH, NB, BS, D, NBT};
+    const int64_t tasks = B * KVH, G = H / KVH, stride = (NBT * BS + 15) / 16 * 16;
+    if (threads > tasks) threads = (int)tasks;
+    const Attend run = pick(G, D / 16);
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
+        float *scores = (float *)aligned_alloc(64, sizeof(float) * G * stride);
+        for (int64_t t = tasks * i / n; t < tasks * (i + 1) / n; t++) {
+            const int64_t b = t / KVH, kvh = t % KVH;
+            run(q + (b * H + kvh * G) * D, k, v, tables + b * NBT, lens[b], out + (b * H + kvh * G) * D, s, kvh, scale, scores, stride);
+        }
+        free(scores);
+    }
+    return 0;
+}
+
+// Keys 0..len-1 of one kv head, gathered through the block table and transposed: kT [D, ld], 16 keys a vector.
+// 16 keys at a time, so that each write fills a whole cache line; keys past len are 0 (their scores are masked).
+static void transpose_keys(const float *keys, const int64_t *table, int64_t len, int64_t BS, int64_t D, float *kT, int64_t ld) {
+    static const float zeros[128] = {};  // D <= 128 (the kernel takes no other)
+    const int64_t block = BS * D;
+    for (int64_t l0 = 0; l0 < len; l0 += 16) {
+        const float *rows[16];
+        for (int64_t j = 0; j < 16; j++) rows[j] = l0 + j < len ? keys + table[(l0 + j) / BS] * block + ((l0 + j) % BS) * D : zeros;
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t j = 0; j < 16; j++) kT[d * ld + l0 + j] = rows[j][d];
+    }
+}
+
+// Scores of G query rows (q[g * qh + d]) against NG groups of 16 keys from kT + first, one multiply-add a
+// head element in order, scaled: every lane runs the same operations whichever pass its group falls in.
+template <int GN, int NG>
+static void score_groups(const float *q, int64_t qh, const float *kT, int64_t ld, int64_t D, int64_t first, float scale, float *scores,
+                         int64_t stride) {
+    v16 acc[GN][NG] = {};
+    for (int64_t d = 0; d < D; d++) {
+        v16 k[NG];
+        for (int j = 0; j < NG; j++) k[j] = *(const v16 *)(kT + d * ld + first + 16 * j);
+        for (int g = 0; g < GN; g++) {
+            const float x = q[g * qh + d];
+            for (int j = 0; j < NG; j++) acc[g][j] += x * k[j];
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < NG; j++) *(v16 *)(scores + g * stride + first + 16 * j) = acc[g][j] * scale;
+}
+
+// One prompt position: its G query heads (q[g * qh + d]) over keys 0..len-1 -> out [G, D].
+template <int GN, int CN>
+static void prefill_row(const float *q, int64_t qh, const float *kT, int64_t ld, const float *values, const int64_t *table, int64_t len,
+                        float *out, int64_t BS, float scale, float *scores, int64_t stride) {
+    constexpr int NG = GN >= 3 ? 4 : GN == 2 ? 6 : 8;  // groups a pass: about a dozen independent sums in flight
+    const int64_t D = CN * 16, groups = (len + 15) / 16, block = BS * D;
+    int64_t j = 0;
+    for (; j + NG <= groups; j += NG) score_groups<GN, NG>(q, qh, kT, ld, D, 16 * j, scale, scores, stride);
+    for (; j < groups; j++) score_groups<GN, 1>(q, qh, kT, ld, D, 16 * j, scale, scores, stride);
+    for (int g = 0; g < GN; g++) softmax(scores + g * stride, len);
+    v16 acc[GN][CN] = {};
+    for (int64_t l0 = 0; l0 < len; l0 += BS) {  // block by block: no division per key
+        const float *block_values = values + table[l0 / BS] * block;
+        for (int64_t l = l0; l < l0 + BS && l < len; l++) {
+            const v16 *val = (const v16 *)(block_values + (l - l0) * D);
+            for (int g = 0; g < GN; g++) {
+                const float p = scores[g * stride + l];
+                for (int c = 0; c < CN; c++) acc[g][c] += p * val[c];
+            }
+        }
+    }
+    v16 *o = (v16 *)out;
+    for (int g = 0; g < GN; g++)
+        for (int c = 0; c < CN; c++) o[g * CN + c] = acc[g][c];
+}
+
+typedef void (*PrefillRow)(const float *, int64_t, const float *, int64_t, const float *, const int64_t *, int64_t, float *, int64_t, float,
+                           float *, int64_t);
+
+template <int CN>
+static PrefillRow pick_prefill_group(int64_t G) {
+    switch (G) {
+        case 1: return prefill_row<1, CN>;
+        case 2: return prefill_row<2, CN>;
+        case 3: return prefill_row<3, CN>;
+        case 4: return prefill_row<4, CN>;
+        case 5: return prefill_row<5, CN>;
+        case 6: return prefill_row<6, CN>;
+        case 7: return prefill_row<7, CN>;
+        case 8: return prefill_row<8, CN>;
+        default: return nullptr;
+    }
+}
+
+static PrefillRow pick_prefill(int64_t G, int64_t C) {
+    switch (C) {
+        case 1: return pick_prefill_group<1>(G);
+        case 2: return pick_prefill_group<2>(G);
+        case 4: return pick_prefill_group<4>(G);
+        case 8: return pick_prefill_group<8>(G);
+        default: return nullptr;
+    }
+}
+
+enum { ROWS = 16 };  // prompt positions a task: its keys are transposed once for all of them
+
+// Prompt chunks: chunk c's positions start..start+count-1 sit at rows row0..row0+count-1 of the step.
+// q: element (head h, row t, d) at q[h * qh + t * qt + d]; k, v [KVH, NB, BS, D] (one layer of the pool);
+// chunks [C, 4] (row0, start, count, offset of its block table in tables); out [T, H, D], chunk rows written.
+// Returns 0, or -1 for a shape it does not take (head size not 16, 32, 64 or 128, more than 8 query heads a kv head).
+extern "C" int paged_prefill(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *chunks, const int64_t *tables,
+                             int64_t C, float *out, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, float scale, int threads) {
+    const int64_t G = H / KVH;
+    const PrefillRow row = D % 16 ? nullptr : pick_prefill(G, D / 16);
+    if (row == nullptr) return -1;
+    int64_t tasks = 0, longest = 0;
+    for (int64_t c = 0; c < C; c++) {
+        tasks += KVH * ((chunks[4 * c + 2] + ROWS - 1) / ROWS);
+        longest = chunks[4 * c + 1] + chunks[4 * c + 2] > longest ? chunks[4 * c + 1] + chunks[4 * c + 2] : longest;
+    }
+    const int64_t ld = (longest + 15) / 16 * 16 + 16, block = BS * D;  // + 16: rows of kT not a power of two apart (cache sets)
+    if (threads > tasks) threads = (int)tasks;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        float *kT = (float *)aligned_alloc(64, sizeof(float) * D * ld);
+        float *scores = (float *)aligned_alloc(64, sizeof(float) * G * ld);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t t = 0; t < tasks; t++) {
+            int64_t c = 0, rest = t;  // task t -> (chunk c, kv head, ROWS positions)
+            while (rest >= KVH * ((chunks[4 * c + 2] + ROWS - 1) / ROWS)) rest -= KVH * ((chunks[4 * c + 2] + ROWS - 1) / ROWS), c++;
+            const int64_t row0 = chunks[4 * c], start = chunks[4 * c + 1], count = chunks[4 * c + 2];
+            const int64_t *table = tables + chunks[4 * c + 3];
+            const int64_t kvh = rest % KVH, first = (rest / KVH) * ROWS, last = first + ROWS < count ? first + ROWS : count;
+            const float *keys = k + kvh * NB * block, *values = v + kvh * NB * block;
+            transpose_keys(keys, table, start + last, BS, D, kT, ld);
+            for (int64_t i = first; i < last; i++) {
+                const int64_t t_row = row0 + i;
+                row(q + kvh * G * qh + t_row * qt, qh, kT, ld, values, table, start + i + 1, out + (t_row * H + kvh * G) * D, BS, scale, scores, ld);
+            }
+        }
+        free(kT);
+        free(scores);
+    }
+    return 0;
+}
