@@ -16,7 +16,8 @@ one of two fixed recipes, chosen by what the position is, never by what else run
 
 Both split the weighted sum over values into chunks of VALUE_CHUNK keys and add the partial sums in
 order; keys past a query's position weigh exactly 0. The seam is `AttentionBackend`: on the CPU,
-`NativeAttention` runs them through compiled kernels (fixed recipes of their own); a CUDA kernel that keeps fixed recipes replaces `TorchAttention` the same way.
+`NativeAttention` runs both kinds of position through compiled kernels (fixed recipes of their own);
+a CUDA kernel that keeps fixed recipes replaces `TorchAttention` the same way.
 """
 
 from __future__ import annotations

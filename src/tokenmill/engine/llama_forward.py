@@ -115,7 +115,9 @@ class Layer:
         self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], packed)
         self.down = Projection([mlp.down_proj], packed)
 
-    def __call__(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, step: StepContext, kernel: Any = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, step: StepContext, kernel: Any = None
+    ) -> torch.Tensor:
         """x [T, hidden] the residual stream, delta [T, hidden] the last layer's output (None at the first), both added
         into x here; cos/sin [T, 1, D] -> this layer's output [T, hidden]. kernel: the compiled llama ops, or None (torch ops)."""
         t, d = x.shape[0], self.head_dim
@@ -171,9 +173,10 @@ class LlamaForward:
         cos, sin = self.rotary(x[None], positions[None])  # [1, T, D] each
         cos, sin = cos[0, :, None].contiguous(), sin[0, :, None].contiguous()  # [T, 1, D]
         step.kv_written = self.kernel is not None
-        delta = None
+        delta: torch.Tensor | None = None
         for layer in self.layers:
             delta = layer(x, delta, cos, sin, step, self.kernel)
+        assert delta is not None  # a model has layers
         return self.lm_head(self.norm(x[keep], delta[keep]))
 
 
