@@ -139,7 +139,7 @@ class Layer:
         assert step.backend is not None  # the runner always gives one
         out = step.backend(self.index, query, key, value, self.scaling, step)  # [T, H, D]
         gate, up = self.gate_up(self.norm2(x, self.o(out.reshape(t, -1)))).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(F.silu(gate).mul_(up))  # in place: one [T, intermediate] buffer fewer, the same bits
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

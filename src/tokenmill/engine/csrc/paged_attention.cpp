@@ -23,10 +23,27 @@ typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
 
-static inline float hsum(v16 a) {  // a fixed tree of additions
+static inline float hsum(v16 a) {  // a fixed tree of additions: lanes m + m+8, then m + m+4, m + m+2, m + m+1
     v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
     v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
     return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+// The sums of 16 vectors at once, lane j the sum of a[j], by hsum's own tree for every one of them
+// (so each sum has hsum's bits): each level halves the lanes a vector's partial sums take.
+static inline v16 hsum16(const v16 *a) {
+    v16 w[8], x[4], y[2];
+    for (int i = 0; i < 8; i++)  // lanes m + m+8: vector i holds a[2i]'s 8 partials, then a[2i+1]'s
+        w[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (int i = 0; i < 4; i++)  // m + m+4: four sums of four lanes
+        x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(w[2 * i], w[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (int i = 0; i < 2; i++)  // m + m+2: eight sums of two lanes
+        y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               __builtin_shufflevector(x[2 * i], x[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +  // m + m+1
+           __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
 static inline v16 exp16(v16 x) {  // e^x for x <= 0: 2^n * p(r), r = x - n ln2, p Taylor to r^7 (~1 ulp)
@@ -89,19 +106,26 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
     const int64_t G = GN ? GN : s.H / s.KVH, C = CN ? CN : s.D / 16, D = C * 16, BS = s.BS, block = BS * D;
     const float *keys = k + kvh * s.NB * block, *values = v + kvh * s.NB * block;
     prefetch(keys + table[0] * block, block);
-    for (int64_t l = 0; l < len; l++) {
-        if (l % BS == 0) {  // keys two and four blocks on, and this block's values (read after the softmax)
-            const int64_t next = l / BS + 2 < s.NBT ? l / BS + 2 : l / BS;
-            prefetch(keys + table[next] * block, block);
-            if (l / BS + 4 < s.NBT) prefetch(keys + table[l / BS + 4] * block, block);
-            prefetch(values + table[l / BS] * block, block);
+    for (int64_t l0 = 0; l0 < len; l0 += 16) {  // 16 keys at a time: their 16 sums come out of one tree, lane j key l0 + j
+        const v16 *key[16];
+        for (int64_t j = 0; j < 16; j++) {
+            const int64_t l = l0 + j < len ? l0 + j : 0;  // past len: any real key (its score is masked by the softmax)
+            if (l0 + j < len && l % BS == 0) {  // keys two and four blocks on, and this block's values (read after the softmax)
+                const int64_t next = l / BS + 2 < s.NBT ? l / BS + 2 : l / BS;
+                prefetch(keys + table[next] * block, block);
+                if (l / BS + 4 < s.NBT) prefetch(keys + table[l / BS + 4] * block, block);
+                prefetch(values + table[l / BS] * block, block);
+            }
+            key[j] = (const v16 *)(keys + table[l / BS] * block + (l % BS) * D);
         }
-        const v16 *key = (const v16 *)(keys + table[l / BS] * block + (l % BS) * D);
         for (int64_t g = 0; g < G; g++) {
             const v16 *qg = (const v16 *)(q + g * D);
-            v16 acc = qg[0] * key[0];
-            for (int64_t c = 1; c < C; c++) acc += qg[c] * key[c];
-            scores[g * stride + l] = hsum(acc) * scale;
+            v16 acc[16];
+            for (int j = 0; j < 16; j++) {
+                acc[j] = qg[0] * key[j][0];
+                for (int64_t c = 1; c < C; c++) acc[j] += qg[c] * key[j][c];
+            }
+            *(v16 *)(scores + g * stride + l0) = hsum16(acc) * scale;
         }
     }
     for (int64_t g = 0; g < G; g++) softmax(scores + g * stride, len);
