@@ -107,12 +107,17 @@ class TorchAttention:
         if not step.kv_written:
             pool[0].view(kvh, nb * bs, d).index_copy_(1, step.slots, key)
             pool[1].view(kvh, nb * bs, d).index_copy_(1, step.slots, value)
-        out = query.new_zeros(query.shape[1], query.shape[0], d)  # padding rows stay 0
+        out = query.new_empty(query.shape[1], query.shape[0], d)  # [T, H, D]: decode rows, then chunks, then padding
+        out[step.chunks[-1].rows.stop if step.chunks else step.decode_rows :].zero_()  # padding rows stay 0 (finite keys downstream)
         if step.decode_rows:
-            out[: step.decode_rows] = self._decode(query[:, : step.decode_rows], pool, step, scaling)
+            self._decode_rows(query, pool, step, scaling, out)
         if step.chunks:
             self._prefill(query, pool, step, scaling, out)
         return out
+
+    def _decode_rows(self, query, pool, step, scaling, out):
+        """Generated positions: q [H, T, D] -> the first decode_rows rows of out [T, H, D]."""
+        out[: step.decode_rows] = self._decode(query[:, : step.decode_rows], pool, step, scaling)
 
     def _prefill(self, query, pool, step, scaling, out):
         """Prompt positions: q [H, T, D] -> their rows of out [T, H, D], chunk by chunk."""
@@ -170,19 +175,29 @@ class NativeAttention(TorchAttention):
 
     def _decode(self, query, pool, step, scaling):
         """Generated positions: q [H, B, D], one per sequence -> [B, H, D]."""
-        h, b, d = query.shape
-        if d % 16 or pool.dtype != torch.float32 or pool.device.type != "cpu":
+        out = query.new_empty(query.shape[1], query.shape[0], query.shape[2])
+        if not self._run_decode(query, pool, step, scaling, out):
             return super()._decode(query, pool, step, scaling)
-        q = query.transpose(0, 1).contiguous()  # [B, H, D]
-        out = torch.empty_like(q)
+        return out
+
+    def _decode_rows(self, query, pool, step, scaling, out):
+        """Generated positions: q [H, T, D] -> the first decode_rows rows of out [T, H, D], written in place by the kernel."""
+        if not self._run_decode(query[:, : step.decode_rows], pool, step, scaling, out):
+            super()._decode_rows(query, pool, step, scaling, out)
+
+    def _run_decode(self, query, pool, step, scaling, out) -> bool:
+        """The decode kernel over q [H, B, D] (any strides, the last 1) into out's first B rows ([B, H, D] contiguous); False: a shape it does not take."""
+        h, b, d = query.shape
+        if d % 16 or pool.dtype != torch.float32 or pool.device.type != "cpu" or query.stride(-1) != 1:
+            return False
         keys, values = pool[0], pool[1]  # [KVH, NB, BS, D] each, contiguous
         tables, lens = step.decode_blocks, step.decode_lens
         kvh, nb, bs = keys.shape[:3]
         self.library.paged_decode(
-            q.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
-            b, h, kvh, nb, bs, d, tables.shape[1], scaling, torch.get_num_threads(),
+            query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+            out.data_ptr(), b, h, kvh, nb, bs, d, tables.shape[1], scaling, torch.get_num_threads(),
         )  # fmt: skip
-        return out
+        return True
 
     def _prefill(self, query, pool, step, scaling, out):
         """Prompt positions: q [H, T, D] -> their rows of out [T, H, D], every chunk in one call."""

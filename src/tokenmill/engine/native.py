@@ -27,7 +27,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 def load_paged_attention(cache: Path) -> ctypes.CDLL | None:
     """The paged attention kernels' library (`paged_decode`, `paged_prefill` typed), or None: no compiler, or the build failed."""
     pointer, size, scale, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    decode = [pointer] * 6 + [size] * 7 + [scale, threads]
+    decode = [pointer, size, size] + [pointer] * 5 + [size] * 7 + [scale, threads]
     prefill = [pointer, size, size, pointer, pointer, pointer, pointer, size, pointer] + [size] * 5 + [scale, threads]
     return _load("paged_attention", cache, {"paged_decode": (decode, ctypes.c_int), "paged_prefill": (prefill, ctypes.c_int)})
 

@@ -95,6 +95,7 @@ static inline void prefetch(const float *p, int64_t n) {
 
 struct Shape {
     int64_t B, H, KVH, NB, BS, D, NBT;  // sequences, query heads, kv heads, pool blocks, block size, head size, table width
+    int64_t QH, QT;  // query element (head h, sequence b, d) at q[h * QH + b * QT + d]
 };
 
 // One (sequence b, kv head) task: its G query heads over its len keys. GN and CN fix G and the
@@ -119,7 +120,7 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
             key[j] = (const v16 *)(keys + table[l / BS] * block + (l % BS) * D);
         }
         for (int64_t g = 0; g < G; g++) {
-            const v16 *qg = (const v16 *)(q + g * D);
+            const v16 *qg = (const v16 *)(q + g * s.QH);
             v16 acc[16];
             for (int j = 0; j < 16; j++) {
                 acc[j] = qg[0] * key[j][0];
@@ -175,12 +176,12 @@ static Attend pick(int64_t G, int64_t C) {  // head sizes 64 and 128 with up to 
     return C == 4 ? pick_group<4>(G) : C == 8 ? pick_group<8>(G) : attend<0, 0>;
 }
 
-// q [B, H, D]; k, v [KVH, NB, BS, D] (one layer of the pool); tables [B, NBT]; lens [B] keys each query sees; out [B, H, D].
-// Returns 0, or -1 when D is not a multiple of 16 (the caller falls back to torch ops).
-extern "C" int paged_decode(const float *q, const float *k, const float *v, const int64_t *tables, const int64_t *lens, float *out, int64_t B,
-                            int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads) {
+// q: element (head h, sequence b, d) at q[h * qh + b * qt + d]; k, v [KVH, NB, BS, D] (one layer of the pool); tables [B, NBT];
+// lens [B] keys each query sees; out [B, H, D]. Returns 0, or -1 when D is not a multiple of 16 (the caller falls back to torch ops).
+extern "C" int paged_decode(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *tables, const int64_t *lens,
+                            float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads) {
     if (D % 16) return -1;
-    const Shape s{B, H, KVH, NB, BS, D, NBT};
+    const Shape s{B, H, KVH, NB, BS, D, NBT, qh, qt};
     const int64_t tasks = B * KVH, G = H / KVH, stride = (NBT * BS + 15) / 16 * 16;
     if (threads > tasks) threads = (int)tasks;
     const Attend run = pick(G, D / 16);
@@ -190,7 +191,7 @@ extern "C" int paged_decode(const float *q, const float *k, const float *v, cons
         float *scores = (float *)aligned_alloc(64, sizeof(float) * G * stride);
         for (int64_t t = tasks * i / n; t < tasks * (i + 1) / n; t++) {
             const int64_t b = t / KVH, kvh = t % KVH;
-            run(q + (b * H + kvh * G) * D, k, v, tables + b * NBT, lens[b], out + (b * H + kvh * G) * D, s, kvh, scale, scores, stride);
+            run(q + b * qt + kvh * G * qh, k, v, tables + b * NBT, lens[b], out + (b * H + kvh * G) * D, s, kvh, scale, scores, stride);
         }
         free(scores);
     }
