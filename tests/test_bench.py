@@ -127,6 +127,21 @@ def test_bench_offline_runs_the_engine_in_process(llama_dir, tmp_path, capsys):
     assert "Offline Engine Benchmark Result" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # the own forward, and transformers' modules
+def test_the_breakdown_times_every_part_of_a_step(kind, llama_dir, gpt2_dir, capsys):
+    from tokenmill.benchmarks import breakdown
+
+    model = {"llama": llama_dir, "gpt2": gpt2_dir}[kind]
+    assert breakdown.main(["--model", str(model), "--concurrency", "1", "3", "--input-len", "8", "--output-len", "4"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    assert "c1 ms/step (share)" in rows["part"] and "c3 ms/step (share)" in rows["part"]
+    for part in ("whole step", "linears", "sampling", "rest of the model run", "engine outside the model"):
+        assert part in rows
+    linears = [float(cell.split(" (")[0]) for cell in rows["linears"].strip("| ").split(" | ")[1:]]
+    assert len(linears) == 2 and all(ms > 0 for ms in linears)
+
+
 def test_bench_ceiling_times_every_matmul(llama_dir, tmp_path, capsys):
     out = tmp_path / "ceiling.json"
     code = cli.main(["bench", "ceiling", "--model", str(llama_dir), "--rows", "1", "16", "--repeat", "2", "--copy-mib", "16", "--result-json", str(out)])

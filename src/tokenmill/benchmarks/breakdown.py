@@ -1,0 +1,178 @@
+"""Where an engine step's time goes in a closed loop's steady state: the linears, each compiled kernel, sampling, the rest.
+
+    python -m tokenmill.benchmarks.breakdown --model DIR [--concurrency 1 16 64] [--input-len 256] [--output-len 128]
+
+For each concurrency N: N requests in the engine, each replaced by a new one as it finishes; once N
+have finished (the first burst of prompts is over), the steps until N more finish are timed. Every
+linear, compiled kernel call and sampling call is timed where it is made. The linears run at the
+rows and the speed they would run at alone, so their share of the wall time is the step's fraction
+of its matmul ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+from unittest import mock
+
+from tokenmill.benchmarks import workload
+from tokenmill.config import EngineConfig, add_options, from_args
+
+KERNELS = ("paged_decode", "paged_prefill", "rope_store", "add_rms_norm")
+
+
+class Timer:
+    """Seconds spent in each named part."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, function: Callable) -> Callable:
+        """function, timed under `name`."""
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+
+        return timed
+
+
+class TimedLibrary:
+    """A compiled kernel library whose kernels are timed; anything else passes through."""
+
+    def __init__(self, library: Any, timer: Timer):
+        self._library = library
+        for name in KERNELS:
+            if hasattr(library, name):
+                setattr(self, name, timer.wrap(name, getattr(library, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._library, name)
+
+
+def instrument(engine: Any, timer: Timer, stack: ExitStack) -> None:
+    """Time the engine's model runs, linears, kernels and sampling (undone when `stack` closes)."""
+    from tokenmill.engine import engine as engine_module
+    from tokenmill.engine import llama_forward
+
+    runner = engine.runner
+    stack.enter_context(mock.patch.object(runner, "execute", timer.wrap("model", runner.execute)))
+    stack.enter_context(mock.patch.object(engine_module, "sample", timer.wrap("sampling", engine_module.sample)))
+    if getattr(runner.backend, "library", None) is not None:
+        stack.enter_context(mock.patch.object(runner.backend, "library", TimedLibrary(runner.backend.library, timer)))
+    lean = runner.lean
+    if lean is None:  # transformers' modules: every matmul layer's forward (nn.Linear, GPT-2's Conv1D)
+        import torch
+
+        for module in runner.model.modules():
+            if type(module) is torch.nn.Linear or type(module).__name__ == "Conv1D":
+                stack.enter_context(mock.patch.object(module, "forward", timer.wrap("linears", module.forward)))
+        return
+    stack.enter_context(mock.patch.object(llama_forward.Projection, "__call__", timer.wrap("linears", llama_forward.Projection.__call__)))
+    if lean.kernel is not None:
+        ops = TimedLibrary(lean.kernel, timer)
+        for holder in [lean, *[norm for layer in lean.layers for norm in (layer.norm1, layer.norm2)], lean.norm]:
+            if holder.kernel is not None:
+                stack.enter_context(mock.patch.object(holder, "kernel", ops))
+
+
+def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab: int) -> tuple[Timer, int, float]:
+    """Run the closed loop; (the timer, steps, seconds) of the measured part."""
+    from tokenmill.sampling_params import Prompt, SamplingParams
+
+    rng, pool = random.Random(f"{args.seed}:{concurrency}"), workload.id_pool(vocab)  # other prompts than the last run's: no cache hits
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    added = 0
+
+    def add() -> None:
+        nonlocal added
+        engine.add_request(f"c{concurrency}-{added}", [Prompt(tuple(workload.id_prompts(rng, pool, 1, args.input_len)[0]))], params)
+        added += 1
+
+    def until_finished(count: int) -> int:
+        steps = finished = 0
+        while finished < count:
+            for out in engine.step():
+                if out.finished:
+                    finished += 1
+                    add()
+            steps += 1
+        return steps
+
+    for _ in range(concurrency):
+        add()
+    until_finished(concurrency)
+    timer = Timer()
+    with ExitStack() as stack:
+        instrument(engine, timer, stack)
+        start = time.perf_counter()
+        steps = until_finished(concurrency)
+        seconds = time.perf_counter() - start
+    for request_id in list(engine.request_ids()):
+        engine.abort(request_id)
+    return timer, steps, seconds
+
+
+def table(rows: dict[int, tuple[Timer, int, float]], output_len: int) -> str:
+    """One column per concurrency: ms per step and share of the wall time of each part."""
+    parts = ["linears", *KERNELS, "sampling"]
+    head = "| part | " + " | ".join(f"c{c} ms/step (share)" for c in rows) + " |"
+    lines = [head, "|---|" + "---|" * len(rows)]
+    lines.append("| whole step | " + " | ".join(f"{s / n * 1000:.2f} ({c * output_len / s:.1f} out tok/s)" for c, (_, n, s) in rows.items()) + " |")
+    timed = {part for timer, _, _ in rows.values() for part, seconds in timer.seconds.items() if seconds}
+    for part in [p for p in parts if p in timed] + ["rest of the model run", "engine outside the model"]:
+        cells = []
+        for timer, steps, seconds in rows.values():
+            t = timer.seconds
+            if part == "rest of the model run":
+                value = t["model"] - sum(t[p] for p in parts if p != "sampling")
+            elif part == "engine outside the model":
+                value = seconds - t["model"] - t["sampling"]
+            else:
+                value = t.get(part, 0.0)
+            cells.append(f"{value / steps * 1000:.2f} ({value / seconds:.0%})")
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenmill.benchmarks.offline import load
+    from tokenmill.engine.loader import ModelLoadError
+    from tokenmill.models.sources import FetchError
+
+    try:
+        engine, path = load(from_args(EngineConfig, args))
+        vocab = args.vocab_size or workload.config_vocab(path)
+        if vocab is None:
+            raise ValueError(f"{path} has no config.json with vocab_size: pass --vocab-size")
+    except (ValueError, FetchError, ModelLoadError) as exc:
+        print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return 1
+    rows = {c: steady_state(engine, c, args, vocab) for c in args.concurrency}
+    print(f"{path}: {args.input_len} random ids -> {args.output_len} tokens, greedy, ignore_eos; steady state of a closed loop")
+    print(table(rows, args.output_len))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tokenmill.benchmarks.breakdown", description=__doc__.splitlines()[0])
+    add_options(parser, EngineConfig)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64], help="requests kept in the engine")
+    parser.add_argument("--input-len", type=int, default=256, help="prompt tokens")
+    parser.add_argument("--output-len", type=int, default=128, help="max_tokens of every request (ignore_eos)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="draw ids below this (default: the model's config.json)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random prompts")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
