@@ -22,7 +22,7 @@ from typing import Any
 from unittest import mock
 
 from tokenmill.benchmarks import workload
-from tokenmill.config import EngineConfig, add_options, from_args
+from tokenmill.config import EngineConfig, add_options
 
 KERNELS = ("paged_decode", "paged_prefill", "rope_store", "add_rms_norm")
 
@@ -145,18 +145,12 @@ def table(rows: dict[int, tuple[Timer, int, float]], output_len: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenmill.benchmarks.offline import load
-    from tokenmill.engine.loader import ModelLoadError
-    from tokenmill.models.sources import FetchError
+    from tokenmill.benchmarks.offline import load_for
 
-    try:
-        engine, path = load(from_args(EngineConfig, args))
-        vocab = args.vocab_size or workload.config_vocab(path)
-        if vocab is None:
-            raise ValueError(f"{path} has no config.json with vocab_size: pass --vocab-size")
-    except (ValueError, FetchError, ModelLoadError) as exc:
-        print(f"tokenmill: error: {exc}", file=sys.stderr)
+    loaded = load_for(args)
+    if loaded is None:
         return 1
+    _, engine, path, vocab = loaded
     rows = {c: steady_state(engine, c, args, vocab) for c in args.concurrency}
     print(f"{path}: {args.input_len} random ids -> {args.output_len} tokens, greedy, ignore_eos; steady state of a closed loop")
     print(table(rows, args.output_len))

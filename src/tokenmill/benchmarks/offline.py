@@ -15,6 +15,7 @@ import random
 import sys
 import time
 from collections import deque
+from typing import Any
 
 from tokenmill.benchmarks import workload
 from tokenmill.benchmarks.metrics import RequestResult, format_summary, progress_printer, summarize, write_json
@@ -92,8 +93,8 @@ def load(config: EngineConfig):
     return build_engine(config, path, "bench")[0], path  # built and run in this thread, as a server's is
 
 
-def run(args: argparse.Namespace) -> int:
-    """bench offline: load, warm up, run, print the summary, write the JSON."""
+def load_for(args: argparse.Namespace) -> tuple[EngineConfig, Any, str, int] | None:
+    """(config, engine, model directory, vocabulary the prompts draw from) of the options; None, said on stderr, if it fails."""
     from tokenmill.engine.loader import ModelLoadError
     from tokenmill.models.sources import FetchError
 
@@ -105,7 +106,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{path} has no config.json with vocab_size: pass --vocab-size")
     except (ValueError, FetchError, ModelLoadError) as exc:
         print(f"tokenmill: error: {exc}", file=sys.stderr)
+        return None
+    return config, engine, path, vocab
+
+
+def run(args: argparse.Namespace) -> int:
+    """bench offline: load, warm up, run, print the summary, write the JSON."""
+    loaded = load_for(args)
+    if loaded is None:
         return 1
+    config, engine, path, vocab = loaded
     results, duration = measure(engine, args, vocab)
     summary = summarize(results, duration)
     print(

@@ -166,8 +166,8 @@ class NativeAttention(TorchAttention):
 
     Each kernel is its own fixed recipe: a generated position alone per (sequence, kv head), a prompt
     position by a recipe fixed by its position, so a request's tokens still never depend on what else
-    runs. Shapes the kernels do not take (head size not a multiple of 16, more than 8 query heads a kv
-    head, not float32) use torch ops.
+    runs. Shapes the kernels do not take (not float32; head size not a multiple of 16, or for prompts
+    not 16, 32, 64 or 128, or more than 8 query heads a kv head) use torch ops.
     """
 
     def __init__(self, library):

@@ -93,6 +93,27 @@ static inline void prefetch(const float *p, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
 }
 
+// out [G, D] = the G score rows [G, stride] (softmaxed) times values 0..len-1 of one kv head, key by key
+// in order, the sums in registers; block by block, so no division per key.
+template <int GN, int CN>
+static void sum_values(const float *scores, int64_t stride, const float *values, const int64_t *table, int64_t len, int64_t BS, float *out) {
+    const int64_t D = CN * 16, block = BS * D;
+    v16 acc[GN][CN] = {};
+    for (int64_t l0 = 0; l0 < len; l0 += BS) {
+        const float *block_values = values + table[l0 / BS] * block;
+        for (int64_t l = l0; l < l0 + BS && l < len; l++) {
+            const v16 *val = (const v16 *)(block_values + (l - l0) * D);
+            for (int g = 0; g < GN; g++) {
+                const float p = scores[g * stride + l];
+                for (int c = 0; c < CN; c++) acc[g][c] += p * val[c];
+            }
+        }
+    }
+    v16 *o = (v16 *)out;
+    for (int g = 0; g < GN; g++)
+        for (int c = 0; c < CN; c++) o[g * CN + c] = acc[g][c];
+}
+
 struct Shape {
     int64_t B, H, KVH, NB, BS, D, NBT;  // sequences, query heads, kv heads, pool blocks, block size, head size, table width
     int64_t QH, QT;  // query element (head h, sequence b, d) at q[h * QH + b * QT + d]
@@ -131,17 +152,7 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
     }
     for (int64_t g = 0; g < G; g++) softmax(scores + g * stride, len);
     if (GN && CN) {  // the output sums in registers
-        v16 acc[GN ? GN : 1][CN ? CN : 1] = {};
-        for (int64_t l = 0; l < len; l++) {
-            const v16 *val = (const v16 *)(values + table[l / BS] * block + (l % BS) * D);
-            for (int g = 0; g < GN; g++) {
-                const float p = scores[g * stride + l];
-                for (int c = 0; c < CN; c++) acc[g][c] += p * val[c];
-            }
-        }
-        v16 *o = (v16 *)out;
-        for (int g = 0; g < GN; g++)
-            for (int c = 0; c < CN; c++) o[g * CN + c] = acc[g][c];
+        sum_values<GN ? GN : 1, CN ? CN : 1>(scores, stride, values, table, len, BS, out);
         return;
     }
     v16 *o = (v16 *)out;
@@ -157,19 +168,23 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
 
 typedef void (*Attend)(const float *, const float *, const float *, const int64_t *, int64_t, float *, const Shape &, int64_t, float, float *, int64_t);
 
+// kernel<G, CN> for G query heads a kv head (1 to 8), else `otherwise`: one instance of a kernel per group size.
+#define BY_GROUP(kernel, G, CN, otherwise) \
+    switch (G) {                           \
+        case 1: return kernel<1, CN>;      \
+        case 2: return kernel<2, CN>;      \
+        case 3: return kernel<3, CN>;      \
+        case 4: return kernel<4, CN>;      \
+        case 5: return kernel<5, CN>;      \
+        case 6: return kernel<6, CN>;      \
+        case 7: return kernel<7, CN>;      \
+        case 8: return kernel<8, CN>;      \
+        default: return otherwise;         \
+    }
+
 template <int CN>
 static Attend pick_group(int64_t G) {
-    switch (G) {
-        case 1: return attend<1, CN>;
-        case 2: return attend<2, CN>;
-        case 3: return attend<3, CN>;
-        case 4: return attend<4, CN>;
-        case 5: return attend<5, CN>;
-        case 6: return attend<6, CN>;
-        case 7: return attend<7, CN>;
-        case 8: return attend<8, CN>;
-        default: return attend<0, 0>;
-    }
+    BY_GROUP(attend, G, CN, (attend<0, 0>))
 }
 
 static Attend pick(int64_t G, int64_t C) {  // head sizes 64 and 128 with up to 8 query heads a kv head: fixed shapes
@@ -234,25 +249,12 @@ template <int GN, int CN>
 static void prefill_row(const float *q, int64_t qh, const float *kT, int64_t ld, const float *values, const int64_t *table, int64_t len,
                         float *out, int64_t BS, float scale, float *scores, int64_t stride) {
     constexpr int NG = GN >= 3 ? 4 : GN == 2 ? 6 : 8;  // groups a pass: about a dozen independent sums in flight
-    const int64_t D = CN * 16, groups = (len + 15) / 16, block = BS * D;
+    const int64_t D = CN * 16, groups = (len + 15) / 16;
     int64_t j = 0;
     for (; j + NG <= groups; j += NG) score_groups<GN, NG>(q, qh, kT, ld, D, 16 * j, scale, scores, stride);
     for (; j < groups; j++) score_groups<GN, 1>(q, qh, kT, ld, D, 16 * j, scale, scores, stride);
     for (int g = 0; g < GN; g++) softmax(scores + g * stride, len);
-    v16 acc[GN][CN] = {};
-    for (int64_t l0 = 0; l0 < len; l0 += BS) {  // block by block: no division per key
-        const float *block_values = values + table[l0 / BS] * block;
-        for (int64_t l = l0; l < l0 + BS && l < len; l++) {
-            const v16 *val = (const v16 *)(block_values + (l - l0) * D);
-            for (int g = 0; g < GN; g++) {
-                const float p = scores[g * stride + l];
-                for (int c = 0; c < CN; c++) acc[g][c] += p * val[c];
-            }
-        }
-    }
-    v16 *o = (v16 *)out;
-    for (int g = 0; g < GN; g++)
-        for (int c = 0; c < CN; c++) o[g * CN + c] = acc[g][c];
+    sum_values<GN, CN>(scores, stride, values, table, len, BS, out);
 }
 
 typedef void (*PrefillRow)(const float *, int64_t, const float *, int64_t, const float *, const int64_t *, int64_t, float *, int64_t, float,
@@ -260,17 +262,7 @@ typedef void (*PrefillRow)(const float *, int64_t, const float *, int64_t, const
 
 template <int CN>
 static PrefillRow pick_prefill_group(int64_t G) {
-    switch (G) {
-        case 1: return prefill_row<1, CN>;
-        case 2: return prefill_row<2, CN>;
-        case 3: return prefill_row<3, CN>;
-        case 4: return prefill_row<4, CN>;
-        case 5: return prefill_row<5, CN>;
-        case 6: return prefill_row<6, CN>;
-        case 7: return prefill_row<7, CN>;
-        case 8: return prefill_row<8, CN>;
-        default: return nullptr;
-    }
+    BY_GROUP(prefill_row, G, CN, nullptr)
 }
 
 static PrefillRow pick_prefill(int64_t G, int64_t C) {
