@@ -30,7 +30,8 @@ class EngineConfig:
     chat_template: str | None = _opt(None, "a Jinja chat template file for /v1/chat/completions, instead of the model's own")
     attention: str = _opt(
         "auto",
-        "the CPU's C++ kernels (decode and prompt attention; RoPE with the K/V write in llama and qwen2 models): "
+        "the CPU's C++ kernels (decode and prompt attention; in llama and qwen2 models RoPE with the K/V write, and the "
+        "residual add with RMSNorm): "
         "auto (compiled for this machine at first start, when a compiler is found; else torch ops) or torch",
         choices=("auto", "torch"),
     )

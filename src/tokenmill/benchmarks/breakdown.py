@@ -80,7 +80,7 @@ def instrument(engine: Any, timer: Timer, stack: ExitStack) -> None:
     stack.enter_context(mock.patch.object(llama_forward.Projection, "__call__", timer.wrap("linears", llama_forward.Projection.__call__)))
     if lean.kernel is not None:
         ops = TimedLibrary(lean.kernel, timer)
-        for holder in [lean, *[norm for layer in lean.layers for norm in (layer.norm1, layer.norm2)], lean.norm]:
+        for holder in [lean, *[part for layer in lean.layers for part in (layer, layer.norm1, layer.norm2)], lean.norm]:
             if holder.kernel is not None:
                 stack.enter_context(mock.patch.object(holder, "kernel", ops))
 

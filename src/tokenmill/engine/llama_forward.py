@@ -102,7 +102,9 @@ class Layer:
     """One decoder layer's weights, gathered out of its transformers modules."""
 
     def __init__(self, layer: Any, packed: bool, kernel: Any = None, lanes: int = 0):
+        """kernel: the compiled llama ops (RoPE with the K/V write; the norms where lanes is not 0), or None: torch ops."""
         attn, mlp = layer.self_attn, layer.mlp
+        self.kernel = kernel
         self.index = attn.layer_idx
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
@@ -115,18 +117,16 @@ class Layer:
         self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], packed)
         self.down = Projection([mlp.down_proj], packed)
 
-    def __call__(
-        self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, step: StepContext, kernel: Any = None
-    ) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, step: StepContext) -> torch.Tensor:
         """x [T, hidden] the residual stream, delta [T, hidden] the last layer's output (None at the first), both added
-        into x here; cos/sin [T, 1, D] -> this layer's output [T, hidden]. kernel: the compiled llama ops, or None (torch ops)."""
+        into x here; cos/sin [T, 1, D] -> this layer's output [T, hidden]."""
         t, d = x.shape[0], self.head_dim
         qkv = self.qkv(self.norm1(x, delta))  # [T, (H + 2 KVH) D]
         q_width, k_width, _ = self.widths
-        if kernel is not None:  # rotated in place and keys/values written to the pool: step.kv_written
+        if self.kernel is not None:  # rotated in place and keys/values written to the pool: step.kv_written
             pool = step.kv[self.index]  # [2, KVH, NB, BS, D]
             kvh, slots_per_head = pool.shape[1], pool.shape[2] * pool.shape[3]
-            kernel.rope_store(
+            self.kernel.rope_store(
                 qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), step.slots.data_ptr(), pool[0].data_ptr(), pool[1].data_ptr(),
                 t, self.heads, kvh, d, qkv.shape[1], slots_per_head, torch.get_num_threads(),
             )  # fmt: skip
@@ -175,7 +175,7 @@ class LlamaForward:
         step.kv_written = self.kernel is not None
         delta: torch.Tensor | None = None
         for layer in self.layers:
-            delta = layer(x, delta, cos, sin, step, self.kernel)
+            delta = layer(x, delta, cos, sin, step)
         assert delta is not None  # a model has layers
         return self.lm_head(self.norm(x[keep], delta[keep]))
 
