@@ -144,6 +144,19 @@ def test_a_client_that_leaves_a_waiting_request_logs_one_line_and_no_traceback(l
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_a_stream_read_to_its_end_is_not_logged_as_left_and_one_cut_short_is(llama, caplog):
+    caplog.set_level(logging.INFO)
+    body = {"model": llama.model, "prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", llama.url + "/v1/completions", json={**body, "max_tokens": 3}, headers={"X-Request-Id": "whole"}) as response:
+        assert b"data: [DONE]" in response.read()
+    with httpx.stream("POST", llama.url + "/v1/completions", json=body, headers={"X-Request-Id": "cut"}) as response:
+        next(response.iter_lines())  # one event, then the connection closes
+    assert llama.idle()
+    time.sleep(0.1)
+    fields = {r.fields["request_id"]: r.fields for r in caplog.records if r.name == "tokenmill.requests"}
+    assert "client" not in fields["whole"] and fields["cut"]["client"] == "left"
+
+
 def test_request_ids_are_the_clients_or_the_completions(llama):
     given = httpx.post(llama.url + "/v1/completions", json={"model": llama.model, "prompt": "a", "max_tokens": 2}, headers={"X-Request-Id": "trace-42"})
     assert given.headers["x-request-id"] == "trace-42"

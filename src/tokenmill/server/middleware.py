@@ -46,6 +46,8 @@ class RequestMiddleware:
                 rid = state.get("client_request_id") or state.get("request_id") or "req-" + uuid.uuid4().hex
                 state["request_id"] = rid
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False) and not state.get("gone"):
+                state["complete"] = True  # the whole answer went out: a disconnect seen after this is no client leaving early
             await send(message)
 
         self.lifecycle.in_flight += 1
@@ -73,7 +75,7 @@ class RequestMiddleware:
             fields["prompt_tokens"], fields["completion_tokens"] = state["usage"]
         if state.get("ttft") is not None:
             fields["ttft"] = round(state["ttft"], 4)
-        if state.get("gone"):
+        if state.get("gone") and not state.get("complete"):
             fields["client"] = "left"
         text = " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("method", "path"))
         level = logging.DEBUG if path in ("/health", "/metrics") and status == 200 else logging.INFO
