@@ -9,6 +9,7 @@ from tokenmill.engine.sampler import (
     SamplingRow,
     apply_logit_bias,
     apply_penalties,
+    first_argmax,
     prompt_logprobs,
     sample,
     truncate,
@@ -132,3 +133,34 @@ def test_prompt_logprobs_match_direct_computation_across_chunks():
 def test_a_tiny_temperature_is_as_good_as_greedy(temperature):
     logits = torch.tensor([[0.5, 3.0, 1.0, -2.0]])
     assert sample(logits, [row(temperature=temperature)]).tokens == [1]
+
+
+@pytest.mark.parametrize("vocab", [7, 2048, 2049, 3072, 49152, 50257])
+def test_first_argmax_is_torchs_argmax_with_ties_nan_and_infinities(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(12, vocab, generator=gen).round(decimals=1) * 3  # [12, V], many exact ties
+    logits[1] = 0.0  # all tied: the first index
+    logits[2] = float("-inf")  # all masked: index 0, as torch gives
+    logits[3, vocab // 2] = float("nan")
+    logits[4, -1] = float("nan")
+    logits[4, 0] = float("nan")  # two NaNs: the first
+    logits[5, -1] = 1e9  # the maximum in the last, overlapping window
+    logits[6, vocab - 2 :] = 1e9  # tied at the end
+    logits[7, 0] = float("inf")
+    logits[8, : vocab // 2] = float("-inf")
+    assert torch.equal(first_argmax(logits), logits.argmax(dim=-1))
+    assert torch.equal(first_argmax(logits[:, : max(1, vocab - 5)]), logits[:, : max(1, vocab - 5)].argmax(dim=-1))  # a strided view
+
+
+def test_a_step_without_logprobs_draws_the_same_tokens_and_still_flags_nan_rows():
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(1))
+    logits[2, 7] = float("nan")
+
+    def rows(**first):  # fresh generators each time
+        return [row(temperature=0, **first), row(temperature=0.8, seed=3), row(temperature=0), row(temperature=0.8, seed=4)]
+
+    plain = sample(logits, rows())
+    reported = sample(logits, rows(logprobs=0))
+    assert plain.tokens == reported.tokens
+    assert [math.isnan(v) for v in plain.logprobs] == [math.isnan(v) for v in reported.logprobs] == [False, False, True, False]
+    assert plain.logprobs[0] == 0.0 and reported.logprobs[0] == torch.log_softmax(logits[0], -1).max().item()

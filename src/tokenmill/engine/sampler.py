@@ -15,7 +15,7 @@ class SamplerOutput:
     """What one sampling step chose, and how likely the model found it."""
 
     tokens: list[int]  # [B]
-    logprobs: list[float]  # [B] the model's own log probability of each chosen token
+    logprobs: list[float]  # [B] the model's own log probability of each chosen token (see sample())
     top_ids: list[list[int]]  # [B, k] the k most likely tokens (k = the most any row asked for)
     top_logprobs: list[list[float]]  # [B, k]
 
@@ -37,18 +37,21 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor 
     """Choose one token per row of `logits` [B, V] by each row's own settings.
 
     allowed: [B, ceil(V/32)] int32 bits of the tokens each row's grammar allows (None: no row has one).
+    When no row reports logprobs or ranks candidates by them (best_of > n), the step skips the
+    log-softmax and each row's logprob is 0.0, or NaN where the log-softmax would have had one.
     """
-    logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V], reported before any knob applies
+    logits = raw = logits.float()
+    wanted = any(r.params.logprobs is not None or r.params.best_of != r.params.n for r in rows)
+    logprobs = torch.log_softmax(logits, dim=-1) if wanted else None  # [B, V], reported before any knob applies
     if allowed is not None:
         logits = apply_bitmask(logits, allowed)
     logits = apply_logit_bias(logits, rows)
     logits = apply_penalties(logits, rows)
     logits = ban_early_eos(logits, rows)
     tokens = draw(logits, rows)  # [B]
-    chosen = logprobs.gather(1, tokens[:, None])  # [B, 1]
+    chosen = logprobs.gather(1, tokens[:, None]) if logprobs is not None else _nan_rows(raw)  # [B, 1]
     k = max((r.params.logprobs or 0) for r in rows)
-    top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0])
+    top_lp, top_ids = logprobs.topk(k, dim=-1) if logprobs is not None and k else (raw[:, :0], raw[:, :0])
     packed = torch.cat([tokens[:, None].double(), chosen.double(), top_ids.double(), top_lp.double()], dim=1)
     values = packed.tolist()  # one transfer to the host for the whole batch
     return SamplerOutput(
@@ -57,6 +60,30 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor 
         [[int(t) for t in v[2 : 2 + k]] for v in values],
         [v[2 + k :] for v in values],
     )
+
+
+def _nan_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B, 1]: NaN for a row with a NaN or infinite maximum (its log-softmax is NaN), else 0.0."""
+    top = logits.amax(dim=-1, keepdim=True)
+    return torch.where(top.isfinite(), 0.0, float("nan"))
+
+
+def first_argmax(logits: torch.Tensor, width: int = 1024) -> torch.Tensor:
+    """logits.argmax(dim=-1) for [B, V], NaN and ties alike, in two vectorized passes.
+
+    torch's CPU argmax over the last dimension runs ~20x slower than its amax (2.0 against 0.1 ms
+    for [64, 49152] here): take each `width`-wide window's maximum, then the argmax within the
+    first window that holds the row's. The last window ends at V and may overlap the one before.
+    """
+    rows, vocab = logits.shape
+    if vocab <= 2 * width:
+        return logits.argmax(dim=-1)
+    whole = vocab // width
+    peaks = torch.cat([logits[:, : whole * width].reshape(rows, whole, width).amax(-1), logits[:, vocab - width :].amax(-1, keepdim=True)], 1)
+    window = peaks.argmax(dim=-1)  # [B] the first window holding the maximum (NaN counts as one)
+    start = torch.where(window == whole, vocab - width, window * width)  # [B]
+    span = logits.gather(1, start[:, None] + torch.arange(width, device=logits.device))  # [B, width]
+    return start + span.argmax(dim=-1)
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -113,7 +140,7 @@ def ban_early_eos(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor
 
 def draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Greedy rows take the argmax; the rest sample from temperature, top-k and top-p."""
-    greedy = logits.argmax(dim=-1)  # [B]
+    greedy = first_argmax(logits)  # [B]
     hot = [i for i, r in enumerate(rows) if not r.params.greedy]
     if not hot:
         return greedy
