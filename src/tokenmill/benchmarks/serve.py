@@ -153,7 +153,7 @@ async def send(client, url: str, body: dict, run_start: float) -> RequestResult:
             else:
                 await read_stream(_decoded(response.content), result, started)
             result.latency = time.perf_counter() - started
-            await response.read()  # the rest of the body, so the connection goes back to the pool
+            await response.read()  # the rest of the body: the server sees its whole answer go out
     except Exception as exc:  # whatever a server does wrong is that request's failure, not the run's
         result.error = f"{type(exc).__name__}: {exc}"
     result.ok = result.ok and not result.error
@@ -179,15 +179,17 @@ def request_body(model: str, prompt, max_tokens: int) -> dict:
 
 
 def make_client(api_key: str | None):
-    """An aiohttp session with no pool limit (queueing belongs to the server) and no read timeout.
+    """An aiohttp session with no pool limit (queueing belongs to the server), no read timeout, a connection per request.
 
     aiohttp, not httpx: reading ~1,000 stream chunks a second, httpx's client took 3.7 s of CPU
     for a c64 run of the 27M llama and aiohttp 1.7 s, CPU the server under test shares on 2 cores.
+    A fresh connection each time: llama-server closes idle ones, which aiohttp's pool would reuse.
     """
     import aiohttp
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None, connect=30.0))
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    return aiohttp.ClientSession(headers=headers, connector=connector, timeout=aiohttp.ClientTimeout(total=None, connect=30.0))
 
 
 async def first_model(client, base_url: str) -> str:
