@@ -166,3 +166,10 @@ def test_a_step_without_logprobs_draws_the_same_tokens_and_still_flags_nan_rows(
     assert plain.tokens == reported.tokens
     assert [math.isnan(v) for v in plain.logprobs] == [math.isnan(v) for v in reported.logprobs] == [False, False, True, False]
     assert plain.logprobs[0] == 0.0 and reported.logprobs[0] == torch.log_softmax(logits[0], -1).max().item()
+
+
+def test_a_knob_that_makes_logits_infinite_is_no_nan_row():
+    logits = torch.randn(2, 3000, generator=torch.Generator().manual_seed(2))
+    rows = [row(temperature=0, output_ids=[5], repetition_penalty=5e-324), row(temperature=0, logit_bias={7: 100.0})]
+    out = sample(logits, rows)
+    assert out.tokens[1] == 7 and not any(math.isnan(v) for v in out.logprobs)

@@ -38,8 +38,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor 
 
     allowed: [B, ceil(V/32)] int32 bits of the tokens each row's grammar allows (None: no row has one).
     When no row reports logprobs or ranks candidates by them (best_of > n), the step skips the
-    log-softmax and each row's logprob is 0.0, or NaN where its largest logit after the knobs is
-    NaN or infinite (a model giving NaN logits gives them everywhere; its request then fails).
+    log-softmax and each row's logprob is 0.0, or NaN where the log-softmax would have had one.
     """
     logits = raw = logits.float()
     wanted = any(r.params.logprobs is not None or r.params.best_of != r.params.n for r in rows)
@@ -51,7 +50,11 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], allowed: torch.Tensor 
     logits = ban_early_eos(logits, rows)
     greedy, top = first_argmax(logits)  # [B] each
     tokens = draw(logits, rows, greedy)  # [B]
-    chosen = logprobs.gather(1, tokens[:, None]) if logprobs is not None else torch.where(top.isfinite(), 0.0, float("nan"))[:, None]  # [B, 1]
+    if logprobs is not None:
+        chosen = logprobs.gather(1, tokens[:, None])  # [B, 1]
+    else:  # NaN exactly where the log-softmax of the raw logits would be: a NaN or an infinite maximum
+        raw_top = top if logits is raw else raw.amax(dim=-1)  # the knobs may make a finite row infinite
+        chosen = torch.where(raw_top.isfinite(), 0.0, float("nan"))[:, None]
     k = max((r.params.logprobs or 0) for r in rows)
     top_lp, top_ids = logprobs.topk(k, dim=-1) if logprobs is not None and k else (raw[:, :0], raw[:, :0])
     packed = torch.cat([tokens[:, None].double(), chosen.double(), top_ids.double(), top_lp.double()], dim=1)
