@@ -134,7 +134,7 @@ def test_a_stream_nobody_reads_pauses_then_is_aborted_and_freed(stalling):
 
 def test_a_client_that_leaves_a_waiting_request_logs_one_line_and_no_traceback(llama, caplog):
     caplog.set_level(logging.INFO)
-    body = {"model": llama.model, "prompt": "x", "max_tokens": 230, "ignore_eos": True, "n": 24}
+    body = {"model": llama.model, "prompt": "x", "max_tokens": 230, "ignore_eos": True, "n": 128}  # 1.6-1.9 s of work, well past the client's 0.3 s
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(llama.url + "/v1/completions", json=body, timeout=0.3)
     assert llama.idle()
