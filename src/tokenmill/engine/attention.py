@@ -76,9 +76,19 @@ class StepContext:
 
 
 class AttentionBackend(Protocol):
-    """How a device runs paged attention (TorchAttention on the CPU; a CUDA kernel plugs in here)."""
+    """How a device runs paged attention (TorchAttention on the CPU; a CUDA kernel plugs in here).
 
-    def __call__(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, step: StepContext) -> torch.Tensor: ...
+    key and value are None when the forward already wrote them into the pool (step.kv_written).
+    """
+
+    def __call__(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None, scaling: float, step: StepContext
+    ) -> torch.Tensor: ...
+
+
+def halves(pool: torch.Tensor) -> tuple[int, int]:
+    """The addresses of pool[0] and pool[1] (a layer's keys and values), without indexing: each index costs microseconds."""
+    return pool.data_ptr(), pool.data_ptr() + pool.stride(0) * pool.element_size()
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, tokenmill_step=None, **kwargs):
@@ -105,10 +115,13 @@ class TorchAttention:
         pool = step.kv[layer]  # [2, KVH, NB, BS, D]
         kvh, nb, bs, d = pool.shape[1:]
         if not step.kv_written:
+            assert key is not None and value is not None  # given whenever the pool still lacks them
             pool[0].view(kvh, nb * bs, d).index_copy_(1, step.slots, key)
             pool[1].view(kvh, nb * bs, d).index_copy_(1, step.slots, value)
         out = query.new_empty(query.shape[1], query.shape[0], d)  # [T, H, D]: decode rows, then chunks, then padding
-        out[step.chunks[-1].rows.stop if step.chunks else step.decode_rows :].zero_()  # padding rows stay 0 (finite keys downstream)
+        padding = step.chunks[-1].rows.stop if step.chunks else step.decode_rows
+        if padding < out.shape[0]:
+            out[padding:].zero_()  # padding rows stay 0 (finite keys downstream)
         if step.decode_rows:
             self._decode_rows(query, pool, step, scaling, out)
         if step.chunks:
@@ -190,11 +203,11 @@ class NativeAttention(TorchAttention):
         h, b, d = query.shape
         if d % 16 or pool.dtype != torch.float32 or pool.device.type != "cpu" or query.stride(-1) != 1:
             return False
-        keys, values = pool[0], pool[1]  # [KVH, NB, BS, D] each, contiguous
+        keys, values = halves(pool)  # [KVH, NB, BS, D] each, contiguous
         tables, lens = step.decode_blocks, step.decode_lens
-        kvh, nb, bs = keys.shape[:3]
+        kvh, nb, bs = pool.shape[1:4]
         self.library.paged_decode(
-            query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+            query.data_ptr(), query.stride(0), query.stride(1), keys, values, tables.data_ptr(), lens.data_ptr(),
             out.data_ptr(), b, h, kvh, nb, bs, d, tables.shape[1], scaling, torch.get_num_threads(),
         )  # fmt: skip
         return True
@@ -206,10 +219,10 @@ class NativeAttention(TorchAttention):
         if "prefill" not in step.memo:  # the same for every layer of the step
             step.memo["prefill"] = prefill_tables(step.chunks)
         chunks, tables = step.memo["prefill"]
-        keys, values = pool[0], pool[1]  # [KVH, NB, BS, D] each, contiguous
-        kvh, nb, bs, d = keys.shape
+        keys, values = halves(pool)  # [KVH, NB, BS, D] each, contiguous
+        kvh, nb, bs, d = pool.shape[1:]
         done = self.library.paged_prefill(
-            query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(), chunks.data_ptr(), tables.data_ptr(),
+            query.data_ptr(), query.stride(0), query.stride(1), keys, values, chunks.data_ptr(), tables.data_ptr(),
             len(step.chunks), out.data_ptr(), query.shape[0], kvh, nb, bs, d, scaling, torch.get_num_threads(),
         )  # fmt: skip
         if done != 0:  # a shape the kernel does not take

@@ -123,23 +123,25 @@ class Layer:
         t, d = x.shape[0], self.head_dim
         qkv = self.qkv(self.norm1(x, delta))  # [T, (H + 2 KVH) D]
         q_width, k_width, _ = self.widths
+        key = value = None
         if self.kernel is not None:  # rotated in place and keys/values written to the pool: step.kv_written
-            pool = step.kv[self.index]  # [2, KVH, NB, BS, D]
-            kvh, slots_per_head = pool.shape[1], pool.shape[2] * pool.shape[3]
+            kv = step.kv  # [layers, 2, KVH, NB, BS, D]; addresses, not indexing: ~20 us a layer less at one sequence
+            keys = kv.data_ptr() + self.index * kv.stride(0) * kv.element_size()
             self.kernel.rope_store(
-                qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), step.slots.data_ptr(), pool[0].data_ptr(), pool[1].data_ptr(),
-                t, self.heads, kvh, d, qkv.shape[1], slots_per_head, torch.get_num_threads(),
+                qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), step.slots.data_ptr(), keys, keys + kv.stride(1) * kv.element_size(),
+                t, self.heads, kv.shape[2], d, qkv.shape[1], kv.shape[3] * kv.shape[4], torch.get_num_threads(),
             )  # fmt: skip
-            qk = qkv[:, : q_width + k_width].view(t, -1, d)
+            query = qkv[:, :q_width].view(t, self.heads, d).transpose(0, 1)  # [H, T, D]
         else:
             qk = rotate(qkv[:, : q_width + k_width].view(t, -1, d), cos, sin)  # [T, H + KVH, D]
-        query = qk[:, : self.heads].transpose(0, 1)  # [H, T, D]
-        key = qk[:, self.heads :].transpose(0, 1)  # [KVH, T, D]
-        value = qkv[:, q_width + k_width :].view(t, -1, d).transpose(0, 1)  # [KVH, T, D]
+            query = qk[:, : self.heads].transpose(0, 1)  # [H, T, D]
+            key = qk[:, self.heads :].transpose(0, 1)  # [KVH, T, D]
+            value = qkv[:, q_width + k_width :].view(t, -1, d).transpose(0, 1)  # [KVH, T, D]
         assert step.backend is not None  # the runner always gives one
         out = step.backend(self.index, query, key, value, self.scaling, step)  # [T, H, D]
-        gate, up = self.gate_up(self.norm2(x, self.o(out.reshape(t, -1)))).chunk(2, dim=-1)
-        return self.down(F.silu(gate).mul_(up))  # in place: one [T, intermediate] buffer fewer, the same bits
+        gate_up = self.gate_up(self.norm2(x, self.o(out.reshape(t, -1))))  # [T, 2 I]
+        half = gate_up.shape[1] // 2  # slices, not chunk(): two views for one op
+        return self.down(F.silu(gate_up[:, :half]).mul_(gate_up[:, half:]))  # in place: one [T, I] buffer fewer, the same bits
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
