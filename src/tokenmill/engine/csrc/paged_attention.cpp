@@ -23,19 +23,34 @@ typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
 typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
 
+// How many 16-lane vectors of partial sums the inner loops keep in flight. With AVX-512's 32 registers a
+// 16-lane vector is one register; with AVX2's 16 it is two, and the AVX-512 tiling spills (on a 2-core
+// AVX2 EPYC, SmolLM2's 30 layers: a 320-row prefill 470 -> 300 ms, a 64-sequence decode 211 -> 193 ms
+// with the AVX2 tiling). Only the tiling changes: every lane runs the same operations in the same order,
+// so the bits are the same either way.
+#ifdef __AVX512F__
+enum { WIDE = 1 };
+#else
+enum { WIDE = 0 };
+#endif
+
 static inline float hsum(v16 a) {  // a fixed tree of additions: lanes m + m+8, then m + m+4, m + m+2, m + m+1
     v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
     v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-// The sums of 16 vectors at once, lane j the sum of a[j], by hsum's own tree for every one of them
-// (so each sum has hsum's bits): each level halves the lanes a vector's partial sums take.
-static inline v16 hsum16(const v16 *a) {
-    v16 w[8], x[4], y[2];
-    for (int i = 0; i < 8; i++)  // lanes m + m+8: vector i holds a[2i]'s 8 partials, then a[2i+1]'s
-        w[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+// The first level of tree16 for two vectors: lanes m + m+8, a's 8 partials, then b's.
+static inline v16 halves(v16 a, v16 b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+
+// The sums of 16 vectors a[0..15] at once, lane j the sum of a[j], by hsum's own tree for every one of them
+// (so each sum has hsum's bits): each level halves the lanes a vector's partial sums take. It takes the
+// first level done, w[i] = halves(a[2i], a[2i + 1]), so no caller needs all 16 vectors live at once.
+static inline v16 tree16(const v16 *w) {
+    v16 x[4], y[2];
     for (int i = 0; i < 4; i++)  // m + m+4: four sums of four lanes
         x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
                __builtin_shufflevector(w[2 * i], w[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
@@ -44,6 +59,25 @@ static inline v16 hsum16(const v16 *a) {
                __builtin_shufflevector(x[2 * i], x[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
     return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +  // m + m+1
            __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Lane j: the 16-lane partial sums of query . key[j] (C chunks, in order), summed by tree16, times scale.
+// The keys' partial sums are made KEYS at a time (all 16 with AVX-512; 4 with AVX2, whose 16 registers
+// hold 4 keys' sums with room to spare), then the tree; the same operations, so the same bits.
+template <int C>
+static inline v16 scores16(const v16 *qg, const v16 *const *key, int64_t chunks, float scale) {
+    constexpr int KEYS = WIDE ? 16 : 4;
+    const int64_t n = C ? C : chunks;
+    v16 w[8];
+    for (int i = 0; i < 16; i += KEYS) {
+        v16 acc[KEYS];
+        for (int j = 0; j < KEYS; j++) {
+            acc[j] = qg[0] * key[i + j][0];
+            for (int64_t c = 1; c < n; c++) acc[j] += qg[c] * key[i + j][c];
+        }
+        for (int j = 0; j < KEYS; j += 2) w[(i + j) / 2] = halves(acc[j], acc[j + 1]);
+    }
+    return tree16(w) * scale;
 }
 
 static inline v16 exp16(v16 x) {  // e^x for x <= 0: 2^n * p(r), r = x - n ln2, p Taylor to r^7 (~1 ulp)
@@ -95,23 +129,33 @@ static inline void prefetch(const float *p, int64_t n) {
 
 // out [G, D] = the G score rows [G, stride] (softmaxed) times values 0..len-1 of one kv head, key by key
 // in order, the sums in registers; block by block, so no division per key.
-template <int GN, int CN>
-static void sum_values(const float *scores, int64_t stride, const float *values, const int64_t *table, int64_t len, int64_t BS, float *out) {
+// Chunks [c0, c0 + CP) of out's rows: one pass over the keys with GN x CP sums in registers.
+template <int GN, int CN, int CP>
+static void sum_values_pass(const float *scores, int64_t stride, const float *values, const int64_t *table, int64_t len, int64_t BS, float *out,
+                            int c0) {
     const int64_t D = CN * 16, block = BS * D;
-    v16 acc[GN][CN] = {};
+    v16 acc[GN][CP] = {};
     for (int64_t l0 = 0; l0 < len; l0 += BS) {
         const float *block_values = values + table[l0 / BS] * block;
         for (int64_t l = l0; l < l0 + BS && l < len; l++) {
-            const v16 *val = (const v16 *)(block_values + (l - l0) * D);
+            const v16 *val = (const v16 *)(block_values + (l - l0) * D) + c0;
             for (int g = 0; g < GN; g++) {
                 const float p = scores[g * stride + l];
-                for (int c = 0; c < CN; c++) acc[g][c] += p * val[c];
+                for (int c = 0; c < CP; c++) acc[g][c] += p * val[c];
             }
         }
     }
     v16 *o = (v16 *)out;
     for (int g = 0; g < GN; g++)
-        for (int c = 0; c < CN; c++) o[g * CN + c] = acc[g][c];
+        for (int c = 0; c < CP; c++) o[g * CN + c0 + c] = acc[g][c];
+}
+
+// The output sums of all GN x CN chunks at once with AVX-512; with AVX2 in passes of at most 4 vectors
+// (8 registers). Each output lane adds its keys in order in every pass, so the bits are the same.
+template <int GN, int CN>
+static void sum_values(const float *scores, int64_t stride, const float *values, const int64_t *table, int64_t len, int64_t BS, float *out) {
+    constexpr int fit = 4 / GN > 0 ? 4 / GN : 1, CP = WIDE || CN < fit ? CN : fit;
+    for (int c0 = 0; c0 < CN; c0 += CP) sum_values_pass<GN, CN, CP>(scores, stride, values, table, len, BS, out, c0);
 }
 
 struct Shape {
@@ -140,15 +184,7 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
             }
             key[j] = (const v16 *)(keys + table[l / BS] * block + (l % BS) * D);
         }
-        for (int64_t g = 0; g < G; g++) {
-            const v16 *qg = (const v16 *)(q + g * s.QH);
-            v16 acc[16];
-            for (int j = 0; j < 16; j++) {
-                acc[j] = qg[0] * key[j][0];
-                for (int64_t c = 1; c < C; c++) acc[j] += qg[c] * key[j][c];
-            }
-            *(v16 *)(scores + g * stride + l0) = hsum16(acc) * scale;
-        }
+        for (int64_t g = 0; g < G; g++) *(v16 *)(scores + g * stride + l0) = scores16<CN>((const v16 *)(q + g * s.QH), key, C, scale);
     }
     for (int64_t g = 0; g < G; g++) softmax(scores + g * stride, len);
     if (GN && CN) {  // the output sums in registers
@@ -248,7 +284,8 @@ static void score_groups(const float *q, int64_t qh, const float *kT, int64_t ld
 template <int GN, int CN>
 static void prefill_row(const float *q, int64_t qh, const float *kT, int64_t ld, const float *values, const int64_t *table, int64_t len,
                         float *out, int64_t BS, float scale, float *scores, int64_t stride) {
-    constexpr int NG = GN >= 3 ? 4 : GN == 2 ? 6 : 8;  // groups a pass: about a dozen independent sums in flight
+    // groups a pass: about a dozen independent sums in flight with AVX-512, a third of that with AVX2
+    constexpr int NG = WIDE ? (GN >= 3 ? 4 : GN == 2 ? 6 : 8) : (GN >= 3 ? 1 : GN == 2 ? 2 : 3);
     const int64_t D = CN * 16, groups = (len + 15) / 16;
     int64_t j = 0;
     for (; j + NG <= groups; j += NG) score_groups<GN, NG>(q, qh, kT, ld, D, 16 * j, scale, scores, stride);
