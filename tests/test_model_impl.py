@@ -88,3 +88,34 @@ def test_the_compiled_norm_is_torchs_bit_for_bit_at_one_vector_width_only(tmp_pa
         other = llama_forward.RMSNorm(module, ops, 24 - lanes)(other_x, delta)
         assert torch.equal(other_x, want_x) and (rows < 300 or not torch.equal(other, want))  # the sum's order shows in the bits
         assert torch.equal(llama_forward.RMSNorm(module, ops, lanes)(want_x.clone()), llama_forward.RMSNorm(module)(want_x.clone()))
+
+
+def test_small_matmul_computes_the_linear_of_1_to_4_rows(tmp_path):
+    """The compiled matrix-vector loop that --no-batch-invariance gives steps of a few rows: F.linear's numbers, other roundings."""
+    from tokenmill.engine import native
+
+    ops = native.load_llama_ops(tmp_path)
+    if ops is None:
+        pytest.skip("no C++ compiler")
+    gen = torch.Generator().manual_seed(3)
+    for out_features, in_features, bias in [(960, 576, False), (37, 21, True), (5, 16, False), (3072, 1536, True)]:
+        lin = torch.nn.Linear(in_features, out_features, bias=bias)
+        projection = llama_forward.Projection([lin], packed=True, small=ops)
+        for rows in (1, 2, 3, 4, 5):
+            x = torch.randn(rows, in_features, generator=gen)
+            assert torch.allclose(projection(x), lin(x), rtol=1e-5, atol=1e-5)
+        assert ops.small_matmul(0, 0, 0, 0, 5, out_features, in_features, 1) == -1  # 5 rows: the packed GEMM's
+
+
+def test_without_batch_invariance_few_rows_take_small_matmul_and_agree_with_transformers(llama_dir):
+    """--no-batch-invariance: a lone sequence's steps run through small_matmul, within float rounding of the stock forward."""
+    fast = engine_for(llama_dir, no_batch_invariance=True)
+    stock = engine_for(llama_dir, model_impl="transformers")
+    if fast.runner.lean is None or fast.runner.lean.kernel is None:
+        pytest.skip("no C++ compiler")
+    assert fast.runner.lean.lm_head.small is not None and engine_for(llama_dir).runner.lean.lm_head.small is None
+    params = SamplingParams(max_tokens=3, temperature=0.0, echo=True, logprobs=1, ignore_eos=True)
+    ids = tuple(random.Random(5).randrange(1, fast.tokenizer.vocab_size) for _ in range(3))  # 3 prompt rows, then steps of 1
+    (_, got_tokens, got, _), (_, want_tokens, want, _) = (together(engine, [([Prompt(ids)], params)])["r0"][0] for engine in (fast, stock))
+    assert got_tokens == want_tokens and len(got) == 6 and got[0] is None and want[0] is None
+    assert all(abs(a - b) < 1e-4 for a, b in zip(got[1:], want[1:], strict=True))

@@ -55,7 +55,8 @@ class ModelRunner:
     """Runs a transformers causal LM over the paged KV pool.
 
     batch_invariant pads every step to a multiple of 16 rows (and the logits to 16 or more) where a
-    matmul layer runs on MKL, so each row goes through the same kernels whatever else is in the step.
+    matmul layer runs on MKL, so each row goes through the same kernels whatever else is in the step;
+    without it, `LlamaForward` runs steps of 1-4 rows through its compiled small matmul.
     model_impl "auto" runs llama and qwen2 models through `LlamaForward` (the same numbers without
     transformers' per-layer Python); "transformers", or any other model, calls the model itself.
     """
@@ -74,7 +75,8 @@ class ModelRunner:
         attention.register()
         model.set_attn_implementation(attention.NAME)
         packed = device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and torch.backends.mkldnn.is_available()
-        self.lean = LlamaForward(model, packed, llama_ops) if model_impl == "auto" and llama_forward.fits(model) else None
+        fits = model_impl == "auto" and llama_forward.fits(model)
+        self.lean = LlamaForward(model, packed, llama_ops, batch_invariant) if fits else None
         if packed and self.lean is None:
             pack_linears(model)
         self.model = model

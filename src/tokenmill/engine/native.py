@@ -33,12 +33,14 @@ def load_paged_attention(cache: Path) -> ctypes.CDLL | None:
 
 
 def load_llama_ops(cache: Path) -> ctypes.CDLL | None:
-    """The llama layer's compiled ops (`rope_store`, `add_rms_norm` typed), or None: no compiler, or the build failed."""
+    """The llama layer's compiled ops (`rope_store`, `add_rms_norm`, `small_matmul` typed), or None: no compiler, or the build failed."""
     pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     rope = [pointer] * 6 + [size] * 6 + [threads]
     norm = [pointer] * 4 + [size] * 2 + [ctypes.c_float, ctypes.c_int, threads]
+    matmul = [pointer] * 4 + [size] * 3 + [threads]
+    functions = {"rope_store": (rope, None), "add_rms_norm": (norm, None), "small_matmul": (matmul, ctypes.c_int)}
     # -ffp-contract=off: no fused multiply-add, so every product and sum rounds as transformers' ops do
-    return _load("llama_ops", cache, {"rope_store": (rope, None), "add_rms_norm": (norm, None)}, ["-ffp-contract=off"])
+    return _load("llama_ops", cache, functions, ["-ffp-contract=off"])
 
 
 def _load(name: str, cache: Path, functions: dict[str, tuple[list, type | None]], extra: list[str] | None = None) -> ctypes.CDLL | None:
