@@ -38,7 +38,7 @@ def load_llama_ops(cache: Path) -> ctypes.CDLL | None:
     rope = [pointer] * 6 + [size] * 6 + [threads]
     norm = [pointer] * 4 + [size] * 2 + [ctypes.c_float, ctypes.c_int, threads]
     matmul = [pointer] * 4 + [size] * 3 + [threads]
-    functions = {"rope_store": (rope, None), "add_rms_norm": (norm, None), "small_matmul": (matmul, ctypes.c_int)}
+    functions: dict[str, tuple[list, type | None]] = {"rope_store": (rope, None), "add_rms_norm": (norm, None), "small_matmul": (matmul, ctypes.c_int)}
     # -ffp-contract=off: no fused multiply-add, so every product and sum rounds as transformers' ops do
     return _load("llama_ops", cache, functions, ["-ffp-contract=off"])
 
