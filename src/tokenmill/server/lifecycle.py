@@ -93,6 +93,9 @@ class Server(uvicorn.Server):
         self.should_exit = True
 
 
+KEEP_ALIVE = 75  # seconds an idle HTTP/1.1 connection stays open (nginx's default)
+
+
 def run(app, lifecycle: Lifecycle, host: str, port: int, log_level: str) -> int:
     """Serve `app` until drained or its engine dies; the process's exit status."""
     config = uvicorn.Config(
@@ -102,6 +105,9 @@ def run(app, lifecycle: Lifecycle, host: str, port: int, log_level: str) -> int:
         log_level=log_level,
         log_config=None,
         access_log=False,
+        # uvicorn closes an idle keep-alive connection after 5 s; a client that reuses it at that moment
+        # (httpx, the openai SDK) gets a ReadError on a POST it will not retry: keep idle connections longer
+        timeout_keep_alive=KEEP_ALIVE,
         timeout_graceful_shutdown=FLUSH_TIMEOUT,  # type: ignore[arg-type]  # uvicorn says int; it only hands it to asyncio.wait_for, which takes a float
     )
     Server(config, lifecycle).run()
