@@ -42,7 +42,7 @@ class Projection:
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_size=16) if packed else None
         self.small = small if packed and self.weight.is_contiguous() else None
-        if packed and small is None:
+        if packed and self.small is None:
             del self.weight  # the packed copy replaces it (the modules keep the originals)
         elif len(linears) > 1:  # the modules' weights become views of the fused one: no second copy on the device
             sizes = [lin.out_features for lin in linears]
