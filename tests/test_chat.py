@@ -452,10 +452,10 @@ def test_schemathesis_finds_no_server_error_in_chat(chat):
     import schemathesis
     from schemathesis import GenerationMode
 
-    from tests.test_hostile import _with_int_body, check_response, run_cases
+    from tests.test_hostile import _with_int_body, check_response, run_cases, whole_streams
 
     spec = httpx.get(chat.url + "/openapi.json", timeout=10).json()
-    operation = schemathesis.openapi.from_dict(_bounded(spec, chat.model))["/v1/chat/completions"]["POST"]
+    operation = whole_streams(schemathesis.openapi.from_dict(_bounded(spec, chat.model)))["/v1/chat/completions"]["POST"]
 
     def check(case, statuses: Counter) -> None:
         response = case.call(base_url=chat.url, timeout=60)
