@@ -85,15 +85,19 @@ def serve(args: argparse.Namespace) -> int:
         server_config = from_args(ServerConfig, args, api_key=api_keys_from(args.api_key, args.api_key_file))
     except ValueError as exc:
         return _fail(str(exc), 2)
-    from tokenmill.engine.loader import ModelLoadError, load_engine  # torch loads here, not at import
     from tokenmill.models.sources import FetchError, resolve
+
+    try:
+        model = resolve(engine_config.model, _cache())
+    except FetchError as exc:  # before torch loads: a mistyped model fails in a second, not seven
+        return _fail(str(exc), 1)
+    from tokenmill.engine.loader import ModelLoadError, load_engine  # torch loads here, not at import
     from tokenmill.server.api import create_app
     from tokenmill.server.lifecycle import run
 
     try:
-        model = resolve(engine_config.model, _cache())
         engine = load_engine(engine_config, model.path, server_config.served_model_name or model.name)
-    except (FetchError, ModelLoadError) as exc:
+    except ModelLoadError as exc:
         return _fail(str(exc), 1)
     i = engine.info
     log.info(
