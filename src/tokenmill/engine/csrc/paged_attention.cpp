@@ -18,47 +18,118 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef float v4 __attribute__((vector_size(16), aligned(4)));
-typedef int32_t i16 __attribute__((vector_size(64), aligned(4)));
 
 // How many 16-lane vectors of partial sums the inner loops keep in flight. With AVX-512's 32 registers a
-// 16-lane vector is one register; with AVX2's 16 it is two, and the AVX-512 tiling spills (on a 2-core
-// AVX2 EPYC, SmolLM2's 30 layers: a 320-row prefill 470 -> 300 ms, a 64-sequence decode 211 -> 193 ms
-// with the AVX2 tiling). Only the tiling changes: every lane runs the same operations in the same order,
-// so the bits are the same either way.
+// 16-lane vector is one register; with AVX2's 16 it is two, so the tiles are smaller there. Only the tiling
+// changes: every lane runs the same operations in the same order, so the bits are the same either way.
 #ifdef __AVX512F__
 enum { WIDE = 1 };
 #else
 enum { WIDE = 0 };
 #endif
 
+// Lane by lane, for any vector type V (16 or 8 lanes) and its int32 twin I; so both layouts of v16 below
+// run the same operations.
+template <class V>
+static inline V raise_to(V x, float lowest) {  // x < lowest ? lowest : x
+    const V l = V{} + lowest;
+    return x < l ? l : x;
+}
+
+template <class V>
+static inline V larger(V x, V top) {  // x > top ? x : top
+    return x > top ? x : top;
+}
+
+template <class V, class I>
+static inline V exp_lanes(V x) {  // e^x for x <= 0: 2^n * p(r), r = x - n ln2, p Taylor to r^7 (~1 ulp)
+    x = raise_to(x, -87.0f);
+    const V t = x * 1.44269504f;
+    const I n = __builtin_convertvector(t + (t < 0 ? -0.5f : 0.5f), I);
+    const V nf = __builtin_convertvector(n, V);
+    const V r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;  // ln2 in two parts
+    V p = V{} + 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const I bits = (n + 127) << 23;
+    V scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+template <class V>
+static inline V exp_shifted(V x, float m) {  // lanes at -inf (masked keys) give 0, the others e^(x - m)
+    return x == -INFINITY ? V{} : exp_lanes<V, decltype(x == x)>(x - m);
+}
+
+#ifdef __AVX512F__
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+static inline v16 splat(float x) { return v16{} + x; }
+static inline float lane(v16 a, int j) { return a[j]; }
+static inline v8 low(v16 a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7); }
+static inline v8 high(v16 a) { return __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15); }
+static inline v16 join(v8 lo, v8 hi) { return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+static inline v16 raise_to(v16 x, float lowest) { return raise_to<v16>(x, lowest); }
+static inline v16 larger(v16 x, v16 top) { return larger<v16>(x, top); }
+static inline v16 exp_shifted(v16 x, float m) { return exp_shifted<v16>(x, m); }
+#else
+// AVX2: 16 lanes as two 8-lane halves. GCC keeps a 64-byte vector type that the target has no register
+// for in memory, and moved every partial sum through the stack and general registers; two v8s stay in
+// registers. Same lanes, same operations, same bits. On a 2-core AVX2 EPYC, SmolLM2's 30 layers: a
+// 64-sequence decode 156-176 -> 89-92 ms, a 320-row prefill 293-302 -> 38-45 ms.
+struct v16 {
+    v8 lo, hi;
+};
+static inline v16 operator+(v16 a, v16 b) { return {a.lo + b.lo, a.hi + b.hi}; }
+static inline v16 operator*(v16 a, v16 b) { return {a.lo * b.lo, a.hi * b.hi}; }
+static inline v16 operator*(float a, v16 b) { return {a * b.lo, a * b.hi}; }
+static inline v16 operator*(v16 a, float b) { return {a.lo * b, a.hi * b}; }
+static inline v16 &operator+=(v16 &a, v16 b) { return a = a + b; }
+static inline v16 &operator*=(v16 &a, float b) { return a = a * b; }
+static inline v16 splat(float x) { return {v8{} + x, v8{} + x}; }
+static inline float lane(v16 a, int j) { return j < 8 ? a.lo[j] : a.hi[j - 8]; }
+static inline v8 low(v16 a) { return a.lo; }
+static inline v8 high(v16 a) { return a.hi; }
+static inline v16 join(v8 lo, v8 hi) { return {lo, hi}; }
+static inline v16 raise_to(v16 x, float lowest) { return {raise_to<v8>(x.lo, lowest), raise_to<v8>(x.hi, lowest)}; }
+static inline v16 larger(v16 x, v16 top) { return {larger<v8>(x.lo, top.lo), larger<v8>(x.hi, top.hi)}; }
+static inline v16 exp_shifted(v16 x, float m) { return {exp_shifted<v8>(x.lo, m), exp_shifted<v8>(x.hi, m)}; }
+#endif
+
+// Pairwise sums of an 8-lane pair (a, b) as one 16-lane row: lanes m + m+S within each group of 2S lanes,
+// a's sums first. The levels of the trees below.
+static inline v8 fold4(v8 a, v8 b) { return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15); }
+static inline v8 fold2(v8 a, v8 b) { return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13) + __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15); }
+static inline v8 fold1(v8 a, v8 b) { return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15); }
+
 static inline float hsum(v16 a) {  // a fixed tree of additions: lanes m + m+8, then m + m+4, m + m+2, m + m+1
-    v8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    v8 b = low(a) + high(a);
     v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
 // The first level of tree16 for two vectors: lanes m + m+8, a's 8 partials, then b's.
-static inline v16 halves(v16 a, v16 b) {
-    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-}
+static inline v16 halves(v16 a, v16 b) { return join(low(a) + high(a), low(b) + high(b)); }
 
 // The sums of 16 vectors a[0..15] at once, lane j the sum of a[j], by hsum's own tree for every one of them
 // (so each sum has hsum's bits): each level halves the lanes a vector's partial sums take. It takes the
 // first level done, w[i] = halves(a[2i], a[2i + 1]), so no caller needs all 16 vectors live at once.
+// Every level works on 8-lane halves: 16-lane shuffles have no single AVX2 instruction.
 static inline v16 tree16(const v16 *w) {
     v16 x[4], y[2];
     for (int i = 0; i < 4; i++)  // m + m+4: four sums of four lanes
-        x[i] = __builtin_shufflevector(w[2 * i], w[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               __builtin_shufflevector(w[2 * i], w[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+        x[i] = join(fold4(low(w[2 * i]), high(w[2 * i])), fold4(low(w[2 * i + 1]), high(w[2 * i + 1])));
     for (int i = 0; i < 2; i++)  // m + m+2: eight sums of two lanes
-        y[i] = __builtin_shufflevector(x[2 * i], x[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-               __builtin_shufflevector(x[2 * i], x[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    return __builtin_shufflevector(y[0], y[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +  // m + m+1
-           __builtin_shufflevector(y[0], y[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        y[i] = join(fold2(low(x[2 * i]), high(x[2 * i])), fold2(low(x[2 * i + 1]), high(x[2 * i + 1])));
+    return join(fold1(low(y[0]), high(y[0])), fold1(low(y[1]), high(y[1])));  // m + m+1
 }
 
 // Lane j: the 16-lane partial sums of query . key[j] (C chunks, in order), summed by tree16, times scale.
@@ -80,42 +151,17 @@ static inline v16 scores16(const v16 *qg, const v16 *const *key, int64_t chunks,
     return tree16(w) * scale;
 }
 
-static inline v16 exp16(v16 x) {  // e^x for x <= 0: 2^n * p(r), r = x - n ln2, p Taylor to r^7 (~1 ulp)
-    const v16 lowest = v16{} - 87.0f;
-    x = x < lowest ? lowest : x;
-    const v16 t = x * 1.44269504f;
-    const i16 n = __builtin_convertvector(t + (t < 0 ? -0.5f : 0.5f), i16);
-    const v16 nf = __builtin_convertvector(n, v16);
-    const v16 r = x - nf * 0.693145751953125f - nf * 1.428606765330187e-06f;  // ln2 in two parts
-    v16 p = v16{} + 1.0f / 5040;
-    p = p * r + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const i16 bits = (n + 127) << 23;
-    v16 scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
 // sc[0, len) -> softmax, in place; sc is padded with -inf to whole 16-lane vectors.
 static void softmax(float *sc, int64_t len) {
     const int64_t padded = (len + 15) / 16 * 16;
     for (int64_t l = len; l < padded; l++) sc[l] = -INFINITY;
-    v16 top = v16{} - INFINITY;
+    v16 top = splat(-INFINITY);
+    for (int64_t l = 0; l < padded; l += 16) top = larger(*(v16 *)(sc + l), top);
+    float m = lane(top, 0);
+    for (int j = 1; j < 16; j++) m = lane(top, j) > m ? lane(top, j) : m;
+    v16 sum = splat(0.0f);
     for (int64_t l = 0; l < padded; l += 16) {
-        const v16 x = *(v16 *)(sc + l);
-        top = x > top ? x : top;
-    }
-    float m = top[0];
-    for (int j = 1; j < 16; j++) m = top[j] > m ? top[j] : m;
-    v16 sum = v16{};
-    for (int64_t l = 0; l < padded; l += 16) {
-        const v16 x = *(v16 *)(sc + l);
-        const v16 e = x == -INFINITY ? v16{} : exp16(x - m);
+        const v16 e = exp_shifted(*(v16 *)(sc + l), m);
         *(v16 *)(sc + l) = e;
         sum += e;
     }
@@ -134,7 +180,9 @@ template <int GN, int CN, int CP>
 static void sum_values_pass(const float *scores, int64_t stride, const float *values, const int64_t *table, int64_t len, int64_t BS, float *out,
                             int c0) {
     const int64_t D = CN * 16, block = BS * D;
-    v16 acc[GN][CP] = {};
+    v16 acc[GN][CP];
+    for (int g = 0; g < GN; g++)
+        for (int c = 0; c < CP; c++) acc[g][c] = splat(0.0f);
     for (int64_t l0 = 0; l0 < len; l0 += BS) {
         const float *block_values = values + table[l0 / BS] * block;
         for (int64_t l = l0; l < l0 + BS && l < len; l++) {
@@ -150,11 +198,11 @@ static void sum_values_pass(const float *scores, int64_t stride, const float *va
         for (int c = 0; c < CP; c++) o[g * CN + c0 + c] = acc[g][c];
 }
 
-// The output sums of all GN x CN chunks at once with AVX-512; with AVX2 in passes of at most 4 vectors
-// (8 registers). Each output lane adds its keys in order in every pass, so the bits are the same.
+// The output sums of all GN x CN chunks at once with AVX-512; with AVX2 in passes of at most 6 vectors
+// (12 of its 16 registers). Each output lane adds its keys in order in every pass, so the bits are the same.
 template <int GN, int CN>
 static void sum_values(const float *scores, int64_t stride, const float *values, const int64_t *table, int64_t len, int64_t BS, float *out) {
-    constexpr int fit = 4 / GN > 0 ? 4 / GN : 1, CP = WIDE || CN < fit ? CN : fit;
+    constexpr int fit = GN == 1 ? 4 : GN <= 3 ? 2 : 1, CP = WIDE || CN < fit ? CN : fit;  // CP divides CN (both powers of 2)
     for (int c0 = 0; c0 < CN; c0 += CP) sum_values_pass<GN, CN, CP>(scores, stride, values, table, len, BS, out, c0);
 }
 
@@ -267,7 +315,9 @@ static void transpose_keys(const float *keys, const int64_t *table, int64_t len,
 template <int GN, int NG>
 static void score_groups(const float *q, int64_t qh, const float *kT, int64_t ld, int64_t D, int64_t first, float scale, float *scores,
                          int64_t stride) {
-    v16 acc[GN][NG] = {};
+    v16 acc[GN][NG];
+    for (int g = 0; g < GN; g++)
+        for (int j = 0; j < NG; j++) acc[g][j] = splat(0.0f);
     for (int64_t d = 0; d < D; d++) {
         v16 k[NG];
         for (int j = 0; j < NG; j++) k[j] = *(const v16 *)(kT + d * ld + first + 16 * j);
@@ -284,8 +334,8 @@ static void score_groups(const float *q, int64_t qh, const float *kT, int64_t ld
 template <int GN, int CN>
 static void prefill_row(const float *q, int64_t qh, const float *kT, int64_t ld, const float *values, const int64_t *table, int64_t len,
                         float *out, int64_t BS, float scale, float *scores, int64_t stride) {
-    // groups a pass: about a dozen independent sums in flight with AVX-512, a third of that with AVX2
-    constexpr int NG = WIDE ? (GN >= 3 ? 4 : GN == 2 ? 6 : 8) : (GN >= 3 ? 1 : GN == 2 ? 2 : 3);
+    // groups a pass: about a dozen independent sums in flight with AVX-512, half that with AVX2
+    constexpr int NG = WIDE ? (GN >= 3 ? 4 : GN == 2 ? 6 : 8) : (GN >= 3 ? 2 : GN == 2 ? 3 : 4);
     const int64_t D = CN * 16, groups = (len + 15) / 16;
     int64_t j = 0;
     for (; j + NG <= groups; j += NG) score_groups<GN, NG>(q, qh, kT, ld, D, 16 * j, scale, scores, stride);
