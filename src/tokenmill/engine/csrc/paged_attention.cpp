@@ -219,15 +219,14 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
                    float scale, float *scores, int64_t stride) {
     const int64_t G = GN ? GN : s.H / s.KVH, C = CN ? CN : s.D / 16, D = C * 16, BS = s.BS, block = BS * D;
     const float *keys = k + kvh * s.NB * block, *values = v + kvh * s.NB * block;
-    prefetch(keys + table[0] * block, block);
+    const int64_t blocks = (len + BS - 1) / BS;  // prefetches stop at the sequence's last block: the table's rest is not read
+    for (int64_t b = 0; b < 4 && b < blocks; b++) prefetch(keys + table[b] * block, block);
     for (int64_t l0 = 0; l0 < len; l0 += 16) {  // 16 keys at a time: their 16 sums come out of one tree, lane j key l0 + j
         const v16 *key[16];
         for (int64_t j = 0; j < 16; j++) {
             const int64_t l = l0 + j < len ? l0 + j : 0;  // past len: any real key (its score is masked by the softmax)
-            if (l0 + j < len && l % BS == 0) {  // keys two and four blocks on, and this block's values (read after the softmax)
-                const int64_t next = l / BS + 2 < s.NBT ? l / BS + 2 : l / BS;
-                prefetch(keys + table[next] * block, block);
-                if (l / BS + 4 < s.NBT) prefetch(keys + table[l / BS + 4] * block, block);
+            if (l0 + j < len && l % BS == 0) {  // keys four blocks on, and this block's values (read after the softmax)
+                if (l / BS + 4 < blocks) prefetch(keys + table[l / BS + 4] * block, block);
                 prefetch(values + table[l / BS] * block, block);
             }
             key[j] = (const v16 *)(keys + table[l / BS] * block + (l % BS) * D);
