@@ -77,7 +77,6 @@ static inline float lane(v16 a, int j) { return a[j]; }
 static inline v8 low(v16 a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7); }
 static inline v8 high(v16 a) { return __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15); }
 static inline v16 join(v8 lo, v8 hi) { return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
-static inline v16 raise_to(v16 x, float lowest) { return raise_to<v16>(x, lowest); }
 static inline v16 larger(v16 x, v16 top) { return larger<v16>(x, top); }
 static inline v16 exp_shifted(v16 x, float m) { return exp_shifted<v16>(x, m); }
 #else
@@ -99,7 +98,6 @@ static inline float lane(v16 a, int j) { return j < 8 ? a.lo[j] : a.hi[j - 8]; }
 static inline v8 low(v16 a) { return a.lo; }
 static inline v8 high(v16 a) { return a.hi; }
 static inline v16 join(v8 lo, v8 hi) { return {lo, hi}; }
-static inline v16 raise_to(v16 x, float lowest) { return {raise_to<v8>(x.lo, lowest), raise_to<v8>(x.hi, lowest)}; }
 static inline v16 larger(v16 x, v16 top) { return {larger<v8>(x.lo, top.lo), larger<v8>(x.hi, top.hi)}; }
 static inline v16 exp_shifted(v16 x, float m) { return {exp_shifted<v8>(x.lo, m), exp_shifted<v8>(x.hi, m)}; }
 #endif
