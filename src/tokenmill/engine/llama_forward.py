@@ -177,7 +177,7 @@ class LlamaForward:
         self.rotary = inner.rotary_emb
         # the compiled norm only where it gives torch's bits on this machine (else torch ops, RoPE still compiled)
         self.norm_lanes = norm_lanes(kernel, self.embed.shape[1], inner.norm.variance_epsilon) if kernel is not None else 0
-        small = kernel if packed and not invariant and kernel is not None else None
+        small = kernel if packed and not invariant else None
         self.layers = [Layer(layer, packed, kernel, self.norm_lanes, small) for layer in inner.layers]
         self.norm = RMSNorm(inner.norm, kernel, self.norm_lanes)
         self.lm_head = Projection([model.lm_head], packed, small)

@@ -77,8 +77,7 @@ static inline float lane(v16 a, int j) { return a[j]; }
 static inline v8 low(v16 a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7); }
 static inline v8 high(v16 a) { return __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15); }
 static inline v16 join(v8 lo, v8 hi) { return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
-static inline v16 larger(v16 x, v16 top) { return larger<v16>(x, top); }
-static inline v16 exp_shifted(v16 x, float m) { return exp_shifted<v16>(x, m); }
+// larger and exp_shifted: the lane-wise templates above take v16 itself
 #else
 // AVX2: 16 lanes as two 8-lane halves. GCC keeps a 64-byte vector type that the target has no register
 // for in memory, and moved every partial sum through the stack and general registers; two v8s stay in
