@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.engine.attention import StepContext
+from tokenmill.engine.linear import PackedLinear
 
 SMALL_ROWS = 4  # steps of at most this many rows take small_matmul where it is given (no batch invariance)
 
@@ -31,16 +32,17 @@ STOCK_LAYERS = {
 class Projection:
     """One or more nn.Linear of the same input as one matmul: x [T, in] -> [T, sum(out)].
 
-    On a float32 CPU the weight is packed for oneDNN once (its rows' bits do not depend on the
-    number of rows, see model_runner.pack_linears); elsewhere it is a plain `F.linear`. small: the
-    compiled `small_matmul`, given only without batch invariance, takes steps of 1-4 rows (SMALL_ROWS).
+    On a float32 CPU the weight is packed once, for the compiled `matmul` where it is given, else for
+    oneDNN (either way its rows' bits do not depend on the number of rows, see engine/linear.py);
+    elsewhere it is a plain `F.linear`. small: the compiled `small_matmul`, given only without batch
+    invariance, takes steps of 1-4 rows (SMALL_ROWS).
     """
 
-    def __init__(self, linears: list[torch.nn.Linear], packed: bool, small: Any = None):
+    def __init__(self, linears: list[torch.nn.Linear], packed: bool, small: Any = None, matmul: Any = None):
         self.weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
         biases = [lin.bias for lin in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_size=16) if packed else None
+        self.packed = PackedLinear(self.weight, self.bias, matmul) if packed else None
         self.small = small if packed and self.weight.is_contiguous() else None
         if packed and self.small is None:
             del self.weight  # the packed copy replaces it (the modules keep the originals)
@@ -61,7 +63,7 @@ class Projection:
             )  # fmt: skip
             return out
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return self.packed(x)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -112,9 +114,9 @@ def norm_lanes(kernel: Any, hidden: int, eps: float) -> int:
 class Layer:
     """One decoder layer's weights, gathered out of its transformers modules."""
 
-    def __init__(self, layer: Any, packed: bool, kernel: Any = None, lanes: int = 0, small: Any = None):
+    def __init__(self, layer: Any, packed: bool, kernel: Any = None, lanes: int = 0, small: Any = None, matmul: Any = None):
         """kernel: the compiled llama ops (RoPE with the K/V write; the norms where lanes is not 0), or None: torch ops;
-        small: the same library where steps of a few rows may take its small_matmul."""
+        small: the same library where steps of a few rows may take its small_matmul; matmul: the compiled matmul, or None."""
         attn, mlp = layer.self_attn, layer.mlp
         self.kernel = kernel
         self.index = attn.layer_idx
@@ -123,11 +125,11 @@ class Layer:
         self.widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.heads = attn.q_proj.out_features // attn.head_dim
         self.norm1 = RMSNorm(layer.input_layernorm, kernel, lanes)
-        self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed, small)
-        self.o = Projection([attn.o_proj], packed, small)
+        self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed, small, matmul)
+        self.o = Projection([attn.o_proj], packed, small, matmul)
         self.norm2 = RMSNorm(layer.post_attention_layernorm, kernel, lanes)
-        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], packed, small)
-        self.down = Projection([mlp.down_proj], packed, small)
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], packed, small, matmul)
+        self.down = Projection([mlp.down_proj], packed, small, matmul)
 
     def __call__(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, step: StepContext) -> torch.Tensor:
         """x [T, hidden] the residual stream, delta [T, hidden] the last layer's output (None at the first), both added
@@ -168,9 +170,10 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class LlamaForward:
     """A llama or qwen2 model's forward: flat token ids [T] -> logits of the kept rows [K, V]."""
 
-    def __init__(self, model: Any, packed: bool, kernel: Any = None, invariant: bool = True):
+    def __init__(self, model: Any, packed: bool, kernel: Any = None, invariant: bool = True, matmul: Any = None):
         """kernel: the compiled llama ops (the loader gives them only to a float32 CPU model), or None: torch ops;
-        invariant False: steps of 1-4 rows take the compiled small_matmul (faster, other bits than a batch's)."""
+        invariant False: steps of 1-4 rows take the compiled small_matmul (faster, other bits than a batch's);
+        matmul: the compiled batch-invariant matmul for the packed weights, or None: oneDNN's."""
         self.kernel = kernel
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach()  # [V, hidden]
@@ -178,9 +181,9 @@ class LlamaForward:
         # the compiled norm only where it gives torch's bits on this machine (else torch ops, RoPE still compiled)
         self.norm_lanes = norm_lanes(kernel, self.embed.shape[1], inner.norm.variance_epsilon) if kernel is not None else 0
         small = kernel if packed and not invariant else None
-        self.layers = [Layer(layer, packed, kernel, self.norm_lanes, small) for layer in inner.layers]
+        self.layers = [Layer(layer, packed, kernel, self.norm_lanes, small, matmul) for layer in inner.layers]
         self.norm = RMSNorm(inner.norm, kernel, self.norm_lanes)
-        self.lm_head = Projection([model.lm_head], packed, small)
+        self.lm_head = Projection([model.lm_head], packed, small, matmul)
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, step: StepContext) -> torch.Tensor:

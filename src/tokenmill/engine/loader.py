@@ -78,7 +78,8 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
     backend = _attention(config, device, dtype)
     llama_ops = _llama_ops(config, device, dtype)
     invariant = not config.no_batch_invariance
-    runner = ModelRunner(model, device, num_blocks, config.block_size, invariant, backend, config.model_impl, llama_ops)
+    matmul = _matmul(config, device, dtype)
+    runner = ModelRunner(model, device, num_blocks, config.block_size, invariant, backend, config.model_impl, llama_ops, matmul)
     scheduling = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
     return Engine(runner, tokenizer, eos, blocks, scheduling), info
 
@@ -95,6 +96,12 @@ def _llama_ops(config: EngineConfig, device: torch.device, dtype: torch.dtype):
     (--attention auto), where they build; else None."""
     cache = _kernel_cache(config, device, dtype)
     return native.load_llama_ops(cache) if cache is not None else None
+
+
+def _matmul(config: EngineConfig, device: torch.device, dtype: torch.dtype):
+    """The compiled batch-invariant matmul (engine/linear.py) on a float32 CPU model (--attention auto), where it builds; else None: oneDNN."""
+    cache = _kernel_cache(config, device, dtype)
+    return native.load_matmul(cache) if cache is not None else None
 
 
 def _kernel_cache(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> Path | None:

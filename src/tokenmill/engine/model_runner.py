@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import torch
 
 from tokenmill.engine import attention, llama_forward
 from tokenmill.engine.attention import AttentionBackend, Chunk, StepContext, TorchAttention, Workspace
+from tokenmill.engine.linear import PackedLinear
 from tokenmill.engine.llama_forward import LlamaForward
 
 if TYPE_CHECKING:  # transformers is imported by whoever loads the model
@@ -71,14 +73,15 @@ class ModelRunner:
         backend: AttentionBackend | None = None,
         model_impl: str = "auto",
         llama_ops=None,
+        matmul=None,
     ):
         attention.register()
         model.set_attn_implementation(attention.NAME)
         packed = device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and torch.backends.mkldnn.is_available()
         fits = model_impl == "auto" and llama_forward.fits(model)
-        self.lean = LlamaForward(model, packed, llama_ops, batch_invariant) if fits else None
+        self.lean = LlamaForward(model, packed, llama_ops, batch_invariant, matmul) if fits else None
         if packed and self.lean is None:
-            pack_linears(model)
+            pack_linears(model, matmul)
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -203,23 +206,23 @@ class Upload:
         return list(host.to(device, non_blocking=True).split([len(part) for part in self._parts]))
 
 
-def pack_linears(model: torch.nn.Module) -> None:
-    """Run every nn.Linear through oneDNN with its weight packed once, ahead of time.
+def pack_linears(model: torch.nn.Module, matmul=None) -> None:
+    """Run every nn.Linear through a `PackedLinear` (the compiled matmul where given, else oneDNN), packed once.
 
-    Measured here (fp32, 2 threads): 2x MKL's speed at 16 rows, 1.5x at 64, and every row's bits
-    are the same whatever the number of rows (MKL's are not below 12). Costs a second copy of
-    the weights. The projections of one input (q/k/v, gate/up) become one matmul (`_fuse`).
+    oneDNN measured here (fp32, 2 threads): 2x MKL's speed at 16 rows, 1.5x at 64; the compiled matmul
+    is faster again (engine/linear.py). Either way every row's bits are the same whatever the number of
+    rows (MKL's are not below 12). Costs a second copy of the weights. The projections of one input
+    (q/k/v, gate/up) become one matmul (`_fuse`).
     """
     for module in model.modules():
         if type(module) is torch.nn.Linear:
-            module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), batch_size=16)
-            module.forward = types.MethodType(_packed_forward, module)  # type: ignore[method-assign]  # one instance's forward, patched on purpose
+            module.forward = functools.partial(_packed_forward, PackedLinear(module.weight, module.bias, matmul))  # type: ignore[method-assign]  # one instance's forward, patched on purpose
     for module in list(model.modules()):
-        _fuse(module, ("q_proj", "k_proj", "v_proj"))
-        _fuse(module, ("gate_proj", "up_proj"))
+        _fuse(module, ("q_proj", "k_proj", "v_proj"), matmul)
+        _fuse(module, ("gate_proj", "up_proj"), matmul)
 
 
-def _fuse(parent: torch.nn.Module, names: tuple[str, ...]) -> None:
+def _fuse(parent: torch.nn.Module, names: tuple[str, ...], matmul=None) -> None:
     """Projections of one input (q/k/v, gate/up) as one packed matmul.
 
     Measured here (SmolLM2 shapes, 2 threads): 27% less time for these matmuls at 1 row, 22% at 16,
@@ -235,12 +238,12 @@ def _fuse(parent: torch.nn.Module, names: tuple[str, ...]) -> None:
         return
     weight = torch.cat([layer.weight.detach() for layer in layers])  # [sum(out), in]
     bias = None if layers[0].bias is None else torch.cat([layer.bias.detach() for layer in layers])
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=16)
+    packed = PackedLinear(weight, bias, matmul)
     sizes = [layer.out_features for layer in layers]
     pending: dict = {}  # the input last seen, and the slices not yet taken
 
     def all_parts(x):
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
+        out = packed(x.reshape(-1, x.shape[-1]))
         return out.view(*x.shape[:-1], out.shape[-1]).split(sizes, dim=-1)
 
     def first(self, x):
@@ -257,8 +260,6 @@ def _fuse(parent: torch.nn.Module, names: tuple[str, ...]) -> None:
             pending.clear()
         return part
 
-    for layer in layers:
-        del layer.packed_weight  # the fused weight replaces them: no third copy of these weights
     layers[0].forward = types.MethodType(first, layers[0])  # type: ignore[method-assign]  # one instance's forward, patched on purpose
     for i, layer in enumerate(layers[1:], 1):
         layer.forward = types.MethodType(lambda self, x, i=i: rest(self, x, i), layer)  # type: ignore[method-assign]  # as above
@@ -276,8 +277,7 @@ def _unpacked_matmuls(model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
-def _packed_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear.forward on the packed weight: x [..., in] -> [..., out]."""
-    bias = self.bias.detach() if self.bias is not None else None
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.packed_weight, bias, "none", [], "")
+def _packed_forward(linear: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward on its packed weight: x [..., in] -> [..., out]."""
+    out = linear(x.reshape(-1, x.shape[-1]))
     return out.view(*x.shape[:-1], out.shape[-1])

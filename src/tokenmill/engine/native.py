@@ -43,6 +43,17 @@ def load_llama_ops(cache: Path) -> ctypes.CDLL | None:
     return _load("llama_ops", cache, functions, ["-ffp-contract=off"])
 
 
+def load_matmul(cache: Path) -> ctypes.CDLL | None:
+    """The batch-invariant matmul's library (`matmul`, `matmul_pack`, `matmul_panel_width` typed), or None: no compiler, or the build failed."""
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    functions: dict[str, tuple[list, type | None]] = {
+        "matmul": ([pointer] * 4 + [size] * 3 + [ctypes.c_int], ctypes.c_int),
+        "matmul_pack": ([pointer] * 2 + [size] * 2, None),
+        "matmul_panel_width": ([], ctypes.c_int),
+    }
+    return _load("matmul", cache, functions)
+
+
 def _load(name: str, cache: Path, functions: dict[str, tuple[list, type | None]], extra: list[str] | None = None) -> ctypes.CDLL | None:
     """Build csrc/<name>.cpp (or find it built) and load it with `functions` typed (name: argtypes, restype); None on any failure."""
     source = resources.files("tokenmill.engine").joinpath(f"csrc/{name}.cpp").read_text()

@@ -1,0 +1,135 @@
+// y [M, N] = x [M, K] w^T (+ bias [N]) with every output's bits independent of M, of the tiling and of the
+// thread count: each y[m][n] is one chain of fused multiply-adds over k = 0 .. K-1 in order, started at 0,
+// then + bias[n]. A fused multiply-add rounds once, so the lane width (8 on AVX2, 16 on AVX-512) and the
+// number of rows a tile holds change only the speed. That is what lets a lone sequence run one row, where
+// oneDNN's packed GEMM, also invariant, is slow (the weight streams at ~11 GB/s), and a batch run the same
+// bits at a GEMM's speed.
+//
+// The weight is packed once (matmul_pack) into panels of NR = 2 vectors of columns, [N/NR][K][NR], zero
+// columns past N, so a tile's weights for one k are two aligned loads and a panel streams in order.
+// Work is split over (panel chunk, row block) tasks; each task walks its row block MR rows at a time and
+// each MR-row tile over its chunk's panels, the chunk kept in L2 and the tile's rows in L1.
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+typedef __m512 vec;
+static const int LANES = 16, MR = 12;  // 24 accumulators of 32 registers
+static inline vec vload(const float *p) { return _mm512_load_ps(p); }
+static inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vsplat(float x) { return _mm512_set1_ps(x); }
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 vec;
+static const int LANES = 8, MR = 6;  // 12 accumulators of 16 registers
+static inline vec vload(const float *p) { return _mm256_load_ps(p); }
+static inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vsplat(float x) { return _mm256_set1_ps(x); }
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+#else
+#define TOKENMILL_NO_MATMUL 1  // no vector FMA: the caller keeps oneDNN
+static const int LANES = 8, MR = 1;
+#endif
+
+static const int NR = 2 * LANES;     // columns a panel holds
+// A task: CHUNK panels (4 x K x NR floats stay in L2: 147 KB at K = 576 on AVX2) by ROW_BLOCK rows. Measured on a
+// 2-core Zen 3 with SmolLM2's shapes: 2-8 panels and 48-120 rows are within noise of each other at 16-192 rows.
+static const int64_t CHUNK = 4, ROW_BLOCK = 96;
+
+// Columns a panel holds (16 or 32), or 0 where this build has no kernel.
+extern "C" int matmul_panel_width() {
+#ifdef TOKENMILL_NO_MATMUL
+    return 0;
+#else
+    return NR;
+#endif
+}
+
+// w [N, K] row-major -> packed [ceil(N / NR)][K][NR] (packed must hold that many floats, 64-byte aligned).
+extern "C" void matmul_pack(const float *w, float *packed, int64_t N, int64_t K) {
+    const int64_t panels = (N + NR - 1) / NR;
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < NR; j++) {
+                const int64_t n = p * NR + j;
+                packed[(p * K + k) * NR + j] = n < N ? w[n * K + k] : 0.0f;
+            }
+}
+
+#ifndef TOKENMILL_NO_MATMUL
+// One tile: R rows of x (stride K) times one panel -> y's R rows, columns [0, cols) of this panel.
+template <int R>
+static inline void tile(const float *x, const float *panel, const float *bias, float *y, int64_t K, int64_t N, int64_t cols) {
+    vec acc[R][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = vzero();
+    for (int64_t k = 0; k < K; k++) {
+        const vec w0 = vload(panel + k * NR), w1 = vload(panel + k * NR + LANES);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; r++) {
+            const vec a = vsplat(x[r * K + k]);
+            acc[r][0] = vfma(a, w0, acc[r][0]);
+            acc[r][1] = vfma(a, w1, acc[r][1]);
+        }
+    }
+    alignas(64) float out[NR];
+    for (int r = 0; r < R; r++) {
+        vstore(out, acc[r][0]);
+        vstore(out + LANES, acc[r][1]);
+        float *row = y + r * N;
+        if (bias != nullptr)
+            for (int64_t j = 0; j < cols; j++) row[j] = out[j] + bias[j];
+        else
+            memcpy(row, out, sizeof(float) * cols);
+    }
+}
+
+// Rows [m0, m1) of x times panels [p0, p1): MR rows at a time, the leftover rows in one smaller tile.
+static void block(const float *x, const float *packed, const float *bias, float *y, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
+                  int64_t N, int64_t K) {
+    for (int64_t m = m0; m < m1; m += MR) {
+        const int64_t rows = m1 - m < MR ? m1 - m : MR;
+        for (int64_t p = p0; p < p1; p++) {
+            const int64_t n = p * NR, cols = N - n < NR ? N - n : NR;
+            const float *xm = x + m * K, *panel = packed + p * K * NR, *b = bias ? bias + n : nullptr;
+            float *ym = y + m * N + n;
+            switch (rows) {
+                case 1: tile<1>(xm, panel, b, ym, K, N, cols); break;
+                case 2: tile<2>(xm, panel, b, ym, K, N, cols); break;
+                case 3: tile<3>(xm, panel, b, ym, K, N, cols); break;
+                case 4: tile<4>(xm, panel, b, ym, K, N, cols); break;
+                case 5: tile<5>(xm, panel, b, ym, K, N, cols); break;
+                case 6: tile<6>(xm, panel, b, ym, K, N, cols); break;
+#if defined(__AVX512F__)
+                case 7: tile<7>(xm, panel, b, ym, K, N, cols); break;
+                case 8: tile<8>(xm, panel, b, ym, K, N, cols); break;
+                case 9: tile<9>(xm, panel, b, ym, K, N, cols); break;
+                case 10: tile<10>(xm, panel, b, ym, K, N, cols); break;
+                case 11: tile<11>(xm, panel, b, ym, K, N, cols); break;
+                case 12: tile<12>(xm, panel, b, ym, K, N, cols); break;
+#endif
+            }
+        }
+    }
+}
+#endif
+
+// x [M, K] contiguous, packed from matmul_pack, bias [N] or null, y [M, N]; returns 0, or -1 where this build has no kernel.
+extern "C" int matmul(const float *x, const float *packed, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+#ifdef TOKENMILL_NO_MATMUL
+    return -1;
+#else
+    const int64_t panels = (N + NR - 1) / NR, chunks = (panels + CHUNK - 1) / CHUNK, blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp parallel for collapse(2) num_threads(threads > 0 ? threads : 1) schedule(static)
+    for (int64_t c = 0; c < chunks; c++)  // chunk outer: a thread's row blocks reuse its chunk from L2
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t m1 = (b + 1) * ROW_BLOCK < M ? (b + 1) * ROW_BLOCK : M, p1 = (c + 1) * CHUNK < panels ? (c + 1) * CHUNK : panels;
+            block(x, packed, bias, y, b * ROW_BLOCK, m1, c * CHUNK, p1, N, K);
+        }
+    return 0;
+#endif
+}

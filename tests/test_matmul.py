@@ -1,0 +1,72 @@
+"""The compiled batch-invariant matmul (engine/linear.py, csrc/matmul.cpp): the linear's numbers, the same bits at any row count."""
+
+import pytest
+import torch
+
+from tests.test_batching import engine_for
+from tokenmill.engine import native
+from tokenmill.engine.linear import PackedLinear
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    lib = native.load_matmul(tmp_path_factory.mktemp("kernels"))
+    if lib is None or lib.matmul_panel_width() == 0:
+        pytest.skip("no C++ compiler, or a CPU without vector FMA")
+    return lib
+
+
+# SmolLM2's q/k/v and down shapes, and odd ones: columns past the last full panel, a K of 1, a prime K
+SHAPES = [(960, 576, False), (576, 1536, True), (37, 21, True), (5, 1, False), (100, 257, True)]
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "bias"), SHAPES)
+def test_every_row_has_the_same_bits_at_any_row_count_and_thread_count(kernel, out_features, in_features, bias):
+    gen = torch.Generator().manual_seed(out_features)
+    lin = torch.nn.Linear(in_features, out_features, bias=bias)
+    packed = PackedLinear(lin.weight, lin.bias, kernel)
+    x = torch.randn(130, in_features, generator=gen)
+    whole = packed(x)
+    for start, rows in [(0, 1), (7, 1), (0, 2), (3, 5), (0, 6), (11, 7), (1, 13), (0, 16), (20, 95), (2, 97), (0, 130)]:
+        assert torch.equal(packed(x[start : start + rows]), whole[start : start + rows]), (start, rows)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(packed(x), whole)
+    finally:
+        torch.set_num_threads(threads)
+    assert packed(x[:0]).shape == (0, out_features)
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "bias"), SHAPES)
+def test_it_computes_the_linear(kernel, out_features, in_features, bias):
+    """Within float32 rounding of a float64 product; a sum in order, fused, so no worse than torch's own."""
+    gen = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(in_features, out_features, bias=bias)
+    x = torch.randn(40, in_features, generator=gen)
+    want = torch.nn.functional.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+    got = PackedLinear(lin.weight, lin.bias, kernel)(x)
+    assert (got.double() - want).abs().max() <= (lin(x).double() - want).abs().max() * 4 + 1e-6
+
+
+def test_a_non_contiguous_input_is_read_right(kernel):
+    lin = torch.nn.Linear(48, 40)
+    x = torch.randn(48, 9).t()  # [9, 48], strided
+    assert torch.equal(PackedLinear(lin.weight, lin.bias, kernel)(x), PackedLinear(lin.weight, lin.bias, kernel)(x.contiguous()))
+
+
+def test_without_the_kernel_onednn_packs_the_weight():
+    lin = torch.nn.Linear(64, 30)
+    x = torch.randn(20, 64)
+    packed = PackedLinear(lin.weight, lin.bias)
+    assert packed.kernel is None and torch.allclose(packed(x), lin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_the_engine_runs_its_linears_through_the_kernel(llama_dir, kernel):
+    """Both paths: the own llama forward's projections, and transformers' modules (pack_linears)."""
+    lean = engine_for(llama_dir).runner.lean
+    assert lean is not None and lean.lm_head.packed is not None and lean.lm_head.packed.kernel is not None
+    assert all(layer.gate_up.packed is not None and layer.gate_up.packed.kernel is not None for layer in lean.layers)
+    stock = engine_for(llama_dir, model_impl="transformers").runner.model
+    forward = stock.model.layers[0].self_attn.o_proj.forward
+    assert isinstance(forward.args[0], PackedLinear) and forward.args[0].kernel is not None
