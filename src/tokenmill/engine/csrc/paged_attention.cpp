@@ -170,17 +170,35 @@ static inline void prefetch(const float *p, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
 }
 
+// The keys and values of the task a thread takes next (one kv head of one sequence), fetched into L2 block by
+// block while this task sums its values: the score pass streams keys and values from memory and the value
+// pass reads them from cache, so without this the memory sits idle for the value pass.
+struct Ahead {
+    const float *keys = nullptr, *values = nullptr;  // the next task's kv head in the pool; null: no next task
+    const int64_t *table = nullptr;
+    int64_t blocks = 0, block = 0;  // its blocks, floats a block
+
+    void fetch(int64_t i) const {  // block i of the next task, keys and values
+        if (i >= blocks) return;
+        for (int64_t j = 0; j < block; j += 16) {
+            __builtin_prefetch(keys + table[i] * block + j, 0, 2);
+            __builtin_prefetch(values + table[i] * block + j, 0, 2);
+        }
+    }
+};
+
 // out [G, D] = the G score rows [G, stride] (softmaxed) times values 0..len-1 of one kv head, key by key
 // in order, the sums in registers; block by block, so no division per key.
 // Chunks [c0, c0 + CP) of out's rows: one pass over the keys with GN x CP sums in registers.
 template <int GN, int CN, int CP>
 static void sum_values_pass(const float *scores, int64_t stride, const float *values, const int64_t *table, int64_t len, int64_t BS, float *out,
-                            int c0) {
+                            int c0, const Ahead &ahead) {
     const int64_t D = CN * 16, block = BS * D;
     v16 acc[GN][CP];
     for (int g = 0; g < GN; g++)
         for (int c = 0; c < CP; c++) acc[g][c] = splat(0.0f);
     for (int64_t l0 = 0; l0 < len; l0 += BS) {
+        if (c0 == 0) ahead.fetch(l0 / BS);
         const float *block_values = values + table[l0 / BS] * block;
         for (int64_t l = l0; l < l0 + BS && l < len; l++) {
             const v16 *val = (const v16 *)(block_values + (l - l0) * D) + c0;
@@ -198,9 +216,10 @@ static void sum_values_pass(const float *scores, int64_t stride, const float *va
 // The output sums of all GN x CN chunks at once with AVX-512; with AVX2 in passes of at most 6 vectors
 // (12 of its 16 registers). Each output lane adds its keys in order in every pass, so the bits are the same.
 template <int GN, int CN>
-static void sum_values(const float *scores, int64_t stride, const float *values, const int64_t *table, int64_t len, int64_t BS, float *out) {
+static void sum_values(const float *scores, int64_t stride, const float *values, const int64_t *table, int64_t len, int64_t BS, float *out,
+                       const Ahead &ahead = Ahead()) {
     constexpr int fit = GN == 1 ? 4 : GN <= 3 ? 2 : 1, CP = WIDE || CN < fit ? CN : fit;  // CP divides CN (both powers of 2)
-    for (int c0 = 0; c0 < CN; c0 += CP) sum_values_pass<GN, CN, CP>(scores, stride, values, table, len, BS, out, c0);
+    for (int c0 = 0; c0 < CN; c0 += CP) sum_values_pass<GN, CN, CP>(scores, stride, values, table, len, BS, out, c0, ahead);
 }
 
 struct Shape {
@@ -213,7 +232,7 @@ struct Shape {
 // queries and the output sums in registers; every shape runs the same operations in the same order.
 template <int GN, int CN>
 static void attend(const float *q, const float *k, const float *v, const int64_t *table, int64_t len, float *out, const Shape &s, int64_t kvh,
-                   float scale, float *scores, int64_t stride) {
+                   float scale, float *scores, int64_t stride, const Ahead &ahead) {
     const int64_t G = GN ? GN : s.H / s.KVH, C = CN ? CN : s.D / 16, D = C * 16, BS = s.BS, block = BS * D;
     const float *keys = k + kvh * s.NB * block, *values = v + kvh * s.NB * block;
     const int64_t blocks = (len + BS - 1) / BS;  // prefetches stop at the sequence's last block: the table's rest is not read
@@ -232,12 +251,13 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
     }
     for (int64_t g = 0; g < G; g++) softmax(scores + g * stride, len);
     if (GN && CN) {  // the output sums in registers
-        sum_values<GN ? GN : 1, CN ? CN : 1>(scores, stride, values, table, len, BS, out);
+        sum_values<GN ? GN : 1, CN ? CN : 1>(scores, stride, values, table, len, BS, out, ahead);
         return;
     }
     v16 *o = (v16 *)out;
     memset(out, 0, sizeof(float) * G * D);
     for (int64_t l = 0; l < len; l++) {
+        if (l % BS == 0) ahead.fetch(l / BS);
         const v16 *val = (const v16 *)(values + table[l / BS] * block + (l % BS) * D);
         for (int64_t g = 0; g < G; g++) {
             const float p = scores[g * stride + l];
@@ -246,7 +266,8 @@ static void attend(const float *q, const float *k, const float *v, const int64_t
     }
 }
 
-typedef void (*Attend)(const float *, const float *, const float *, const int64_t *, int64_t, float *, const Shape &, int64_t, float, float *, int64_t);
+typedef void (*Attend)(const float *, const float *, const float *, const int64_t *, int64_t, float *, const Shape &, int64_t, float, float *, int64_t,
+                       const Ahead &);
 
 // kernel<G, CN> for G query heads a kv head (1 to 8), else `otherwise`: one instance of a kernel per group size.
 #define BY_GROUP(kernel, G, CN, otherwise) \
@@ -284,9 +305,15 @@ extern "C" int paged_decode(const float *q, int64_t qh, int64_t qt, const float 
     {
         const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
         float *scores = (float *)aligned_alloc(64, sizeof(float) * G * stride);
-        for (int64_t t = tasks * i / n; t < tasks * (i + 1) / n; t++) {
+        const int64_t end = tasks * (i + 1) / n, block = BS * D;
+        for (int64_t t = tasks * i / n; t < end; t++) {
             const int64_t b = t / KVH, kvh = t % KVH;
-            run(q + b * qt + kvh * G * qh, k, v, tables + b * NBT, lens[b], out + (b * H + kvh * G) * D, s, kvh, scale, scores, stride);
+            Ahead ahead;
+            if (t + 1 < end) {
+                const int64_t nb = (t + 1) / KVH, nkvh = (t + 1) % KVH;
+                ahead = {k + nkvh * NB * block, v + nkvh * NB * block, tables + nb * NBT, (lens[nb] + BS - 1) / BS, block};
+            }
+            run(q + b * qt + kvh * G * qh, k, v, tables + b * NBT, lens[b], out + (b * H + kvh * G) * D, s, kvh, scale, scores, stride, ahead);
         }
         free(scores);
     }
