@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -75,33 +76,23 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
         max_request_sequences=config.max_num_seqs,
     )
     blocks = BlockManager(num_blocks, config.block_size, prefix_caching=not config.no_prefix_caching)
-    backend = _attention(config, device, dtype)
-    llama_ops = _llama_ops(config, device, dtype)
+    backend, llama_ops, matmul = _kernels(config, device, dtype)
     invariant = not config.no_batch_invariance
-    matmul = _matmul(config, device, dtype)
     runner = ModelRunner(model, device, num_blocks, config.block_size, invariant, backend, config.model_impl, llama_ops, matmul)
     scheduling = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
     return Engine(runner, tokenizer, eos, blocks, scheduling), info
 
 
-def _attention(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> AttentionBackend | None:
-    """The compiled attention kernels on a float32 CPU model (--attention auto), where they build; else None: torch ops."""
+def _kernels(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> tuple[AttentionBackend | None, Any, Any]:
+    """The compiled CPU kernels on a float32 CPU model (--attention auto), each where it builds, else None: the attention
+    backend (else torch ops), the llama layer's ops (RoPE with the K/V write, residual add with RMSNorm; else torch ops)
+    and the batch-invariant matmul (engine/linear.py; else oneDNN)."""
     cache = _kernel_cache(config, device, dtype)
-    library = native.load_paged_attention(cache) if cache is not None else None
-    return NativeAttention(library) if library is not None else None
-
-
-def _llama_ops(config: EngineConfig, device: torch.device, dtype: torch.dtype):
-    """The llama layer's compiled ops (RoPE with the K/V write, residual add with RMSNorm) on a float32 CPU model
-    (--attention auto), where they build; else None."""
-    cache = _kernel_cache(config, device, dtype)
-    return native.load_llama_ops(cache) if cache is not None else None
-
-
-def _matmul(config: EngineConfig, device: torch.device, dtype: torch.dtype):
-    """The compiled batch-invariant matmul (engine/linear.py) on a float32 CPU model (--attention auto), where it builds; else None: oneDNN."""
-    cache = _kernel_cache(config, device, dtype)
-    return native.load_matmul(cache) if cache is not None else None
+    if cache is None:
+        return None, None, None
+    attention = native.load_paged_attention(cache)
+    backend = NativeAttention(attention) if attention is not None else None
+    return backend, native.load_llama_ops(cache), native.load_matmul(cache)
 
 
 def _kernel_cache(config: EngineConfig, device: torch.device, dtype: torch.dtype) -> Path | None:
