@@ -7,8 +7,9 @@
 //
 // The weight is packed once (matmul_pack) into panels of NR = 2 vectors of columns, [N/NR][K][NR], zero
 // columns past N, so a tile's weights for one k are two aligned loads and a panel streams in order.
-// Work is split over (panel chunk, row block) tasks; each task walks its row block MR rows at a time and
-// each MR-row tile over its chunk's panels, the chunk kept in L2 and the tile's rows in L1.
+// Each thread takes an equal share of the panels and all rows, in (panel chunk, row block) pieces; each piece
+// walks its row block MR rows at a time and each MR-row tile over its chunk's panels, the chunk kept in L2 and
+// the tile's rows in L1.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -123,13 +124,18 @@ extern "C" int matmul(const float *x, const float *packed, const float *bias, fl
 #ifdef TOKENMILL_NO_MATMUL
     return -1;
 #else
-    const int64_t panels = (N + NR - 1) / NR, chunks = (panels + CHUNK - 1) / CHUNK, blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
-#pragma omp parallel for collapse(2) num_threads(threads > 0 ? threads : 1) schedule(static)
-    for (int64_t c = 0; c < chunks; c++)  // chunk outer: a thread's row blocks reuse its chunk from L2
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t m1 = (b + 1) * ROW_BLOCK < M ? (b + 1) * ROW_BLOCK : M, p1 = (c + 1) * CHUNK < panels ? (c + 1) * CHUNK : panels;
-            block(x, packed, bias, y, b * ROW_BLOCK, m1, c * CHUNK, p1, N, K);
-        }
+    const int64_t panels = (N + NR - 1) / NR;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        // each thread an equal share of the panels, every row: with (chunk, row block) tasks a step of one row
+        // block and an odd number of chunks (SmolLM2's q/k/v, o and down at up to 96 rows) left a thread idle
+        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads(), first = panels * t / n, last = panels * (t + 1) / n;
+        for (int64_t c = first; c < last; c += CHUNK)  // chunk outer: the thread's row blocks reuse its chunk from L2
+            for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
+                const int64_t m1 = m0 + ROW_BLOCK < M ? m0 + ROW_BLOCK : M, p1 = c + CHUNK < last ? c + CHUNK : last;
+                block(x, packed, bias, y, m0, m1, c, p1, N, K);
+            }
+    }
     return 0;
 #endif
 }
