@@ -292,6 +292,18 @@ static Attend pick(int64_t G, int64_t C) {  // head sizes 64 and 128 with up to 
     return C == 4 ? pick_group<4>(G) : C == 8 ? pick_group<8>(G) : attend<0, 0>;
 }
 
+// The first (sequence, kv head) task of thread i of n: each thread takes about as many keys, not as many tasks.
+// Sequences arrive in order, so with equal task counts the older, longer ones fell to the first thread.
+static int64_t split(const int64_t *lens, int64_t KVH, int64_t B, int64_t i, int64_t n) {
+    if (i >= n) return B * KVH;
+    int64_t total = 0;
+    for (int64_t b = 0; b < B; b++) total += lens[b];
+    const int64_t want = total * KVH * i / n;  // keys before thread i's first task
+    int64_t seen = 0, t = 0;
+    for (; t < B * KVH && seen + lens[t / KVH] / 2 < want; t++) seen += lens[t / KVH];  // a task goes where most of it falls
+    return t;
+}
+
 // q: element (head h, sequence b, d) at q[h * qh + b * qt + d]; k, v [KVH, NB, BS, D] (one layer of the pool); tables [B, NBT];
 // lens [B] keys each query sees; out [B, H, D]. Returns 0, or -1 when D is not a multiple of 16 (the caller falls back to torch ops).
 extern "C" int paged_decode(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *tables, const int64_t *lens,
@@ -305,8 +317,8 @@ extern "C" int paged_decode(const float *q, int64_t qh, int64_t qt, const float 
     {
         const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
         float *scores = (float *)aligned_alloc(64, sizeof(float) * G * stride);
-        const int64_t end = tasks * (i + 1) / n, block = BS * D;
-        for (int64_t t = tasks * i / n; t < end; t++) {
+        const int64_t end = split(lens, KVH, B, i + 1, n), block = BS * D;
+        for (int64_t t = split(lens, KVH, B, i, n); t < end; t++) {
             const int64_t b = t / KVH, kvh = t % KVH;
             Ahead ahead;
             if (t + 1 < end) {
