@@ -89,12 +89,40 @@ static inline void tile(const float *x, const float *panel, const float *bias, f
     }
 }
 
+
+// One row times PW panels at once: 2 PW independent FMA chains, PW weight streams (one row alone is bound
+// by the chains' latency and the streams, not by arithmetic). Each output's chain is the same as tile<1>'s.
+template <int PW>
+static inline void row_tile(const float *x, const float *panel, const float *bias, float *y, int64_t K, int64_t N, int64_t n0) {
+    vec acc[PW][2];
+    for (int q = 0; q < PW; q++) acc[q][0] = acc[q][1] = vzero();
+    for (int64_t k = 0; k < K; k++) {
+        const vec a = vsplat(x[k]);
+#pragma GCC unroll 8
+        for (int q = 0; q < PW; q++) {
+            const float *w = panel + q * K * NR + k * NR;
+            acc[q][0] = vfma(a, vload(w), acc[q][0]);
+            acc[q][1] = vfma(a, vload(w + LANES), acc[q][1]);
+        }
+    }
+    alignas(64) float out[NR];
+    for (int q = 0; q < PW; q++) {
+        vstore(out, acc[q][0]);
+        vstore(out + LANES, acc[q][1]);
+        const int64_t n = n0 + q * NR, cols = N - n < NR ? N - n : NR;
+        for (int64_t j = 0; j < cols; j++) y[n + j] = bias != nullptr ? out[j] + bias[n + j] : out[j];
+    }
+}
+
 // Rows [m0, m1) of x times panels [p0, p1): MR rows at a time, the leftover rows in one smaller tile.
 static void block(const float *x, const float *packed, const float *bias, float *y, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
                   int64_t N, int64_t K) {
     for (int64_t m = m0; m < m1; m += MR) {
         const int64_t rows = m1 - m < MR ? m1 - m : MR;
-        for (int64_t p = p0; p < p1; p++) {
+        int64_t p = p0;
+        if (rows == 1)
+            for (; p + 4 <= p1; p += 4) row_tile<4>(x + m * K, packed + p * K * NR, bias, y + m * N, K, N, p * NR);
+        for (; p < p1; p++) {
             const int64_t n = p * NR, cols = N - n < NR ? N - n : NR;
             const float *xm = x + m * K, *panel = packed + p * K * NR, *b = bias ? bias + n : nullptr;
             float *ym = y + m * N + n;
