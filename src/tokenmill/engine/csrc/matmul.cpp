@@ -40,6 +40,7 @@ static const int NR = 2 * LANES;     // columns a panel holds
 // A task: CHUNK panels (4 x K x NR floats stay in L2: 147 KB at K = 576 on AVX2) by ROW_BLOCK rows. Measured on a
 // 2-core Zen 3 with SmolLM2's shapes: 2-8 panels and 48-120 rows are within noise of each other at 16-192 rows.
 static const int64_t CHUNK = 4, ROW_BLOCK = 96;
+static const int ROW_PANELS = 4;  // panels a lone row walks at once (row_tile)
 
 // Columns a panel holds (16 or 32), or 0 where this build has no kernel.
 extern "C" int matmul_panel_width() {
@@ -62,6 +63,17 @@ extern "C" void matmul_pack(const float *w, float *packed, int64_t N, int64_t K)
 }
 
 #ifndef TOKENMILL_NO_MATMUL
+// One panel's sums for one row, lo and hi its two vectors -> row[0, cols), + bias[0, cols) where given.
+static inline void put(vec lo, vec hi, const float *bias, float *row, int64_t cols) {
+    alignas(64) float out[NR];
+    vstore(out, lo);
+    vstore(out + LANES, hi);
+    if (bias != nullptr)
+        for (int64_t j = 0; j < cols; j++) row[j] = out[j] + bias[j];
+    else
+        memcpy(row, out, sizeof(float) * cols);
+}
+
 // One tile: R rows of x (stride K) times one panel -> y's R rows, columns [0, cols) of this panel.
 template <int R>
 static inline void tile(const float *x, const float *panel, const float *bias, float *y, int64_t K, int64_t N, int64_t cols) {
@@ -77,18 +89,8 @@ static inline void tile(const float *x, const float *panel, const float *bias, f
             acc[r][1] = vfma(a, w1, acc[r][1]);
         }
     }
-    alignas(64) float out[NR];
-    for (int r = 0; r < R; r++) {
-        vstore(out, acc[r][0]);
-        vstore(out + LANES, acc[r][1]);
-        float *row = y + r * N;
-        if (bias != nullptr)
-            for (int64_t j = 0; j < cols; j++) row[j] = out[j] + bias[j];
-        else
-            memcpy(row, out, sizeof(float) * cols);
-    }
+    for (int r = 0; r < R; r++) put(acc[r][0], acc[r][1], bias, y + r * N, cols);
 }
-
 
 // One row times PW panels at once: 2 PW independent FMA chains, PW weight streams (one row alone is bound
 // by the chains' latency and the streams, not by arithmetic). Each output's chain is the same as tile<1>'s.
@@ -105,12 +107,9 @@ static inline void row_tile(const float *x, const float *panel, const float *bia
             acc[q][1] = vfma(a, vload(w + LANES), acc[q][1]);
         }
     }
-    alignas(64) float out[NR];
     for (int q = 0; q < PW; q++) {
-        vstore(out, acc[q][0]);
-        vstore(out + LANES, acc[q][1]);
-        const int64_t n = n0 + q * NR, cols = N - n < NR ? N - n : NR;
-        for (int64_t j = 0; j < cols; j++) y[n + j] = bias != nullptr ? out[j] + bias[n + j] : out[j];
+        const int64_t n = n0 + q * NR;
+        put(acc[q][0], acc[q][1], bias ? bias + n : nullptr, y + n, N - n < NR ? N - n : NR);
     }
 }
 
@@ -121,7 +120,7 @@ static void block(const float *x, const float *packed, const float *bias, float 
         const int64_t rows = m1 - m < MR ? m1 - m : MR;
         int64_t p = p0;
         if (rows == 1)
-            for (; p + 4 <= p1; p += 4) row_tile<4>(x + m * K, packed + p * K * NR, bias, y + m * N, K, N, p * NR);
+            for (; p + ROW_PANELS <= p1; p += ROW_PANELS) row_tile<ROW_PANELS>(x + m * K, packed + p * K * NR, bias, y + m * N, K, N, p * NR);
         for (; p < p1; p++) {
             const int64_t n = p * NR, cols = N - n < NR ? N - n : NR;
             const float *xm = x + m * K, *panel = packed + p * K * NR, *b = bias ? bias + n : nullptr;
