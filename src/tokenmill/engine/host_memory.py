@@ -49,9 +49,11 @@ HUGE_PAGE = 2 << 20  # x86-64's transparent huge page
 def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A zeroed CPU tensor on memory advised for transparent huge pages, touched now so its resident size never grows.
 
-    The KV pool and the packed weights are read in 4 KiB-page-sized runs scattered over hundreds of MB, a
-    TLB miss a page; on 2 MiB pages the decode kernel's read of SmolLM2's 64-stream cache went 67.7 -> 59.9
-    ms (7 rounds, median, 2-core Zen 3). Where the kernel has no THP (or it is off) this is a plain mapping.
+    For the KV pool: the decode kernel reads 4 KiB blocks scattered over hundreds of MB, a TLB miss each on
+    4 KiB pages; on 2 MiB pages SmolLM2's 64-stream decode over 30 layers went 67.7 -> 59.9 ms (7 rounds,
+    median, 2-core Zen 3). Not for the packed weights: each is its own mapping, whose last huge page is
+    mostly empty (+228 MB resident for SmolLM2), and a one-row step was no faster (26.5 ms a step either
+    way). Where the kernel has no THP, or it is off, this is a plain mapping.
     """
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):

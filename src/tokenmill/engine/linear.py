@@ -12,8 +12,6 @@ from typing import Any
 
 import torch
 
-from tokenmill.engine import host_memory
-
 
 class PackedLinear:
     """weight [out, in] (+ bias [out]) packed for `kernel` (the compiled matmul library), or for oneDNN where it is None."""
@@ -42,7 +40,7 @@ def _pack(kernel: Any, weight: torch.Tensor, width: int) -> torch.Tensor:
     """weight [N, K] -> panels [ceil(N / width), K, width] (zero columns past N), 64-byte aligned for the kernel's loads."""
     n, k = weight.shape
     size = -(-n // width) * k * width
-    buffer = host_memory.huge_page_zeros((size + 16,), torch.float32)  # 16 floats of slack: the view below starts on a 64-byte boundary
+    buffer = torch.empty(size + 16)  # 16 floats of slack: the view below starts on a 64-byte boundary
     offset = (-buffer.data_ptr() // 4) % 16
     packed = buffer[offset : offset + size]
     kernel.matmul_pack(weight.data_ptr(), packed.data_ptr(), n, k)
