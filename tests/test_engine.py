@@ -1,6 +1,5 @@
 """The engine without HTTP: greedy equals transformers, seeds, n/best_of, echo scoring, stop, abort."""
 
-import gc
 import platform
 import re
 
@@ -232,16 +231,3 @@ def test_a_steps_logit_rows_reach_the_sampler_as_a_view_or_a_copy():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_the_allocator_keeps_large_freed_blocks_on_glibc():
     assert host_memory.keep_freed_memory()
-
-
-def test_huge_page_tensors_are_zeroed_writable_and_outlive_their_mapping():
-    big = host_memory.huge_page_zeros((3, 1 << 20), torch.float32)  # 12 MiB: on its own advised mapping
-    gc.collect()  # only the tensor holds the mapping now
-    assert big.shape == (3, 1 << 20) and big.dtype == torch.float32 and big.is_contiguous()
-    assert big.data_ptr() % host_memory.HUGE_PAGE == 0 and int(big.count_nonzero()) == 0
-    big[1] = 2.0
-    assert float(big.sum()) == 2.0 * (1 << 20)
-    half = host_memory.huge_page_zeros((5, 1 << 19), torch.bfloat16)
-    assert half.dtype == torch.bfloat16 and int(half.count_nonzero()) == 0
-    small = host_memory.huge_page_zeros((4, 4), torch.float32)  # under a huge page: torch's own allocation
-    assert small.shape == (4, 4) and int(small.count_nonzero()) == 0

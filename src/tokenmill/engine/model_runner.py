@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tokenmill.engine import attention, host_memory, llama_forward
+from tokenmill.engine import attention, llama_forward
 from tokenmill.engine.attention import AttentionBackend, Chunk, StepContext, TorchAttention, Workspace
 from tokenmill.engine.linear import PackedLinear
 from tokenmill.engine.llama_forward import LlamaForward
@@ -91,8 +91,7 @@ class ModelRunner:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]  # the width of the logits
         self.scratch = num_blocks  # one extra block: padding rows write here, padded tables point here
         s = self.shape  # zeros, not empty: a masked key weighs 0, and 0 x NaN would be NaN
-        pool = (s.layers, 2, s.kv_heads, num_blocks + 1, block_size, s.head_dim)
-        self.kv = host_memory.huge_page_zeros(pool, s.dtype) if device.type == "cpu" else torch.zeros(pool, dtype=s.dtype, device=device)
+        self.kv = torch.zeros(s.layers, 2, s.kv_heads, num_blocks + 1, block_size, s.head_dim, dtype=s.dtype, device=device)
         self.backend = backend or TorchAttention()
         self.workspace = Workspace(s.dtype, device)
         # keys are gathered in whole value chunks, so tables are padded to this many blocks
