@@ -9,7 +9,7 @@
 // columns past N, so a tile's weights for one k are two aligned loads and a panel streams in order.
 // Each thread takes an equal share of the panels and all rows, in (panel chunk, row block) pieces; each piece
 // walks its row block MR rows at a time and each MR-row tile over its chunk's panels, the chunk kept in L2 and
-// the tile's rows in L1.
+// the tile's rows in L1, while fetching the thread's next chunk (Ahead).
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -63,6 +63,17 @@ extern "C" void matmul_pack(const float *w, float *packed, int64_t N, int64_t K)
 }
 
 #ifndef TOKENMILL_NO_MATMUL
+// The thread's next chunk of panels, fetched a few lines every 8 k of the tiles that run before it: otherwise a
+// chunk's first tile waits on memory for the whole chunk, which the other tiles then read from L2. That wait
+// is most of the difference where one row block takes few tiles (16-96 rows, decode steps). Same bits.
+struct Ahead {
+    const float *next, *end;
+    int64_t lines;  // a fetch's lines: enough that the tiles of one row block cover the chunk
+    inline void fetch() {
+        for (int64_t i = 0; i < lines && next < end; i++, next += 16) __builtin_prefetch(next, 0, 3);
+    }
+};
+
 // One panel's sums for one row, lo and hi its two vectors -> row[0, cols), + bias[0, cols) where given.
 static inline void put(vec lo, vec hi, const float *bias, float *row, int64_t cols) {
     alignas(64) float out[NR];
@@ -76,11 +87,12 @@ static inline void put(vec lo, vec hi, const float *bias, float *row, int64_t co
 
 // One tile: R rows of x (stride K) times one panel -> y's R rows, columns [0, cols) of this panel.
 template <int R>
-static inline void tile(const float *x, const float *panel, const float *bias, float *y, int64_t K, int64_t N, int64_t cols) {
+static inline void tile(const float *x, const float *panel, const float *bias, float *y, int64_t K, int64_t N, int64_t cols, Ahead &ahead) {
     vec acc[R][2];
 #pragma GCC unroll 16
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = vzero();
     for (int64_t k = 0; k < K; k++) {
+        if ((k & 7) == 0) ahead.fetch();
         const vec w0 = vload(panel + k * NR), w1 = vload(panel + k * NR + LANES);
 #pragma GCC unroll 16
         for (int r = 0; r < R; r++) {
@@ -115,7 +127,7 @@ static inline void row_tile(const float *x, const float *panel, const float *bia
 
 // Rows [m0, m1) of x times panels [p0, p1): MR rows at a time, the leftover rows in one smaller tile.
 static void block(const float *x, const float *packed, const float *bias, float *y, int64_t m0, int64_t m1, int64_t p0, int64_t p1,
-                  int64_t N, int64_t K) {
+                  int64_t N, int64_t K, Ahead &ahead) {
     for (int64_t m = m0; m < m1; m += MR) {
         const int64_t rows = m1 - m < MR ? m1 - m : MR;
         int64_t p = p0;
@@ -126,19 +138,19 @@ static void block(const float *x, const float *packed, const float *bias, float 
             const float *xm = x + m * K, *panel = packed + p * K * NR, *b = bias ? bias + n : nullptr;
             float *ym = y + m * N + n;
             switch (rows) {
-                case 1: tile<1>(xm, panel, b, ym, K, N, cols); break;
-                case 2: tile<2>(xm, panel, b, ym, K, N, cols); break;
-                case 3: tile<3>(xm, panel, b, ym, K, N, cols); break;
-                case 4: tile<4>(xm, panel, b, ym, K, N, cols); break;
-                case 5: tile<5>(xm, panel, b, ym, K, N, cols); break;
-                case 6: tile<6>(xm, panel, b, ym, K, N, cols); break;
+                case 1: tile<1>(xm, panel, b, ym, K, N, cols, ahead); break;
+                case 2: tile<2>(xm, panel, b, ym, K, N, cols, ahead); break;
+                case 3: tile<3>(xm, panel, b, ym, K, N, cols, ahead); break;
+                case 4: tile<4>(xm, panel, b, ym, K, N, cols, ahead); break;
+                case 5: tile<5>(xm, panel, b, ym, K, N, cols, ahead); break;
+                case 6: tile<6>(xm, panel, b, ym, K, N, cols, ahead); break;
 #if defined(__AVX512F__)
-                case 7: tile<7>(xm, panel, b, ym, K, N, cols); break;
-                case 8: tile<8>(xm, panel, b, ym, K, N, cols); break;
-                case 9: tile<9>(xm, panel, b, ym, K, N, cols); break;
-                case 10: tile<10>(xm, panel, b, ym, K, N, cols); break;
-                case 11: tile<11>(xm, panel, b, ym, K, N, cols); break;
-                case 12: tile<12>(xm, panel, b, ym, K, N, cols); break;
+                case 7: tile<7>(xm, panel, b, ym, K, N, cols, ahead); break;
+                case 8: tile<8>(xm, panel, b, ym, K, N, cols, ahead); break;
+                case 9: tile<9>(xm, panel, b, ym, K, N, cols, ahead); break;
+                case 10: tile<10>(xm, panel, b, ym, K, N, cols, ahead); break;
+                case 11: tile<11>(xm, panel, b, ym, K, N, cols, ahead); break;
+                case 12: tile<12>(xm, panel, b, ym, K, N, cols, ahead); break;
 #endif
             }
         }
@@ -157,11 +169,15 @@ extern "C" int matmul(const float *x, const float *packed, const float *bias, fl
         // each thread an equal share of the panels, every row: with (chunk, row block) tasks a step of one row
         // block and an odd number of chunks (SmolLM2's q/k/v, o and down at up to 96 rows) left a thread idle
         const int64_t t = omp_get_thread_num(), n = omp_get_num_threads(), first = panels * t / n, last = panels * (t + 1) / n;
-        for (int64_t c = first; c < last; c += CHUNK)  // chunk outer: the thread's row blocks reuse its chunk from L2
-            for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) {
-                const int64_t m1 = m0 + ROW_BLOCK < M ? m0 + ROW_BLOCK : M, p1 = c + CHUNK < last ? c + CHUNK : last;
-                block(x, packed, bias, y, m0, m1, c, p1, N, K);
-            }
+        // fetch calls in one row block's tiles. None for one row (row_tile streams its 4 panels; fetching beside
+        // them made SmolLM2's 1-row step 27% slower) or from two row blocks on (the first tile's wait is shared,
+        // and x's 96 rows, this chunk and the next would overfill L2)
+        const int64_t fetches = M > 1 && M <= ROW_BLOCK ? (M + MR - 1) / MR * CHUNK * ((K + 7) / 8) : 0;
+        for (int64_t c = first; c < last; c += CHUNK) {  // chunk outer: the thread's row blocks reuse its chunk from L2
+            const int64_t p1 = c + CHUNK < last ? c + CHUNK : last, p2 = p1 + CHUNK < last ? p1 + CHUNK : last;
+            Ahead ahead{packed + p1 * K * NR, packed + p2 * K * NR, fetches ? ((p2 - p1) * K * NR / 16 + fetches - 1) / fetches : 0};
+            for (int64_t m0 = 0; m0 < M; m0 += ROW_BLOCK) block(x, packed, bias, y, m0, m0 + ROW_BLOCK < M ? m0 + ROW_BLOCK : M, c, p1, N, K, ahead);
+        }
     }
     return 0;
 #endif
