@@ -142,6 +142,35 @@ def test_the_breakdown_times_every_part_of_a_step(kind, llama_dir, gpt2_dir, cap
     assert len(linears) == 2 and all(ms > 0 for ms in linears)
 
 
+@pytest.mark.parametrize("library", ["matmul", "paged_attention", "llama_ops"])
+def test_the_kernel_ab_replays_both_kinds_of_step_with_each_build(library, llama_dir, tmp_path, capsys):
+    from importlib import resources
+
+    from tokenmill.benchmarks import kernel_ab
+
+    source = resources.files("tokenmill.engine").joinpath(f"csrc/{library}.cpp")
+    args = ["--model", str(llama_dir), "--library", library, "--a", str(source), "--b", str(source), "--kernel-cache", str(tmp_path)]
+    assert kernel_ab.main([*args, "--concurrency", "2", "--rounds", "2", "--input-len", "8", "--output-len", "4"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| c2")]
+    assert sorted(row[1] for row in rows) == ["decode only", "prompt rows"]
+    assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
+
+
+def test_the_kernel_ab_refuses_a_build_with_other_bits(llama_dir, tmp_path):
+    from importlib import resources
+
+    from tokenmill.benchmarks import kernel_ab
+
+    shipped = resources.files("tokenmill.engine").joinpath("csrc/matmul.cpp")
+    exact = "memcpy(row, out, sizeof(float) * cols);"
+    assert exact in shipped.read_text()  # where the variant below changes the last bit of the outputs
+    other = tmp_path / "other.cpp"
+    other.write_text(shipped.read_text().replace(exact, "for (int64_t j = 0; j < cols; j++) row[j] = out[j] * 1.0000001f;"))
+    args = ["--model", str(llama_dir), "--library", "matmul", "--a", str(shipped), "--b", str(other), "--kernel-cache", str(tmp_path)]
+    with pytest.raises(AssertionError, match="other logits"):
+        kernel_ab.main([*args, "--concurrency", "2", "--rounds", "2", "--input-len", "8", "--output-len", "4"])
+
+
 def test_bench_ceiling_times_every_matmul(llama_dir, tmp_path, capsys):
     out = tmp_path / "ceiling.json"
     code = cli.main(["bench", "ceiling", "--model", str(llama_dir), "--rows", "1", "16", "--repeat", "2", "--copy-mib", "16", "--result-json", str(out)])

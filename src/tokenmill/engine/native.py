@@ -24,40 +24,50 @@ log = logging.getLogger(__name__)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
 
 
+_P, _N, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int  # pointer, size, threads
+
+# each library's functions: name -> (argtypes, restype)
+SIGNATURES: dict[str, dict[str, tuple[list, type | None]]] = {
+    "paged_attention": {
+        "paged_decode": ([_P, _N, _N] + [_P] * 5 + [_N] * 7 + [ctypes.c_float, _T], ctypes.c_int),
+        "paged_prefill": ([_P, _N, _N, _P, _P, _P, _P, _N, _P] + [_N] * 5 + [ctypes.c_float, _T], ctypes.c_int),
+    },
+    "llama_ops": {
+        "rope_store": ([_P] * 6 + [_N] * 6 + [_T], None),
+        "add_rms_norm": ([_P] * 4 + [_N] * 2 + [ctypes.c_float, ctypes.c_int, _T], None),
+        "small_matmul": ([_P] * 4 + [_N] * 3 + [_T], ctypes.c_int),
+    },
+    "matmul": {
+        "matmul": ([_P] * 4 + [_N] * 3 + [_T], ctypes.c_int),
+        "matmul_pack": ([_P] * 2 + [_N] * 2, None),
+        "matmul_panel_width": ([], ctypes.c_int),
+    },
+}
+# -ffp-contract=off: no fused multiply-add, so every product and sum of the llama ops rounds as transformers' ops do
+EXTRA_FLAGS = {"llama_ops": ["-ffp-contract=off"]}
+
+
 def load_paged_attention(cache: Path) -> ctypes.CDLL | None:
     """The paged attention kernels' library (`paged_decode`, `paged_prefill` typed), or None: no compiler, or the build failed."""
-    pointer, size, scale, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    decode = [pointer, size, size] + [pointer] * 5 + [size] * 7 + [scale, threads]
-    prefill = [pointer, size, size, pointer, pointer, pointer, pointer, size, pointer] + [size] * 5 + [scale, threads]
-    return _load("paged_attention", cache, {"paged_decode": (decode, ctypes.c_int), "paged_prefill": (prefill, ctypes.c_int)})
+    return load("paged_attention", cache)
 
 
 def load_llama_ops(cache: Path) -> ctypes.CDLL | None:
     """The llama layer's compiled ops (`rope_store`, `add_rms_norm`, `small_matmul` typed), or None: no compiler, or the build failed."""
-    pointer, size, threads = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    rope = [pointer] * 6 + [size] * 6 + [threads]
-    norm = [pointer] * 4 + [size] * 2 + [ctypes.c_float, ctypes.c_int, threads]
-    matmul = [pointer] * 4 + [size] * 3 + [threads]
-    functions: dict[str, tuple[list, type | None]] = {"rope_store": (rope, None), "add_rms_norm": (norm, None), "small_matmul": (matmul, ctypes.c_int)}
-    # -ffp-contract=off: no fused multiply-add, so every product and sum rounds as transformers' ops do
-    return _load("llama_ops", cache, functions, ["-ffp-contract=off"])
+    return load("llama_ops", cache)
 
 
 def load_matmul(cache: Path) -> ctypes.CDLL | None:
     """The batch-invariant matmul's library (`matmul`, `matmul_pack`, `matmul_panel_width` typed), or None: no compiler, or the build failed."""
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
-    functions: dict[str, tuple[list, type | None]] = {
-        "matmul": ([pointer] * 4 + [size] * 3 + [ctypes.c_int], ctypes.c_int),
-        "matmul_pack": ([pointer] * 2 + [size] * 2, None),
-        "matmul_panel_width": ([], ctypes.c_int),
-    }
-    return _load("matmul", cache, functions)
+    return load("matmul", cache)
 
 
-def _load(name: str, cache: Path, functions: dict[str, tuple[list, type | None]], extra: list[str] | None = None) -> ctypes.CDLL | None:
-    """Build csrc/<name>.cpp (or find it built) and load it with `functions` typed (name: argtypes, restype); None on any failure."""
-    source = resources.files("tokenmill.engine").joinpath(f"csrc/{name}.cpp").read_text()
-    library = _build(source, name, cache, extra)
+def load(name: str, cache: Path, source: str | None = None) -> ctypes.CDLL | None:
+    """Build library `name` from csrc/<name>.cpp, or from `source` (another version of it, for an A/B), or find it
+    built, and load it with its functions typed; None on any failure."""
+    if source is None:
+        source = resources.files("tokenmill.engine").joinpath(f"csrc/{name}.cpp").read_text()
+    library = _build(source, name, cache, EXTRA_FLAGS.get(name))
     if library is None:
         return None
     try:
@@ -65,7 +75,7 @@ def _load(name: str, cache: Path, functions: dict[str, tuple[list, type | None]]
     except OSError as exc:  # a truncated file, a runtime library missing
         log.warning("loading the %s kernel failed (%s): it runs in torch ops", name, exc)
         return None
-    for function, (argtypes, restype) in functions.items():
+    for function, (argtypes, restype) in SIGNATURES[name].items():
         getattr(lib, function).argtypes, getattr(lib, function).restype = argtypes, restype
     return lib
 
