@@ -26,26 +26,23 @@ from tokenmill.config import EngineConfig, add_options
 LIBRARIES = ("matmul", "paged_attention", "llama_ops")
 
 
-def swap(root: Any, old: Any, new: Any, seen: set[int] | None = None) -> int:
-    """Point every attribute (or list item) under root's tokenmill objects that holds `old` at `new`; how many."""
+def swap(root: Any, old: Any, new: Any, seen: set[int] | None = None) -> None:
+    """Point every attribute (or list item) under root's tokenmill objects that holds `old` at `new`."""
     seen = set() if seen is None else seen
     if id(root) in seen:
-        return 0
+        return
     seen.add(id(root))
     if isinstance(root, list):
         children, put = list(enumerate(root)), root.__setitem__
     elif type(root).__module__.startswith("tokenmill."):  # not torch modules, tensors or libraries
         children, put = list(getattr(root, "__dict__", {}).items()), lambda key, value: setattr(root, key, value)
     else:
-        return 0
-    count = 0
+        return
     for key, value in children:
         if value is old:
             put(key, new)
-            count += 1
         else:
-            count += swap(value, old, new, seen)
-    return count
+            swap(value, old, new, seen)
 
 
 class Capture:
@@ -94,19 +91,25 @@ def measure(engine: Any, libraries: list[Any], concurrency: int, args: argparse.
 
     rng, pool = random.Random(f"{args.seed}:{concurrency}"), workload.id_pool(vocab)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    added = 0
+
+    def add() -> None:
+        nonlocal added
+        engine.add_request(f"ab{concurrency}-{added}", [Prompt(tuple(workload.id_prompts(rng, pool, 1, args.input_len)[0]))], params)
+        added += 1
+
     capture = runner.lean = Capture(forward)
     rows = []
     try:
-        for i in range(concurrency):
-            engine.add_request(f"ab{concurrency}-{i}", [Prompt(tuple(workload.id_prompts(rng, pool, 1, args.input_len)[0]))], params)
-        added, finished = concurrency, 0
+        for _ in range(concurrency):
+            add()
+        finished = 0
         while len(capture.calls) < 2 and finished < 3 * concurrency + 8:
             done = len(capture.calls)
             for out in engine.step():
                 if out.finished:
                     finished += 1
-                    engine.add_request(f"ab{concurrency}-{added}", [Prompt(tuple(workload.id_prompts(rng, pool, 1, args.input_len)[0]))], params)
-                    added += 1
+                    add()
             capture.armed = finished >= concurrency  # past the first burst
             if len(capture.calls) > done:  # replay now, before later steps reuse its blocks
                 kind = list(capture.calls)[-1]
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_for(args)
     if loaded is None:
         return 1
-    config, engine, path, vocab = loaded
+    _, engine, path, vocab = loaded
     cache = Path(args.kernel_cache)
     libraries = [native.load(args.library, cache, Path(source).read_text()) for source in (args.a, args.b)]
     if any(lib is None for lib in libraries):
