@@ -33,6 +33,7 @@ def test_the_own_forward_equals_transformers_bit_for_bit(lean_dir, attention):
     compiled = attention == "auto" and bool(shutil.which("g++") or shutil.which("c++"))
     assert (lean.runner.lean.kernel is not None) == compiled
     assert (lean.runner.lean.norm_lanes in (16, 8)) == compiled  # the compiled norm gives torch's bits here, so it is used
+    assert (lean.runner.lean.native is not None) == compiled  # and every layer runs in one compiled call
     requests = mixed_requests(16, lean.tokenizer.vocab_size, seed=2) + scoring_requests(lean.tokenizer.vocab_size)
     assert together(lean, requests) == together(stock, requests)  # texts, tokens, logprobs and top logprobs, exactly
 

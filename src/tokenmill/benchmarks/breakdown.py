@@ -6,7 +6,9 @@ For each concurrency N: N requests in the engine, each replaced by a new one as 
 have finished (the first burst of prompts is over), the steps until N more finish are timed. Every
 linear, compiled kernel call and sampling call is timed where it is made. The linears run at the
 rows and the speed they would run at alone, so their share of the wall time is the step's fraction
-of its matmul ceiling.
+of its matmul ceiling. Where the engine runs every layer in one compiled call (engine/native_layers.py),
+the parts are timed through the Python loop instead (the same kernels on the same rows), and a second
+closed loop, not instrumented, times the whole step as the engine runs it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def instrument(engine: Any, timer: Timer, stack: ExitStack) -> None:
     if getattr(runner.backend, "library", None) is not None:
         stack.enter_context(mock.patch.object(runner.backend, "library", TimedLibrary(runner.backend.library, timer)))
     lean = runner.lean
+    if lean is not None and lean.native is not None:  # the one compiled call has no parts to time: the Python loop's calls do
+        stack.enter_context(mock.patch.object(lean, "native", None))
     if lean is None:  # transformers' modules: every matmul layer's forward (nn.Linear, GPT-2's Conv1D)
         import torch
 
@@ -85,11 +89,11 @@ def instrument(engine: Any, timer: Timer, stack: ExitStack) -> None:
                 stack.enter_context(mock.patch.object(holder, "kernel", ops))
 
 
-def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab: int) -> tuple[Timer, int, float]:
-    """Run the closed loop; (the timer, steps, seconds) of the measured part."""
+def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab: int, timed: bool = True) -> tuple[Timer, int, float]:
+    """Run the closed loop; (the timer, steps, seconds) of the measured part (timed False: nothing instrumented)."""
     from tokenmill.sampling_params import Prompt, SamplingParams
 
-    rng, pool = random.Random(f"{args.seed}:{concurrency}"), workload.id_pool(vocab)  # other prompts than the last run's: no cache hits
+    rng, pool = random.Random(f"{args.seed}:{concurrency}:{timed}"), workload.id_pool(vocab)  # other prompts than the last run's: no cache hits
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     added = 0
 
@@ -113,7 +117,8 @@ def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab:
     until_finished(concurrency)
     timer = Timer()
     with ExitStack() as stack:
-        instrument(engine, timer, stack)
+        if timed:
+            instrument(engine, timer, stack)
         start = time.perf_counter()
         steps = until_finished(concurrency)
         seconds = time.perf_counter() - start
@@ -122,12 +127,16 @@ def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab:
     return timer, steps, seconds
 
 
-def table(rows: dict[int, tuple[Timer, int, float]], output_len: int) -> str:
-    """One column per concurrency: ms per step and share of the wall time of each part."""
+def table(rows: dict[int, tuple[Timer, int, float]], output_len: int, native: dict[int, tuple[Timer, int, float]] | None = None) -> str:
+    """One column per concurrency: ms per step and share of the wall time of each part (native: the one-call loops)."""
     parts = ["linears", *KERNELS, "sampling"]
     head = "| part | " + " | ".join(f"c{c} ms/step (share)" for c in rows) + " |"
     lines = [head, "|---|" + "---|" * len(rows)]
-    lines.append("| whole step | " + " | ".join(f"{s / n * 1000:.2f} ({c * output_len / s:.1f} out tok/s)" for c, (_, n, s) in rows.items()) + " |")
+    lines.append("| whole step | " + " | ".join(_rate(c, *(native or rows)[c][1:], output_len) for c in rows) + " |")
+    if native:  # the parts below are shares of the Python loop's step; the linears' also of the engine's own
+        share = [rows[c][0].seconds["linears"] / rows[c][1] / (native[c][2] / native[c][1]) for c in rows]
+        lines.append("| linears' share of the whole step | " + " | ".join(f"{x:.0%}" for x in share) + " |")
+        lines.append("| whole step, layers in Python (the parts below) | " + " | ".join(_rate(c, n, s, output_len) for c, (_, n, s) in rows.items()) + " |")
     timed = {part for timer, _, _ in rows.values() for part, seconds in timer.seconds.items() if seconds}
     for part in [p for p in parts if p in timed] + ["rest of the model run", "engine outside the model"]:
         cells = []
@@ -144,6 +153,11 @@ def table(rows: dict[int, tuple[Timer, int, float]], output_len: int) -> str:
     return "\n".join(lines)
 
 
+def _rate(concurrency: int, steps: int, seconds: float, output_len: int) -> str:
+    """ms per step (output tok/s)."""
+    return f"{seconds / steps * 1000:.2f} ({concurrency * output_len / seconds:.1f} out tok/s)"
+
+
 def run(args: argparse.Namespace) -> int:
     from tokenmill.benchmarks.offline import load_for
 
@@ -151,9 +165,13 @@ def run(args: argparse.Namespace) -> int:
     if loaded is None:
         return 1
     _, engine, path, vocab = loaded
-    rows = {c: steady_state(engine, c, args, vocab) for c in args.concurrency}
+    rows, native = {}, {}
+    for c in args.concurrency:
+        rows[c] = steady_state(engine, c, args, vocab)
+        if engine.runner.lean is not None and engine.runner.lean.native is not None:
+            native[c] = steady_state(engine, c, args, vocab, timed=False)
     print(f"{path}: {args.input_len} random ids -> {args.output_len} tokens, greedy, ignore_eos; steady state of a closed loop")
-    print(table(rows, args.output_len))
+    print(table(rows, args.output_len, native))
     return 0
 
 

@@ -6,7 +6,8 @@ same arithmetic on the same weights in the same order, so its numbers equal the 
 bit for bit (tests/test_model_impl.py), with q and k rotated together, the projections of one
 input in one matmul, and each residual add folded into the norm after it. It takes only layers
 built of the stock llama and qwen2 modules; any other model goes through transformers
-(`--model-impl transformers` forces that for every model).
+(`--model-impl transformers` forces that for every model). Where every part of a layer has a compiled
+kernel, all the layers of a step run in one compiled call instead (engine/native_layers.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from tokenmill.engine.attention import StepContext
 from tokenmill.engine.linear import PackedLinear
+from tokenmill.engine.native_layers import NativeLayers
 
 SMALL_ROWS = 4  # steps of at most this many rows take small_matmul where it is given (no batch invariance)
 
@@ -170,10 +172,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class LlamaForward:
     """A llama or qwen2 model's forward: flat token ids [T] -> logits of the kept rows [K, V]."""
 
-    def __init__(self, model: Any, packed: bool, kernel: Any = None, invariant: bool = True, matmul: Any = None):
+    def __init__(self, model: Any, packed: bool, kernel: Any = None, invariant: bool = True, matmul: Any = None, attention: Any = None):
         """kernel: the compiled llama ops (the loader gives them only to a float32 CPU model), or None: torch ops;
         invariant False: steps of 1-4 rows take the compiled small_matmul (faster, other bits than a batch's);
-        matmul: the compiled batch-invariant matmul for the packed weights, or None: oneDNN's."""
+        matmul: the compiled batch-invariant matmul for the packed weights, or None: oneDNN's;
+        attention: the compiled paged attention library the step's backend calls, or None."""
         self.kernel = kernel
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach()  # [V, hidden]
@@ -184,6 +187,8 @@ class LlamaForward:
         self.layers = [Layer(layer, packed, kernel, self.norm_lanes, small, matmul) for layer in inner.layers]
         self.norm = RMSNorm(inner.norm, kernel, self.norm_lanes)
         self.lm_head = Projection([model.lm_head], packed, small, matmul)
+        # every layer in one compiled call, where each part has a compiled kernel with the same bits
+        self.native = NativeLayers.build(self, attention) if attention is not None else None
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, step: StepContext) -> torch.Tensor:
@@ -193,8 +198,11 @@ class LlamaForward:
         cos, sin = cos[0, :, None].contiguous(), sin[0, :, None].contiguous()  # [T, 1, D]
         step.kv_written = self.kernel is not None
         delta: torch.Tensor | None = None
-        for layer in self.layers:
-            delta = layer(x, delta, cos, sin, step)
+        if self.native is not None and getattr(step.backend, "library", None) is not None:
+            delta = self.native(x, cos, sin, step)
+        else:
+            for layer in self.layers:
+                delta = layer(x, delta, cos, sin, step)
         assert delta is not None  # a model has layers
         return self.lm_head(self.norm(x[keep], delta[keep]))
 

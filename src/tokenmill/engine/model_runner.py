@@ -79,7 +79,9 @@ class ModelRunner:
         model.set_attn_implementation(attention.NAME)
         packed = device.type == "cpu" and next(model.parameters()).dtype == torch.float32 and torch.backends.mkldnn.is_available()
         fits = model_impl == "auto" and llama_forward.fits(model)
-        self.lean = LlamaForward(model, packed, llama_ops, batch_invariant, matmul) if fits else None
+        self.backend = backend or TorchAttention()
+        library = getattr(self.backend, "library", None)  # the compiled attention kernels, where the backend has them
+        self.lean = LlamaForward(model, packed, llama_ops, batch_invariant, matmul, library) if fits else None
         if packed and self.lean is None:
             pack_linears(model, matmul)
         self.model = model
@@ -92,7 +94,6 @@ class ModelRunner:
         self.scratch = num_blocks  # one extra block: padding rows write here, padded tables point here
         s = self.shape  # zeros, not empty: a masked key weighs 0, and 0 x NaN would be NaN
         self.kv = torch.zeros(s.layers, 2, s.kv_heads, num_blocks + 1, block_size, s.head_dim, dtype=s.dtype, device=device)
-        self.backend = backend or TorchAttention()
         self.workspace = Workspace(s.dtype, device)
         # keys are gathered in whole value chunks, so tables are padded to this many blocks
         self._table_multiple = math.lcm(block_size, attention.VALUE_CHUNK) // block_size

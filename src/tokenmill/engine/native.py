@@ -36,6 +36,8 @@ SIGNATURES: dict[str, dict[str, tuple[list, type | None]]] = {
         "rope_store": ([_P] * 6 + [_N] * 6 + [_T], None),
         "add_rms_norm": ([_P] * 4 + [_N] * 2 + [ctypes.c_float, ctypes.c_int, _T], None),
         "small_matmul": ([_P] * 4 + [_N] * 3 + [_T], ctypes.c_int),
+        "silu_mul": ([_P, _P, _N, _N, ctypes.c_int, _P, _T, _T], ctypes.c_int),
+        "llama_layers": ([_P, _P], ctypes.c_int),
     },
     "matmul": {
         "matmul": ([_P] * 4 + [_N] * 3 + [_T], ctypes.c_int),
@@ -53,7 +55,7 @@ def load_paged_attention(cache: Path) -> ctypes.CDLL | None:
 
 
 def load_llama_ops(cache: Path) -> ctypes.CDLL | None:
-    """The llama layer's compiled ops (`rope_store`, `add_rms_norm`, `small_matmul` typed), or None: no compiler, or the build failed."""
+    """The llama layer's compiled ops (`rope_store`, `add_rms_norm`, `small_matmul`, `silu_mul`, `llama_layers`), or None: no compiler, or a failed build."""
     return load("llama_ops", cache)
 
 

@@ -7,10 +7,18 @@
 // add_rms_norm: the residual add and the RMSNorm after it (eight torch ops otherwise), with the sum of
 // squares taken in the order of torch's CPU sum (its cascade over W-lane vectors), so the bits are torch's.
 // The loader checks that against torch on this machine before using it.
+//
+// silu_mul: the MLP's silu(gate) * up, with torch's own exp (Sleef's, found in libtorch_cpu) where torch uses it.
+//
+// llama_layers: every decoder layer of one step in a single call, the kernels above and the matmul and
+// attention kernels (given as function pointers) in the order LlamaForward calls them: the ~100 us of
+// Python and torch dispatch a layer costs around them was an eighth of a one-sequence step.
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
+
+#include <algorithm>
 
 // qkv [T, W] rows: H query heads, then KVH key heads, then KVH value heads, each of D floats (W >= (H + 2 KVH) D).
 // cos, sin [T, D]; slots [T] pool slot of each row; kpool, vpool [KVH, S, D] one layer's keys and values (S slots a head).
@@ -124,4 +132,128 @@ extern "C" int small_matmul(const float *x, const float *w, const float *bias, f
         case 4: rows_times_weight<4>(x, w, bias, y, N, K, threads); return 0;
         default: return -1;
     }
+}
+
+// silu(g) * u over one piece [a, b) of a row as torch's vectorized loop runs silu: two vectors of W lanes at
+// a time, g / (1 + exp(-g)) with torch's vector exp, then the scalar form with libm's expf for what is left
+// (then the product, rounded on its own as torch's mul_ does). Sleef's expf and libm's differ in the last
+// bit for ~1% of inputs, so where the pieces start decides the bits.
+template <typename vec, int W>
+static void silu_piece(const float *g, const float *u, float *o, int64_t a, int64_t b, vec (*exp)(vec)) {
+    typedef float unaligned __attribute__((vector_size(sizeof(vec)), aligned(4)));
+    int64_t i = a;
+    for (; i + 2 * W <= b; i += 2 * W)
+        for (int64_t j = i; j < i + 2 * W; j += W) {
+            const vec x = *(const unaligned *)(g + j);
+            const vec s = x / (1.0f + exp(-x));
+            *(unaligned *)(o + j) = s * *(const unaligned *)(u + j);
+        }
+    for (; i < b; i++) {
+        const float s = g[i] / (1.0f + expf(-g[i]));
+        o[i] = s * u[i];
+    }
+}
+
+// gate_up [T, 2I] (gate, then up, per row) -> out [T, I] = silu(gate) * up, bit for bit torch's
+// F.silu(gate).mul_(up) at torch_threads threads: torch splits the T x I elements into torch_threads equal
+// ranges (one range below 32768 elements, its grain), and each range's piece of a row runs as above. exp:
+// Sleef_expf8_u10 (lanes 8) or Sleef_expf16_u10 (lanes 16), the function torch's vectors call.
+template <typename vec, int W>
+static void silu_rows(const float *gate_up, float *out, int64_t T, int64_t I, const void *exp, int torch_threads, int threads) {
+    const int64_t n = T * I, grain = 32768;
+    const int64_t ranges = n < grain ? 1 : std::max<int64_t>(1, std::min<int64_t>(torch_threads, (n + grain - 1) / grain));
+    const int64_t range = (n + ranges - 1) / ranges;
+#pragma omp parallel for num_threads(threads > 0 && n >= grain ? threads : 1) schedule(static)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gate_up + t * 2 * I;
+        for (int64_t a = 0; a < I;) {
+            const int64_t b = std::min(I, ((t * I + a) / range + 1) * range - t * I);  // this range's end, or the row's
+            silu_piece<vec, W>(g, g + I, out + t * I, a, b, (vec(*)(vec))exp);
+            a = b;
+        }
+    }
+}
+
+typedef float f8 __attribute__((vector_size(32)));
+#ifdef __AVX512F__
+typedef float f16 __attribute__((vector_size(64)));
+#endif
+
+// lanes: 8 or 16 (torch's vector width here); returns -1 for a width this build cannot run.
+extern "C" int silu_mul(const float *gate_up, float *out, int64_t T, int64_t I, int lanes, const void *exp, int torch_threads, int threads) {
+    if (lanes == 8) {
+        silu_rows<f8, 8>(gate_up, out, T, I, exp, torch_threads, threads);
+        return 0;
+    }
+#ifdef __AVX512F__
+    if (lanes == 16) {
+        silu_rows<f16, 16>(gate_up, out, T, I, exp, torch_threads, threads);
+        return 0;
+    }
+#endif
+    return -1;
+}
+
+// The matmul and attention kernels llama_layers calls (matmul.cpp's matmul, paged_attention.cpp's kernels).
+typedef int (*Matmul)(const float *x, const float *packed, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int threads);
+typedef int (*Decode)(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *tables, const int64_t *lens,
+                      float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads);
+typedef int (*Prefill)(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *chunks, const int64_t *tables,
+                       int64_t C, float *out, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, float scale, int threads);
+
+// One decoder layer's weights: the norms' [hidden] and the packed projections (q/k/v and gate/up fused); biases may be null.
+struct LayerWeights {
+    const float *norm1, *qkv, *qkv_bias, *o, *o_bias, *norm2, *gate_up, *gate_up_bias, *down, *down_bias;
+};
+
+// What stays the same from step to step (engine/native_layers.py's Model mirrors it field for field).
+struct Model {
+    int64_t layers, hidden, heads, kv_heads, head_dim, inter;  // inter: the MLP's width
+    float eps, scaling;
+    int32_t norm_lanes, silu_lanes;
+    const LayerWeights *weights;  // [layers]
+    Matmul matmul;
+    Decode decode;
+    Prefill prefill;
+    const void *exp;  // torch's vector exp, for silu_mul
+};
+
+// One step (engine/native_layers.py's Step mirrors it). Buffers are [rows, width] row-major.
+struct Step {
+    int64_t rows, decode_rows, table_width, chunks, attended;  // rows [attended, rows) are padding: no query
+    float *kv;  // the pool [layers, 2, KVH, NB, BS, D]
+    int64_t num_blocks, block_size;
+    float *x, *delta;  // the residual stream [rows, hidden]; delta [rows, hidden]: the last layer's output on return
+    float *normed, *qkv, *attn, *projected, *gate_up, *act;  // [rows, hidden / (H + 2 KVH) D / H D / hidden / 2 inter / inter]
+    const float *cos, *sin;  // [rows, D]
+    const int64_t *slots, *tables, *lens, *chunk_meta, *chunk_tables;  // as the kernels take them
+    int32_t threads, torch_threads;
+};
+
+// Every layer of the step, x updated in place; 0, or the negative code of the kernel that refused: -1 matmul,
+// -2 decode, -3 prefill, -4 silu_mul (the caller checked every shape first, so this is a bug, not a fallback).
+extern "C" int llama_layers(const Model *m, const Step *s) {
+    const int64_t T = s->rows, D = m->head_dim, H = m->heads, KVH = m->kv_heads, HD = H * D, W = (H + 2 * KVH) * D, I = m->inter;
+    const int64_t S = s->num_blocks * s->block_size, half = KVH * S * D;  // a layer's keys, then its values
+    const int threads = s->threads;
+    for (int64_t l = 0; l < m->layers; l++) {
+        const LayerWeights &w = m->weights[l];
+        float *keys = s->kv + l * 2 * half, *values = keys + half;
+        add_rms_norm(s->x, l ? s->delta : nullptr, w.norm1, s->normed, T, m->hidden, m->eps, m->norm_lanes, threads);
+        if (m->matmul(s->normed, w.qkv, w.qkv_bias, s->qkv, T, W, m->hidden, threads)) return -1;
+        rope_store(s->qkv, s->cos, s->sin, s->slots, keys, values, T, H, KVH, D, W, S, threads);
+        if (s->attended < T) memset(s->attn + s->attended * HD, 0, sizeof(float) * (T - s->attended) * HD);  // finite rows downstream
+        if (s->decode_rows && m->decode(s->qkv, D, W, keys, values, s->tables, s->lens, s->attn, s->decode_rows, H, KVH, s->num_blocks,
+                                        s->block_size, D, s->table_width, m->scaling, threads))
+            return -2;
+        if (s->chunks && m->prefill(s->qkv, D, W, keys, values, s->chunk_meta, s->chunk_tables, s->chunks, s->attn, H, KVH, s->num_blocks,
+                                    s->block_size, D, m->scaling, threads))
+            return -3;
+        if (m->matmul(s->attn, w.o, w.o_bias, s->projected, T, m->hidden, HD, threads)) return -1;
+        add_rms_norm(s->x, s->projected, w.norm2, s->normed, T, m->hidden, m->eps, m->norm_lanes, threads);
+        if (m->matmul(s->normed, w.gate_up, w.gate_up_bias, s->gate_up, T, 2 * I, m->hidden, threads)) return -1;
+        if (silu_mul(s->gate_up, s->act, T, I, m->silu_lanes, m->exp, s->torch_threads, threads)) return -4;
+        if (m->matmul(s->act, w.down, w.down_bias, s->delta, T, m->hidden, I, threads)) return -1;
+    }
+    return 0;
 }

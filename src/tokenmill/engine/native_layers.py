@@ -1,0 +1,165 @@
+"""Every decoder layer of a step in one compiled call (csrc/llama_ops.cpp's `llama_layers`).
+
+`LlamaForward`'s Python loop makes ~15 calls a layer around its kernels (ctypes conversions, views,
+allocations, torch's silu and mul); at one sequence that was ~3.4 ms of a 26 ms SmolLM2 step, with the
+second thread idle throughout. `NativeLayers` hands the same kernels, in the same order and on the same
+buffers' bits, to one C loop: the forward's numbers do not change (tests/test_native_layers.py). It
+runs only where every part has a compiled kernel that gives the Python loop's bits: the packed
+matmul, the compiled norm, RoPE and silu, and both attention kernels for this head size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from tokenmill.engine.attention import StepContext, prefill_tables
+
+_P, _N, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
+
+WEIGHTS = ("norm1", "qkv", "qkv_bias", "o", "o_bias", "norm2", "gate_up", "gate_up_bias", "down", "down_bias")
+BUFFERS = ("delta", "normed", "qkv", "attn", "projected", "gate_up", "act")
+
+
+class LayerWeights(ctypes.Structure):
+    _fields_ = [(name, _P) for name in WEIGHTS]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [
+        *[(name, _N) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter")],
+        ("eps", _F), ("scaling", _F), ("norm_lanes", _I), ("silu_lanes", _I),
+        ("weights", ctypes.POINTER(LayerWeights)), ("matmul", _P), ("decode", _P), ("prefill", _P), ("exp", _P),
+    ]  # fmt: skip
+
+
+class Step(ctypes.Structure):
+    _fields_ = [
+        *[(name, _N) for name in ("rows", "decode_rows", "table_width", "chunks", "attended")],
+        ("kv", _P), ("num_blocks", _N), ("block_size", _N), ("x", _P),
+        *[(name, _P) for name in BUFFERS],
+        *[(name, _P) for name in ("cos", "sin", "slots", "tables", "lens", "chunk_meta", "chunk_tables")],
+        ("threads", _I), ("torch_threads", _I),
+    ]  # fmt: skip
+
+
+def torch_exp() -> tuple[int, int]:
+    """(lanes, address) of the vector exp torch's float ops call on this CPU (Sleef's, in libtorch_cpu); (0, 0): none found."""
+    lanes = {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 0)
+    if not lanes:
+        return 0, 0
+    try:
+        library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return lanes, ctypes.cast(getattr(library, f"Sleef_expf{lanes}_u10"), ctypes.c_void_p).value or 0
+    except (OSError, AttributeError):
+        return 0, 0
+
+
+def silu_lanes(kernel: Any) -> tuple[int, int]:
+    """(lanes, exp address) at which the compiled silu_mul gives torch's F.silu(g).mul_(u) bits here; (0, 0): it does not."""
+    lanes, exp = torch_exp()
+    if not lanes:
+        return 0, 0
+    gen = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    for rows, width in ((1, 64), (3, 37), (33, 1000), (100, 1536)):  # ranges split inside rows, scalar tails
+        gate_up = torch.randn(rows, 2 * width, generator=gen) * 6
+        got = torch.empty(rows, width)
+        if kernel.silu_mul(gate_up.data_ptr(), got.data_ptr(), rows, width, lanes, exp, threads, threads) != 0:
+            return 0, 0
+        if not torch.equal(got, F.silu(gate_up[:, :width]).mul_(gate_up[:, width:])):
+            return 0, 0
+    return lanes, exp
+
+
+class NativeLayers:
+    """A LlamaForward's layers as one `llama_layers` call; build() gives None where a part has no compiled kernel."""
+
+    def __init__(self, forward: Any, attention: Any, lanes: int, exp: int):
+        """forward: the LlamaForward (its layers hold the packed weights); attention: the paged attention library."""
+        self.kernel = forward.kernel  # llama_ops: llama_layers and the norm, RoPE and silu kernels it calls
+        self.matmul = forward.layers[0].qkv.packed.kernel
+        self.attention = attention
+        first = forward.layers[0]
+        self.weights = (LayerWeights * len(forward.layers))(*[LayerWeights(*_pointers(layer)) for layer in forward.layers])
+        d = first.head_dim
+        self.widths = {"qkv": sum(first.widths), "attn": first.heads * d, "gate_up": first.gate_up.packed.out_features}
+        self.model = Model(
+            len(forward.layers), first.norm1.weight.shape[0], first.heads, first.widths[1] // d, d, self.widths["gate_up"] // 2,
+            first.norm1.eps, first.scaling, forward.norm_lanes, lanes, self.weights, 0, 0, 0, exp,
+        )  # fmt: skip
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def build(forward: Any, attention: Any) -> NativeLayers | None:
+        """The native loop for this forward and attention library, or None where any part would take another path."""
+        if forward.kernel is None or not forward.norm_lanes or not hasattr(forward.kernel, "llama_layers"):
+            return None
+        first = forward.layers[0]
+        projections = [p for layer in forward.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if any(p.small is not None or p.packed is None or p.packed.kernel is None for p in projections):
+            return None  # steps of a few rows take small_matmul, or oneDNN packs the weights
+        d, heads = first.head_dim, first.heads
+        if first.widths[1] != first.widths[2] or first.widths[1] % d or heads % (first.widths[1] // d):
+            return None
+        # the attention kernels refuse a head size or group they have no recipe for before doing anything
+        kv_heads = first.widths[1] // d
+        if attention.paged_decode(0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1, 1.0, 1) != 0:
+            return None
+        if attention.paged_prefill(0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1.0, 1) != 0:
+            return None
+        lanes, exp = silu_lanes(forward.kernel)
+        return NativeLayers(forward, attention, lanes, exp) if lanes else None
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext) -> torch.Tensor:
+        """x [T, hidden] the embedded step, updated in place; cos/sin [T, 1, D] -> the last layer's output [T, hidden]."""
+        t = x.shape[0]
+        buffers = {name: self._take(name, t) for name in BUFFERS}
+        decode = step.decode_rows
+        tables = step.decode_blocks if decode else None
+        lens = step.decode_lens if decode else None
+        meta, chunk_tables = prefill_tables(step.chunks) if step.chunks else (None, None)
+        attended = step.chunks[-1].rows.stop if step.chunks else decode
+        kv = step.kv
+        threads = torch.get_num_threads()
+        args = Step(
+            t, decode, 0 if tables is None else tables.shape[1], len(step.chunks), attended, kv.data_ptr(), kv.shape[3], kv.shape[4], x.data_ptr(),
+            *[buffers[name].data_ptr() for name in BUFFERS], cos.data_ptr(), sin.data_ptr(), step.slots.data_ptr(),
+            *[0 if a is None else a.data_ptr() for a in (tables, lens, meta, chunk_tables)], threads, threads,
+        )  # fmt: skip
+        # looked up at each call, not kept: benchmarks.kernel_ab swaps the libraries between calls
+        self.model.matmul, self.model.decode = _address(self.matmul.matmul), _address(self.attention.paged_decode)
+        self.model.prefill = _address(self.attention.paged_prefill)
+        done = self.kernel.llama_layers(ctypes.byref(self.model), ctypes.byref(args))
+        if done != 0:
+            raise RuntimeError(f"llama_layers: a kernel refused the step ({done})")
+        step.kv_written = True
+        return buffers["delta"]
+
+    def _take(self, name: str, rows: int) -> torch.Tensor:
+        """Buffer `name`'s first `rows` rows, kept from step to step (fresh memory costs a page fault per 4 KiB each time)."""
+        width = self.widths.get(name) or (self.model.inter if name == "act" else self.model.hidden)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = self._buffers[name] = torch.empty(rows, width)
+        return buffer[:rows]
+
+
+def _pointers(layer: Any) -> list[int | None]:
+    """A Layer's weights in LayerWeights' order (None: no bias)."""
+    out: list[int | None] = []
+    for part in (layer.norm1, layer.qkv, layer.o, layer.norm2, layer.gate_up, layer.down):
+        if hasattr(part, "eps"):  # a norm: its weight only
+            out.append(part.weight.data_ptr())
+        else:
+            out += [part.packed.packed.data_ptr(), None if part.packed.bias is None else part.packed.bias.data_ptr()]
+    return out
+
+
+def _address(function: Any) -> int:
+    """A ctypes function's address."""
+    return ctypes.cast(function, ctypes.c_void_p).value or 0

@@ -1,0 +1,55 @@
+"""Every layer of a step in one compiled call (engine/native_layers.py): the Python loop's numbers, bit for bit."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.test_batching import engine_for, mixed_requests, together
+from tokenmill.engine import native, native_layers
+
+compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="no C++ compiler")
+
+
+@compiler
+def test_silu_mul_is_torchs_silu_then_mul_bit_for_bit(tmp_path):
+    """The pieces torch's threads split rows into decide which elements take libm's expf: checked at awkward sizes and thread counts."""
+    ops = native.load_llama_ops(tmp_path)
+    lanes, exp = native_layers.silu_lanes(ops)
+    if not lanes:
+        pytest.skip(f"torch runs {torch.backends.cpu.get_cpu_capability()} here: no Sleef exp to match")
+    gen = torch.Generator().manual_seed(3)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for rows, width in ((1, 1536), (5, 7), (17, 100), (33, 1000), (64, 1536), (129, 515)):
+                gate_up = torch.randn(rows, 2 * width, generator=gen) * 8
+                got = torch.empty(rows, width)
+                assert ops.silu_mul(gate_up.data_ptr(), got.data_ptr(), rows, width, lanes, exp, threads, 2) == 0
+                assert torch.equal(got, F.silu(gate_up[:, :width]).mul_(gate_up[:, width:])), (threads, rows, width)
+    finally:
+        torch.set_num_threads(before)
+    assert ops.silu_mul(0, 0, 1, 8, 12, exp, 1, 1) == -1  # a vector width it has no loop for
+
+
+@compiler
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_one_call_gives_the_python_loops_tokens_and_logprobs(kind, llama_dir, qwen2_dir):
+    """Chunked prompts, prefix hits and decode rows together (a 64-token budget), with and without the one call."""
+    engine = engine_for({"llama": llama_dir, "qwen2": qwen2_dir}[kind], max_num_batched_tokens=64)
+    lean = engine.runner.lean
+    assert lean.native is not None  # every part compiled: the tiny models' head size 16, groups of 2 and 4
+    requests = mixed_requests(12, engine.tokenizer.vocab_size, seed=5)
+    ones = together(engine, requests)
+    lean.native, kept = None, lean.native
+    try:
+        assert together(engine, requests) == ones
+    finally:
+        lean.native = kept
+
+
+def test_no_one_call_without_the_compiled_attention(llama_dir):
+    """attention torch: the Python loop (each part takes its torch ops)."""
+    assert engine_for(llama_dir, attention="torch").runner.lean.native is None
