@@ -337,6 +337,35 @@ def test_streams_carry_comment_pings_only_when_asked(llama_dir):
         assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
 
 
+def test_no_ping_follows_done_even_when_one_is_due_before_the_stream_ends():
+    """A stream whose generator lingers after its last event, pings every millisecond: only the end of the body follows [DONE]."""
+    from tokenmill.server.api import _EventStream
+
+    async def events():
+        await asyncio.sleep(0.02)  # pings go out while the first event is computed
+        yield {"data": "{}"}
+        yield {"data": "[DONE]"}
+        await asyncio.sleep(0.05)  # the generator's own cleanup, as ours awaits the engine's
+
+    async def main() -> list[dict]:
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        async def receive() -> dict:
+            await asyncio.sleep(10)
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b""}
+        await _EventStream(events(), sep="\n", ping=0.001)(scope, receive, send)
+        return sent
+
+    bodies = [m.get("body", b"") for m in asyncio.run(main()) if m["type"] == "http.response.body"]
+    assert bodies[-2:] == [b"data: [DONE]\n\n", b""]
+    assert any(body.startswith(b": ping") for body in bodies)  # pings did go out, before the end
+
+
 def test_a_short_request_finishes_while_a_long_one_streams(llama):
     long_body = {"model": llama.model, "prompt": "x", "max_tokens": 240, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", llama.url + "/v1/completions", json=long_body, timeout=60) as long_response:

@@ -381,7 +381,28 @@ async def _collect(request: Request, outputs: AsyncGenerator[RequestOutput, None
 
 def _sse(request: Request, events, keepalive: float | None) -> EventSourceResponse:
     """A server-sent event stream of `events`; comment pings only when asked (some clients choke on them)."""
-    return EventSourceResponse(events, sep="\n", ping=keepalive or 0, client_close_handler_callable=lambda message: _note_gone(request))
+    return _EventStream(events, sep="\n", ping=keepalive or 0, client_close_handler_callable=lambda message: _note_gone(request))
+
+
+class _EventStream(EventSourceResponse):
+    """sse-starlette's stream, with nothing sent after `data: [DONE]` but the end of the body.
+
+    Its ping task and the stream's close take turns at one lock, so a ping due in between could
+    follow [DONE] (it did once in a test at a 10 ms keepalive, 2026-12-03); a client reading to
+    the end would then see a comment after the last event.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        done = False
+
+        async def send_until_done(message) -> None:
+            nonlocal done
+            if done and message["type"] == "http.response.body" and message.get("more_body"):
+                return  # a ping that lost the race to the stream's end
+            done = done or message.get("body", b"").startswith(b"data: [DONE]")
+            await send(message)
+
+        await super().__call__(scope, receive, send_until_done)
 
 
 async def _note_gone(request: Request) -> None:
