@@ -161,6 +161,17 @@ def test_the_kernel_ab_replays_both_kinds_of_step_with_each_build(library, llama
     assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
 
 
+def test_the_kernel_ab_replays_the_layers_through_python_and_in_one_call(llama_dir, capsys):
+    from tokenmill.benchmarks import kernel_ab
+
+    if not shutil.which("g++"):
+        pytest.skip("no C++ compiler: no compiled layers")
+    args = ["--model", str(llama_dir), "--library", "layers", "--concurrency", "2", "--rounds", "2", "--input-len", "8", "--output-len", "4"]
+    assert kernel_ab.main(args) == 0  # every replay's logits equal the engine's own, both ways
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| c2")]
+    assert sorted(row[1] for row in rows) == ["decode only", "prompt rows"]
+
+
 def test_the_kernel_ab_refuses_a_build_with_other_bits(llama_dir, tmp_path):
     from importlib import resources
 

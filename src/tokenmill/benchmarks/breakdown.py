@@ -7,8 +7,9 @@ have finished (the first burst of prompts is over), the steps until N more finis
 linear, compiled kernel call and sampling call is timed where it is made. The linears run at the
 rows and the speed they would run at alone, so their share of the wall time is the step's fraction
 of its matmul ceiling. Where the engine runs every layer in one compiled call (engine/native_layers.py),
-the parts are timed through the Python loop instead (the same kernels on the same rows), and a second
-closed loop, not instrumented, times the whole step as the engine runs it.
+the loop goes on for four such parts, ABBA: A timed part by part through the Python loop (the same
+kernels on the same rows), B as the engine runs, whole. (Alternating step by step was tried: at c1 one
+step in 129 is a 256-row prompt, so whichever kind drew those came out ~25% slower.)
 """
 
 from __future__ import annotations
@@ -89,11 +90,15 @@ def instrument(engine: Any, timer: Timer, stack: ExitStack) -> None:
                 stack.enter_context(mock.patch.object(holder, "kernel", ops))
 
 
-def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab: int, timed: bool = True) -> tuple[Timer, int, float]:
-    """Run the closed loop; (the timer, steps, seconds) of the measured part (timed False: nothing instrumented)."""
+Measured = tuple[Timer, int, float]  # the timer of the measured steps (empty where not instrumented), their count and wall seconds
+
+
+def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab: int, kinds: tuple[bool, ...] = (True,)) -> list[Measured]:
+    """Run the closed loop; after its first burst, one measured part per kind, one after another (True: every part
+    timed, through the Python loop; False: nothing instrumented, the layers as the engine runs them)."""
     from tokenmill.sampling_params import Prompt, SamplingParams
 
-    rng, pool = random.Random(f"{args.seed}:{concurrency}:{timed}"), workload.id_pool(vocab)  # other prompts than the last run's: no cache hits
+    rng, pool = random.Random(f"{args.seed}:{concurrency}"), workload.id_pool(vocab)  # other prompts than the last run's: no cache hits
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     added = 0
 
@@ -115,28 +120,42 @@ def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab:
     for _ in range(concurrency):
         add()
     until_finished(concurrency)
-    timer = Timer()
-    with ExitStack() as stack:
-        if timed:
-            instrument(engine, timer, stack)
-        start = time.perf_counter()
-        steps = until_finished(concurrency)
-        seconds = time.perf_counter() - start
+    measured = []
+    for timed in kinds:
+        timer = Timer()
+        with ExitStack() as stack:
+            if timed:
+                instrument(engine, timer, stack)
+            start = time.perf_counter()
+            steps = until_finished(concurrency)
+            measured.append((timer, steps, time.perf_counter() - start))
     for request_id in list(engine.request_ids()):
         engine.abort(request_id)
-    return timer, steps, seconds
+    return measured
 
 
-def table(rows: dict[int, tuple[Timer, int, float]], output_len: int, native: dict[int, tuple[Timer, int, float]] | None = None) -> str:
+def both_ways(engine: Any, concurrency: int, args: argparse.Namespace, vocab: int) -> tuple[Measured, Measured]:
+    """Where the engine runs its layers in one compiled call: two parts of the loop timed part by part through the Python
+    loop and two as the engine runs, in the order ABBA (the machine's speed drifts); each kind's two added up."""
+    first, plain1, plain2, last = steady_state(engine, concurrency, args, vocab, (True, False, False, True))
+    timer = first[0]
+    for part, seconds in last[0].seconds.items():
+        timer.seconds[part] += seconds
+    return (timer, first[1] + last[1], first[2] + last[2]), (Timer(), plain1[1] + plain2[1], plain1[2] + plain2[2])
+
+
+def table(rows: dict[int, Measured], output_len: int, native: dict[int, Measured] | None = None) -> str:
     """One column per concurrency: ms per step and share of the wall time of each part (native: the one-call loops)."""
     parts = ["linears", *KERNELS, "sampling"]
     head = "| part | " + " | ".join(f"c{c} ms/step (share)" for c in rows) + " |"
     lines = [head, "|---|" + "---|" * len(rows)]
-    lines.append("| whole step | " + " | ".join(_rate(c, *(native or rows)[c][1:], output_len) for c in rows) + " |")
+    passes = 2 if native else 1  # both_ways adds up two passes of each kind
+    lines.append("| whole step | " + " | ".join(_rate(c, *(native or rows)[c][1:], output_len, passes) for c in rows) + " |")
     if native:  # the parts below are shares of the Python loop's step; the linears' also of the engine's own
         share = [rows[c][0].seconds["linears"] / rows[c][1] / (native[c][2] / native[c][1]) for c in rows]
         lines.append("| linears' share of the whole step | " + " | ".join(f"{x:.0%}" for x in share) + " |")
-        lines.append("| whole step, layers in Python (the parts below) | " + " | ".join(_rate(c, n, s, output_len) for c, (_, n, s) in rows.items()) + " |")
+        cells = [_rate(c, n, s, output_len, passes) for c, (_, n, s) in rows.items()]
+        lines.append("| whole step, layers in Python (the parts below) | " + " | ".join(cells) + " |")
     timed = {part for timer, _, _ in rows.values() for part, seconds in timer.seconds.items() if seconds}
     for part in [p for p in parts if p in timed] + ["rest of the model run", "engine outside the model"]:
         cells = []
@@ -153,9 +172,9 @@ def table(rows: dict[int, tuple[Timer, int, float]], output_len: int, native: di
     return "\n".join(lines)
 
 
-def _rate(concurrency: int, steps: int, seconds: float, output_len: int) -> str:
-    """ms per step (output tok/s)."""
-    return f"{seconds / steps * 1000:.2f} ({concurrency * output_len / seconds:.1f} out tok/s)"
+def _rate(concurrency: int, steps: int, seconds: float, output_len: int, passes: int) -> str:
+    """ms per step (output tok/s: a pass of the loop makes about concurrency x output_len tokens)."""
+    return f"{seconds / steps * 1000:.2f} ({passes * concurrency * output_len / seconds:.1f} out tok/s)"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,9 +186,10 @@ def run(args: argparse.Namespace) -> int:
     _, engine, path, vocab = loaded
     rows, native = {}, {}
     for c in args.concurrency:
-        rows[c] = steady_state(engine, c, args, vocab)
         if engine.runner.lean is not None and engine.runner.lean.native is not None:
-            native[c] = steady_state(engine, c, args, vocab, timed=False)
+            rows[c], native[c] = both_ways(engine, c, args, vocab)
+        else:
+            rows[c] = steady_state(engine, c, args, vocab)[0]
     print(f"{path}: {args.input_len} random ids -> {args.output_len} tokens, greedy, ignore_eos; steady state of a closed loop")
     print(table(rows, args.output_len, native))
     return 0

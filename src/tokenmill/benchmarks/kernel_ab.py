@@ -1,13 +1,15 @@
 """Two versions of one compiled kernel library, A/B on the same engine forwards: replayed, alternated, bits compared.
 
     python -m tokenmill.benchmarks.kernel_ab --model DIR --library matmul --a A.cpp --b B.cpp [--concurrency 16 64]
+    python -m tokenmill.benchmarks.kernel_ab --model DIR --library layers [--concurrency 1 16 64]
 
 For each concurrency N, N requests run in a closed loop (as in `benchmarks.breakdown`). After the first
 burst of prompts, the next decode-only step and the next step with prompt rows are each run again
 `--rounds` times, A and B in turn (ABBA), with the same inputs over the same pool, and every run's logits
 must equal the engine's own. On a machine whose speed drifts by tens of percent within minutes, only
 alternated runs of one forward show a change of a few percent. Llama-family models on the CPU (the
-forward that calls the compiled kernels).
+forward that calls the compiled kernels). `--library layers` compares no sources: A runs every layer
+through the Python loop, B in one compiled call (engine/native_layers.py).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from tokenmill.benchmarks import workload
 from tokenmill.config import EngineConfig, add_options
 
 LIBRARIES = ("matmul", "paged_attention", "llama_ops")
+LAYERS = "layers"  # not a library: the Python loop over the layers (A) against the one compiled call (B)
 
 
 def swap(root: Any, old: Any, new: Any, seen: set[int] | None = None) -> None:
@@ -77,17 +80,34 @@ def replay(forward: Any, call: tuple, use: Any, rounds: int) -> tuple[list[float
     return times
 
 
-def measure(engine: Any, libraries: list[Any], concurrency: int, args: argparse.Namespace, vocab: int) -> list[str]:
-    """The table rows of one concurrency: each kind of step, A's and B's median ms, B / A."""
-    from tokenmill.sampling_params import Prompt, SamplingParams
-
-    runner = engine.runner
-    forward, current = runner.lean, [libraries[0]]
+def library_swap(runner: Any, libraries: list[Any]) -> Any:
+    """use(k): the runner calls libraries[k] from then on."""
+    current = [libraries[0]]
 
     def use(k: int) -> None:
         if current[0] is not libraries[k]:
             swap(runner, current[0], libraries[k])
             current[0] = libraries[k]
+
+    return use
+
+
+def layers_switch(forward: Any) -> Any:
+    """use(k): the forward runs its layers through the Python loop (0) or in one compiled call (1)."""
+    native = forward.native
+
+    def use(k: int) -> None:
+        forward.native = native if k else None
+
+    return use
+
+
+def measure(engine: Any, use: Any, concurrency: int, args: argparse.Namespace, vocab: int) -> list[str]:
+    """The table rows of one concurrency: each kind of step, A's and B's median ms, B / A. use(k): run version k from now."""
+    from tokenmill.sampling_params import Prompt, SamplingParams
+
+    runner = engine.runner
+    forward = runner.lean
 
     rng, pool = random.Random(f"{args.seed}:{concurrency}"), workload.id_pool(vocab)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
@@ -133,13 +153,22 @@ def run(args: argparse.Namespace) -> int:
     if loaded is None:
         return 1
     _, engine, path, vocab = loaded
+    if engine.runner.lean is None or engine.runner.lean.kernel is None:
+        print(f"tokenmill: error: {path} does not run the compiled llama forward here (a llama-family model, float32, on the CPU)", file=sys.stderr)
+        return 1
+    if args.library == LAYERS:
+        if engine.runner.lean.native is None:
+            print("tokenmill: error: the engine does not run its layers in one compiled call here", file=sys.stderr)
+            return 1
+        print(f"{path}: A = every layer through the Python loop, B = in one compiled call; {args.rounds} runs each of one forward, ABBA, median ms")
+        return _table(engine, layers_switch(engine.runner.lean), args, vocab)
+    if args.a is None or args.b is None:
+        print("tokenmill: error: --a and --b are required for a library", file=sys.stderr)
+        return 1
     cache = Path(args.kernel_cache)
     libraries = [native.load(args.library, cache, Path(source).read_text()) for source in (args.a, args.b)]
     if any(lib is None for lib in libraries):
         print("tokenmill: error: a build failed (see the log)", file=sys.stderr)
-        return 1
-    if engine.runner.lean is None or engine.runner.lean.kernel is None:
-        print(f"tokenmill: error: {path} does not run the compiled llama forward here (a llama-family model, float32, on the CPU)", file=sys.stderr)
         return 1
     packed = engine.runner.lean.lm_head.packed
     shipped = {"matmul": packed and packed.kernel, "paged_attention": getattr(engine.runner.backend, "library", None), "llama_ops": engine.runner.lean.kernel}
@@ -148,18 +177,25 @@ def run(args: argparse.Namespace) -> int:
         return 1
     swap(engine.runner, shipped[args.library], libraries[0])
     print(f"{path}: {args.library}, A = {args.a}, B = {args.b}; {args.rounds} runs each of one forward, ABBA, median ms")
+    return _table(engine, library_swap(engine.runner, libraries), args, vocab)
+
+
+def _table(engine: Any, use: Any, args: argparse.Namespace, vocab: int) -> int:
+    """Print the A/B table, a row per concurrency and kind of step."""
     print("| concurrency | step | rows | A | B | B / A |\n|---|---|---|---|---|---|")
     for concurrency in args.concurrency:
-        print("\n".join(measure(engine, libraries, concurrency, args, vocab)), flush=True)
+        print("\n".join(measure(engine, use, concurrency, args, vocab)), flush=True)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenmill.benchmarks.kernel_ab", description=__doc__.splitlines()[0])
     add_options(parser, EngineConfig)
-    parser.add_argument("--library", choices=LIBRARIES, required=True, help="which compiled library the two sources are versions of")
-    parser.add_argument("--a", required=True, help="the C++ source of version A (for instance the shipped src/tokenmill/engine/csrc/<library>.cpp)")
-    parser.add_argument("--b", required=True, help="the C++ source of version B")
+    parser.add_argument(
+        "--library", choices=[*LIBRARIES, LAYERS], required=True, help=f"which compiled library the sources are versions of ({LAYERS}: none, see above)"
+    )
+    parser.add_argument("--a", help="the C++ source of version A (for instance the shipped src/tokenmill/engine/csrc/<library>.cpp)")
+    parser.add_argument("--b", help="the C++ source of version B")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64], help="requests kept in the engine")
     parser.add_argument("--rounds", type=int, default=30, help="runs of each captured forward with each version")
     parser.add_argument("--input-len", type=int, default=256, help="prompt tokens")
