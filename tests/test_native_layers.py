@@ -35,19 +35,17 @@ def test_silu_mul_is_torchs_silu_then_mul_bit_for_bit(tmp_path):
 
 
 @compiler
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "llama without batch invariance"])
 def test_one_call_gives_the_python_loops_tokens_and_logprobs(kind, llama_dir, qwen2_dir):
     """Chunked prompts, prefix hits and decode rows together (a 64-token budget), with and without the one call."""
-    engine = engine_for({"llama": llama_dir, "qwen2": qwen2_dir}[kind], max_num_batched_tokens=64)
-    lean = engine.runner.lean
+    invariant = "without" not in kind
+    engines = [engine_for(qwen2_dir if kind == "qwen2" else llama_dir, max_num_batched_tokens=64, no_batch_invariance=not invariant) for _ in range(2)]
+    lean = engines[0].runner.lean
     assert lean.native is not None  # every part compiled: the tiny models' head size 16, groups of 2 and 4
-    requests = mixed_requests(12, engine.tokenizer.vocab_size, seed=5)
-    ones = together(engine, requests)
-    lean.native, kept = None, lean.native
-    try:
-        assert together(engine, requests) == ones
-    finally:
-        lean.native = kept
+    assert lean.native.model.small_rows == (0 if invariant else 4)  # without invariance, steps of 1-4 rows take small_matmul
+    engines[1].runner.lean.native = None  # a second engine, so both see the same steps (without invariance, rows decide bits)
+    requests = mixed_requests(12, engines[0].tokenizer.vocab_size, seed=5)
+    assert together(engines[0], requests) == together(engines[1], requests)
 
 
 def test_no_one_call_without_the_compiled_attention(llama_dir):

@@ -188,7 +188,7 @@ class LlamaForward:
         self.norm = RMSNorm(inner.norm, kernel, self.norm_lanes)
         self.lm_head = Projection([model.lm_head], packed, small, matmul)
         # every layer in one compiled call, where each part has a compiled kernel with the same bits
-        self.native = NativeLayers.build(self, attention) if attention is not None else None
+        self.native = NativeLayers.build(self, attention, SMALL_ROWS) if attention is not None else None
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, step: StepContext) -> torch.Tensor:

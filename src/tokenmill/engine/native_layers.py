@@ -22,17 +22,18 @@ from tokenmill.engine.attention import StepContext, prefill_tables
 _P, _N, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
 
 WEIGHTS = ("norm1", "qkv", "qkv_bias", "o", "o_bias", "norm2", "gate_up", "gate_up_bias", "down", "down_bias")
+PLAIN = ("qkv_plain", "o_plain", "gate_up_plain", "down_plain")  # the unpacked weights, for small_matmul
 BUFFERS = ("delta", "normed", "qkv", "attn", "projected", "gate_up", "act")
 
 
 class LayerWeights(ctypes.Structure):
-    _fields_ = [(name, _P) for name in WEIGHTS]
+    _fields_ = [(name, _P) for name in WEIGHTS + PLAIN]
 
 
 class Model(ctypes.Structure):
     _fields_ = [
         *[(name, _N) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter")],
-        ("eps", _F), ("scaling", _F), ("norm_lanes", _I), ("silu_lanes", _I),
+        ("eps", _F), ("scaling", _F), ("norm_lanes", _I), ("silu_lanes", _I), ("small_rows", _I),
         ("weights", ctypes.POINTER(LayerWeights)), ("matmul", _P), ("decode", _P), ("prefill", _P), ("exp", _P),
     ]  # fmt: skip
 
@@ -79,8 +80,9 @@ def silu_lanes(kernel: Any) -> tuple[int, int]:
 class NativeLayers:
     """A LlamaForward's layers as one `llama_layers` call; build() gives None where a part has no compiled kernel."""
 
-    def __init__(self, forward: Any, attention: Any, lanes: int, exp: int):
-        """forward: the LlamaForward (its layers hold the packed weights); attention: the paged attention library."""
+    def __init__(self, forward: Any, attention: Any, lanes: int, exp: int, small_rows: int):
+        """forward: the LlamaForward (its layers hold the packed weights); attention: the paged attention library;
+        lanes/exp: silu_mul's (silu_lanes); small_rows: steps of at most this many rows take small_matmul where the layers have it."""
         self.kernel = forward.kernel  # llama_ops: llama_layers and the norm, RoPE and silu kernels it calls
         self.matmul = forward.layers[0].qkv.packed.kernel
         self.attention = attention
@@ -90,19 +92,21 @@ class NativeLayers:
         self.widths = {"qkv": sum(first.widths), "attn": first.heads * d, "gate_up": first.gate_up.packed.out_features}
         self.model = Model(
             len(forward.layers), first.norm1.weight.shape[0], first.heads, first.widths[1] // d, d, self.widths["gate_up"] // 2,
-            first.norm1.eps, first.scaling, forward.norm_lanes, lanes, self.weights, 0, 0, 0, exp,
+            first.norm1.eps, first.scaling, forward.norm_lanes, lanes, small_rows if first.qkv.small is not None else 0, self.weights, 0, 0, 0, exp,
         )  # fmt: skip
         self._buffers: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def build(forward: Any, attention: Any) -> NativeLayers | None:
+    def build(forward: Any, attention: Any, small_rows: int) -> NativeLayers | None:
         """The native loop for this forward and attention library, or None where any part would take another path."""
         if forward.kernel is None or not forward.norm_lanes or not hasattr(forward.kernel, "llama_layers"):
             return None
         first = forward.layers[0]
         projections = [p for layer in forward.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
-        if any(p.small is not None or p.packed is None or p.packed.kernel is None for p in projections):
-            return None  # steps of a few rows take small_matmul, or oneDNN packs the weights
+        if any(p.packed is None or p.packed.kernel is None for p in projections):
+            return None  # oneDNN packs the weights
+        if len({p.small is None for p in projections}) != 1:
+            return None  # small_matmul for some projections only
         d, heads = first.head_dim, first.heads
         if first.widths[1] != first.widths[2] or first.widths[1] % d or heads % (first.widths[1] // d):
             return None
@@ -113,7 +117,7 @@ class NativeLayers:
         if attention.paged_prefill(0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1.0, 1) != 0:
             return None
         lanes, exp = silu_lanes(forward.kernel)
-        return NativeLayers(forward, attention, lanes, exp) if lanes else None
+        return NativeLayers(forward, attention, lanes, exp, small_rows) if lanes else None
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext) -> torch.Tensor:
         """x [T, hidden] the embedded step, updated in place; cos/sin [T, 1, D] -> the last layer's output [T, hidden]."""
@@ -150,14 +154,14 @@ class NativeLayers:
 
 
 def _pointers(layer: Any) -> list[int | None]:
-    """A Layer's weights in LayerWeights' order (None: no bias)."""
+    """A Layer's weights in LayerWeights' order (None: no bias; no plain weight where small_matmul is not used)."""
     out: list[int | None] = []
     for part in (layer.norm1, layer.qkv, layer.o, layer.norm2, layer.gate_up, layer.down):
         if hasattr(part, "eps"):  # a norm: its weight only
             out.append(part.weight.data_ptr())
         else:
             out += [part.packed.packed.data_ptr(), None if part.packed.bias is None else part.packed.bias.data_ptr()]
-    return out
+    return out + [None if p.small is None else p.weight.data_ptr() for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
 
 
 def _address(function: Any) -> int:

@@ -201,16 +201,18 @@ typedef int (*Decode)(const float *q, int64_t qh, int64_t qt, const float *k, co
 typedef int (*Prefill)(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *chunks, const int64_t *tables,
                        int64_t C, float *out, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, float scale, int threads);
 
-// One decoder layer's weights: the norms' [hidden] and the packed projections (q/k/v and gate/up fused); biases may be null.
+// One decoder layer's weights: the norms' [hidden] and the packed projections (q/k/v and gate/up fused); biases may be
+// null. The plain [N, K] weights too where steps of a few rows take small_matmul (Model.small_rows), else null.
 struct LayerWeights {
     const float *norm1, *qkv, *qkv_bias, *o, *o_bias, *norm2, *gate_up, *gate_up_bias, *down, *down_bias;
+    const float *qkv_plain, *o_plain, *gate_up_plain, *down_plain;
 };
 
 // What stays the same from step to step (engine/native_layers.py's Model mirrors it field for field).
 struct Model {
     int64_t layers, hidden, heads, kv_heads, head_dim, inter;  // inter: the MLP's width
     float eps, scaling;
-    int32_t norm_lanes, silu_lanes;
+    int32_t norm_lanes, silu_lanes, small_rows;  // small_rows: steps of at most this many rows take small_matmul (0: none)
     const LayerWeights *weights;  // [layers]
     Matmul matmul;
     Decode decode;
@@ -230,6 +232,14 @@ struct Step {
     int32_t threads, torch_threads;
 };
 
+// y [T, N] = x [T, K] w^T (+ bias): small_matmul on the plain weight for a step of few rows where the model allows it
+// (no batch invariance), else the packed matmul; nonzero where the kernel refused.
+static int project(const Model *m, const float *x, const float *packed, const float *plain, const float *bias, float *y, int64_t T, int64_t N,
+                   int64_t K, int threads) {
+    if (T <= m->small_rows && plain != nullptr) return small_matmul(x, plain, bias, y, T, N, K, threads);
+    return m->matmul(x, packed, bias, y, T, N, K, threads);
+}
+
 // Every layer of the step, x updated in place; 0, or the negative code of the kernel that refused: -1 matmul,
 // -2 decode, -3 prefill, -4 silu_mul (the caller checked every shape first, so this is a bug, not a fallback).
 extern "C" int llama_layers(const Model *m, const Step *s) {
@@ -240,7 +250,7 @@ extern "C" int llama_layers(const Model *m, const Step *s) {
         const LayerWeights &w = m->weights[l];
         float *keys = s->kv + l * 2 * half, *values = keys + half;
         add_rms_norm(s->x, l ? s->delta : nullptr, w.norm1, s->normed, T, m->hidden, m->eps, m->norm_lanes, threads);
-        if (m->matmul(s->normed, w.qkv, w.qkv_bias, s->qkv, T, W, m->hidden, threads)) return -1;
+        if (project(m, s->normed, w.qkv, w.qkv_plain, w.qkv_bias, s->qkv, T, W, m->hidden, threads)) return -1;
         rope_store(s->qkv, s->cos, s->sin, s->slots, keys, values, T, H, KVH, D, W, S, threads);
         if (s->attended < T) memset(s->attn + s->attended * HD, 0, sizeof(float) * (T - s->attended) * HD);  // finite rows downstream
         if (s->decode_rows && m->decode(s->qkv, D, W, keys, values, s->tables, s->lens, s->attn, s->decode_rows, H, KVH, s->num_blocks,
@@ -249,11 +259,11 @@ extern "C" int llama_layers(const Model *m, const Step *s) {
         if (s->chunks && m->prefill(s->qkv, D, W, keys, values, s->chunk_meta, s->chunk_tables, s->chunks, s->attn, H, KVH, s->num_blocks,
                                     s->block_size, D, m->scaling, threads))
             return -3;
-        if (m->matmul(s->attn, w.o, w.o_bias, s->projected, T, m->hidden, HD, threads)) return -1;
+        if (project(m, s->attn, w.o, w.o_plain, w.o_bias, s->projected, T, m->hidden, HD, threads)) return -1;
         add_rms_norm(s->x, s->projected, w.norm2, s->normed, T, m->hidden, m->eps, m->norm_lanes, threads);
-        if (m->matmul(s->normed, w.gate_up, w.gate_up_bias, s->gate_up, T, 2 * I, m->hidden, threads)) return -1;
+        if (project(m, s->normed, w.gate_up, w.gate_up_plain, w.gate_up_bias, s->gate_up, T, 2 * I, m->hidden, threads)) return -1;
         if (silu_mul(s->gate_up, s->act, T, I, m->silu_lanes, m->exp, s->torch_threads, threads)) return -4;
-        if (m->matmul(s->act, w.down, w.down_bias, s->delta, T, m->hidden, I, threads)) return -1;
+        if (project(m, s->act, w.down, w.down_plain, w.down_bias, s->delta, T, m->hidden, I, threads)) return -1;
     }
     return 0;
 }
