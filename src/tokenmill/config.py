@@ -44,8 +44,8 @@ class EngineConfig:
     no_batch_invariance: bool = _opt(
         False,
         "do not pad steps to 16 rows where the model needs it (MKL matmuls), and run steps of 1-4 rows of "
-        "llama-family models on the CPU through a compiled matrix-vector loop: faster below 16 sequences, "
-        "but a request's tokens may then depend on what else runs",
+        "llama-family models on the CPU through a compiled matrix-vector loop (no faster than the default on "
+        "the machines measured); a request's tokens may then depend on what else runs",
     )
 
     def __post_init__(self):
