@@ -41,6 +41,8 @@ def test_one_call_gives_the_python_loops_tokens_and_logprobs(kind, llama_dir, qw
     invariant = "without" not in kind
     engines = [engine_for(qwen2_dir if kind == "qwen2" else llama_dir, max_num_batched_tokens=64, no_batch_invariance=not invariant) for _ in range(2)]
     lean = engines[0].runner.lean
+    if not native_layers.silu_lanes(lean.kernel)[0]:
+        pytest.skip(f"no compiled silu with torch's bits here (torch runs {torch.backends.cpu.get_cpu_capability()})")
     assert lean.native is not None  # every part compiled: the tiny models' head size 16, groups of 2 and 4
     assert lean.native.model.small_rows == (0 if invariant else 4)  # without invariance, steps of 1-4 rows take small_matmul
     engines[1].runner.lean.native = None  # a second engine, so both see the same steps (without invariance, rows decide bits)
