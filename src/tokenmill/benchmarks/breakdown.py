@@ -15,7 +15,6 @@ step in 129 is a 256-row prompt, so whichever kind drew those came out ~25% slow
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from collections import defaultdict
@@ -96,16 +95,8 @@ Measured = tuple[Timer, int, float]  # the timer of the measured steps (empty wh
 def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab: int, kinds: tuple[bool, ...] = (True,)) -> list[Measured]:
     """Run the closed loop; after its first burst, one measured part per kind, one after another (True: every part
     timed, through the Python loop; False: nothing instrumented, the layers as the engine runs them)."""
-    from tokenmill.sampling_params import Prompt, SamplingParams
-
-    rng, pool = random.Random(f"{args.seed}:{concurrency}"), workload.id_pool(vocab)  # other prompts than the last run's: no cache hits
-    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    added = 0
-
-    def add() -> None:
-        nonlocal added
-        engine.add_request(f"c{concurrency}-{added}", [Prompt(tuple(workload.id_prompts(rng, pool, 1, args.input_len)[0]))], params)
-        added += 1
+    # other prompts than the last run's: no cache hits
+    add = workload.request_adder(engine, f"{args.seed}:{concurrency}", vocab, args.input_len, args.output_len, f"c{concurrency}")
 
     def until_finished(count: int) -> int:
         steps = finished = 0

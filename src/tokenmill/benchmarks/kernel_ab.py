@@ -15,7 +15,6 @@ through the Python loop, B in one compiled call (engine/native_layers.py).
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -104,20 +103,9 @@ def layers_switch(forward: Any) -> Any:
 
 def measure(engine: Any, use: Any, concurrency: int, args: argparse.Namespace, vocab: int) -> list[str]:
     """The table rows of one concurrency: each kind of step, A's and B's median ms, B / A. use(k): run version k from now."""
-    from tokenmill.sampling_params import Prompt, SamplingParams
-
     runner = engine.runner
     forward = runner.lean
-
-    rng, pool = random.Random(f"{args.seed}:{concurrency}"), workload.id_pool(vocab)
-    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-    added = 0
-
-    def add() -> None:
-        nonlocal added
-        engine.add_request(f"ab{concurrency}-{added}", [Prompt(tuple(workload.id_prompts(rng, pool, 1, args.input_len)[0]))], params)
-        added += 1
-
+    add = workload.request_adder(engine, f"{args.seed}:{concurrency}", vocab, args.input_len, args.output_len, f"ab{concurrency}")
     capture = runner.lean = Capture(forward)
     rows = []
     try:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 LOW_IDS = 100  # special and control tokens usually sit at the start of a vocabulary
 TEXT_ROUNDS = 10  # decode/encode rounds to reach a text prompt's length
@@ -59,3 +61,19 @@ def prompts(rng: random.Random, pool: list[int], count: int, length: int, tokeni
     if tokenizer is None:
         return id_prompts(rng, pool, count, length)
     return [text_prompt(rng, pool, tokenizer, length) for _ in range(count)]
+
+
+def request_adder(engine: Any, seed: str, vocab: int, input_len: int, output_len: int, prefix: str) -> Callable[[], None]:
+    """add(): one more request into the engine (its id `prefix`-n): input_len random ids -> output_len tokens, greedy, ignore_eos."""
+    from tokenmill.sampling_params import Prompt, SamplingParams
+
+    rng, pool = random.Random(seed), id_pool(vocab)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    added = 0
+
+    def add() -> None:
+        nonlocal added
+        engine.add_request(f"{prefix}-{added}", [Prompt(tuple(id_prompts(rng, pool, 1, input_len)[0]))], params)
+        added += 1
+
+    return add

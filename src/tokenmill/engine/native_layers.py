@@ -88,10 +88,12 @@ class NativeLayers:
         self.attention = attention
         first = forward.layers[0]
         self.weights = (LayerWeights * len(forward.layers))(*[LayerWeights(*_pointers(layer)) for layer in forward.layers])
-        d = first.head_dim
-        self.widths = {"qkv": sum(first.widths), "attn": first.heads * d, "gate_up": first.gate_up.packed.out_features}
+        d, hidden, inter = first.head_dim, first.norm1.weight.shape[0], first.gate_up.packed.out_features // 2
+        # each buffer's width (BUFFERS)
+        self.widths = {"delta": hidden, "normed": hidden, "qkv": sum(first.widths), "attn": first.heads * d, "projected": hidden}
+        self.widths.update(gate_up=2 * inter, act=inter)
         self.model = Model(
-            len(forward.layers), first.norm1.weight.shape[0], first.heads, first.widths[1] // d, d, self.widths["gate_up"] // 2,
+            len(forward.layers), hidden, first.heads, first.widths[1] // d, d, inter,
             first.norm1.eps, first.scaling, forward.norm_lanes, lanes, small_rows if first.qkv.small is not None else 0, self.weights, 0, 0, 0, exp,
         )  # fmt: skip
         self._buffers: dict[str, torch.Tensor] = {}
@@ -146,10 +148,9 @@ class NativeLayers:
 
     def _take(self, name: str, rows: int) -> torch.Tensor:
         """Buffer `name`'s first `rows` rows, kept from step to step (fresh memory costs a page fault per 4 KiB each time)."""
-        width = self.widths.get(name) or (self.model.inter if name == "act" else self.model.hidden)
         buffer = self._buffers.get(name)
         if buffer is None or buffer.shape[0] < rows:
-            buffer = self._buffers[name] = torch.empty(rows, width)
+            buffer = self._buffers[name] = torch.empty(rows, self.widths[name])
         return buffer[:rows]
 
 
