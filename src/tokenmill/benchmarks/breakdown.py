@@ -9,7 +9,11 @@ rows and the speed they would run at alone, so their share of the wall time is t
 of its matmul ceiling. Where the engine runs every layer in one compiled call (engine/native_layers.py),
 the loop goes on for four such parts, ABBA: A timed part by part through the Python loop (the same
 kernels on the same rows), B as the engine runs, whole. (Alternating step by step was tried: at c1 one
-step in 129 is a 256-row prompt, so whichever kind drew those came out ~25% slower.)
+step in 129 is a 256-row prompt, so whichever kind drew those came out ~25% slower.) Between the two
+B parts, every linear of the first B part's steps runs alone, twice, at the rows it ran at there
+(the compiled matmul called directly, in model order): the matmul ceiling of those steps. Its share
+of B's step is the linears' share; A's linears, timed inside the Python loop, run slower than alone
+(the second thread wakes for each one), so A's share would overstate it.
 """
 
 from __future__ import annotations
@@ -92,9 +96,52 @@ def instrument(engine: Any, timer: Timer, stack: ExitStack) -> None:
 Measured = tuple[Timer, int, float]  # the timer of the measured steps (empty where not instrumented), their count and wall seconds
 
 
-def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab: int, kinds: tuple[bool, ...] = (True,)) -> list[Measured]:
-    """Run the closed loop; after its first burst, one measured part per kind, one after another (True: every part
-    timed, through the Python loop; False: nothing instrumented, the layers as the engine runs them)."""
+class Rows:
+    """Stands in for the engine's forward: passes every call through and keeps each step's (rows, kept rows)."""
+
+    def __init__(self, forward: Any):
+        self.forward = forward
+        self.steps: list[tuple[int, int]] = []
+
+    def __call__(self, ids, positions, keep, step):
+        self.steps.append((ids.shape[0], keep.shape[0]))
+        return self.forward(ids, positions, keep, step)
+
+
+def linears_alone(forward: Any, steps: list[tuple[int, int]]) -> float:
+    """Seconds for every linear of `steps` ((rows, kept rows) each) alone: the compiled matmul called directly
+    at those rows, layer by layer in model order, on inputs of random numbers; the lm_head at the kept rows."""
+    import torch
+
+    from tokenmill.engine.llama_forward import SMALL_ROWS
+
+    projections = [p for layer in forward.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    most = max(rows for rows, _ in steps)
+    x = torch.randn(most, max(p.packed.in_features for p in projections))
+    out = torch.empty(most, max(p.packed.out_features for p in [*projections, forward.lm_head]))
+    threads = torch.get_num_threads()
+
+    def run(p: Any, rows: int) -> None:
+        bias = None if p.packed.bias is None else p.packed.bias.data_ptr()
+        shape = (rows, p.packed.out_features, p.packed.in_features, threads)
+        if p.small is not None and rows <= SMALL_ROWS:  # as the one call runs a few rows without batch invariance
+            p.small.small_matmul(x.data_ptr(), p.weight.data_ptr(), bias, out.data_ptr(), *shape)
+        else:
+            p.packed.kernel.matmul(x.data_ptr(), p.packed.packed.data_ptr(), bias, out.data_ptr(), *shape)
+
+    start = time.perf_counter()
+    for rows, kept in steps:
+        for p in projections:
+            run(p, rows)
+        run(forward.lm_head, kept)
+    return time.perf_counter() - start
+
+
+Part = Callable[[ExitStack], Timer]  # sets up one measured part of the loop (undone when the stack closes): its timer
+
+
+def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab: int, parts: list[Part]) -> list[Measured]:
+    """Run the closed loop; after its first burst, one measured part for each of `parts`, one after another."""
     # other prompts than the last run's: no cache hits
     add = workload.request_adder(engine, f"{args.seed}:{concurrency}", vocab, args.input_len, args.output_len, f"c{concurrency}")
 
@@ -112,11 +159,9 @@ def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab:
         add()
     until_finished(concurrency)
     measured = []
-    for timed in kinds:
-        timer = Timer()
+    for part in parts:
         with ExitStack() as stack:
-            if timed:
-                instrument(engine, timer, stack)
+            timer = part(stack)
             start = time.perf_counter()
             steps = until_finished(concurrency)
             measured.append((timer, steps, time.perf_counter() - start))
@@ -125,14 +170,43 @@ def steady_state(engine: Any, concurrency: int, args: argparse.Namespace, vocab:
     return measured
 
 
+def instrumented(engine: Any) -> Part:
+    """A part with every part of a step timed (through the Python loop where the engine has the one call)."""
+
+    def part(stack: ExitStack) -> Timer:
+        timer = Timer()
+        instrument(engine, timer, stack)
+        return timer
+
+    return part
+
+
+def plain(stack: ExitStack) -> Timer:
+    """A part as the engine runs, timed whole."""
+    return Timer()
+
+
 def both_ways(engine: Any, concurrency: int, args: argparse.Namespace, vocab: int) -> tuple[Measured, Measured]:
     """Where the engine runs its layers in one compiled call: two parts of the loop timed part by part through the Python
-    loop and two as the engine runs, in the order ABBA (the machine's speed drifts); each kind's two added up."""
-    first, plain1, plain2, last = steady_state(engine, concurrency, args, vocab, (True, False, False, True))
+    loop (A) and two as the engine runs (B), ABBA (the machine's speed drifts), each kind's two added up; between the
+    B parts, the first one's linears alone twice (B's timer holds them as "linears", both sweeps added up)."""
+    runner = engine.runner
+    forward = runner.lean
+    ceiling = Timer()
+
+    def recorded(stack: ExitStack) -> Timer:  # the first B part: its steps' rows are kept
+        rows = Rows(forward)
+        stack.enter_context(mock.patch.object(runner, "lean", rows))
+        stack.callback(lambda: [ceiling.seconds.__setitem__("linears", linears_alone(forward, rows.steps) + linears_alone(forward, rows.steps))])
+        return Timer()
+
+    first, plain1, plain2, last = steady_state(engine, concurrency, args, vocab, [instrumented(engine), recorded, plain, instrumented(engine)])
     timer = first[0]
     for part, seconds in last[0].seconds.items():
         timer.seconds[part] += seconds
-    return (timer, first[1] + last[1], first[2] + last[2]), (Timer(), plain1[1] + plain2[1], plain1[2] + plain2[2])
+    # the ceiling's two sweeps ran plain1's steps twice: as many steps as the two B parts' in all, near enough
+    ceiling.seconds["linears"] *= (plain1[1] + plain2[1]) / (2 * plain1[1])
+    return (timer, first[1] + last[1], first[2] + last[2]), (ceiling, plain1[1] + plain2[1], plain1[2] + plain2[2])
 
 
 def table(rows: dict[int, Measured], output_len: int, native: dict[int, Measured] | None = None) -> str:
@@ -142,8 +216,10 @@ def table(rows: dict[int, Measured], output_len: int, native: dict[int, Measured
     lines = [head, "|---|" + "---|" * len(rows)]
     passes = 2 if native else 1  # both_ways adds up two passes of each kind
     lines.append("| whole step | " + " | ".join(_rate(c, *(native or rows)[c][1:], output_len, passes) for c in rows) + " |")
-    if native:  # the parts below are shares of the Python loop's step; the linears' also of the engine's own
-        share = [rows[c][0].seconds["linears"] / rows[c][1] / (native[c][2] / native[c][1]) for c in rows]
+    if native:  # the linears alone against the engine's own step; the parts below are shares of the Python loop's step
+        alone = [native[c][0].seconds["linears"] / native[c][1] * 1000 for c in rows]
+        lines.append("| linears alone at the step's rows (the matmul ceiling) | " + " | ".join(f"{ms:.2f}" for ms in alone) + " |")
+        share = [native[c][0].seconds["linears"] / native[c][2] for c in rows]
         lines.append("| linears' share of the whole step | " + " | ".join(f"{x:.0%}" for x in share) + " |")
         cells = [_rate(c, n, s, output_len, passes) for c, (_, n, s) in rows.items()]
         lines.append("| whole step, layers in Python (the parts below) | " + " | ".join(cells) + " |")
@@ -180,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         if engine.runner.lean is not None and engine.runner.lean.native is not None:
             rows[c], native[c] = both_ways(engine, c, args, vocab)
         else:
-            rows[c] = steady_state(engine, c, args, vocab)[0]
+            rows[c] = steady_state(engine, c, args, vocab, [instrumented(engine)])[0]
     print(f"{path}: {args.input_len} random ids -> {args.output_len} tokens, greedy, ignore_eos; steady state of a closed loop")
     print(table(rows, args.output_len, native))
     return 0
