@@ -196,8 +196,12 @@ def both_ways(engine: Any, concurrency: int, args: argparse.Namespace, vocab: in
 
     def recorded(stack: ExitStack) -> Timer:  # the first B part: its steps' rows are kept
         rows = Rows(forward)
+
+        def sweeps() -> None:  # run when the part ends, before the second B part starts
+            ceiling.seconds["linears"] = linears_alone(forward, rows.steps) + linears_alone(forward, rows.steps)
+
         stack.enter_context(mock.patch.object(runner, "lean", rows))
-        stack.callback(lambda: [ceiling.seconds.__setitem__("linears", linears_alone(forward, rows.steps) + linears_alone(forward, rows.steps))])
+        stack.callback(sweeps)
         return Timer()
 
     first, plain1, plain2, last = steady_state(engine, concurrency, args, vocab, [instrumented(engine), recorded, plain, instrumented(engine)])
