@@ -145,6 +145,8 @@ def test_the_breakdown_times_every_part_of_a_step(kind, llama_dir, gpt2_dir, cap
         assert "whole step, layers in Python (the parts below)" in rows
         shares = [float(cell.rstrip("%")) for cell in rows["linears' share of the whole step"].strip("| ").split(" | ")[1:]]
         assert len(shares) == 2 and all(0 < share for share in shares)
+        alone = [float(cell) for cell in rows["linears alone at the step's rows (the matmul ceiling)"].strip("| ").split(" | ")[1:]]
+        assert len(alone) == 2 and all(ms > 0 for ms in alone)  # replayed at the one call's own rows
 
 
 @pytest.mark.parametrize("library", ["matmul", "paged_attention", "llama_ops"])
