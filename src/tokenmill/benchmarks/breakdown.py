@@ -198,7 +198,7 @@ def both_ways(engine: Any, concurrency: int, args: argparse.Namespace, vocab: in
         rows = Rows(forward)
 
         def sweeps() -> None:  # run when the part ends, before the second B part starts
-            ceiling.seconds["linears"] = linears_alone(forward, rows.steps) + linears_alone(forward, rows.steps)
+            ceiling.seconds["linears"] = linears_alone(forward, rows.steps * 2)
 
         stack.enter_context(mock.patch.object(runner, "lean", rows))
         stack.callback(sweeps)
