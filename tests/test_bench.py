@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -217,6 +218,22 @@ def test_compare_table_has_a_row_per_system_and_ratios():
     assert "| llama.cpp | failed to start |" in text
 
 
+def test_rounds_merge_counts_summed_rates_averaged_flags_all():
+    rounds = [
+        {"completed": 4, "failed": 0, "output_throughput": 30.0, "itl_ms": {"p99": 10.0}, "errors": [], "ok": True, "error": None},
+        {"completed": 4, "failed": 1, "output_throughput": 20.0, "itl_ms": {"p99": None}, "errors": ["x"], "ok": False, "error": "x"},
+    ]
+    assert compare.merge(rounds) == {
+        "completed": 8,
+        "failed": 1,
+        "output_throughput": 25.0,
+        "itl_ms": {"p99": 10.0},
+        "errors": ["x"],
+        "ok": False,
+        "error": "x",
+    }
+
+
 def test_percentiles_interpolate_like_numpy():
     assert metrics.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert metrics.percentile([5.0], 99) == 5.0
@@ -260,3 +277,18 @@ def test_grammar_library_comparison_runs(llama_dir, capsys):
     assert len(rows) == 1
     accepted, total = rows[0].rstrip(" |").rsplit("| ", 1)[1].split(" of ")
     assert accepted == total  # the valid output is accepted whole
+
+
+@pytest.mark.slow  # two `python -m tokenmill serve` subprocesses up at once: ~20 s
+def test_compare_rounds_alternate_the_systems_on_new_prompts(llama_dir, tmp_path, capsys):
+    repo = Path(__file__).resolve().parents[1]
+    args = ["--model", str(llama_dir), "--concurrency", "2", "--num-prompts", "2", "--input-len", "8", "--output-len", "4"]
+    code = compare.main([*args, "--rounds", "2", "--baseline-src", str(repo), "--log-dir", str(tmp_path)])
+    assert code == 0
+    systems = json.loads((tmp_path / "compare.json").read_text())["systems"]
+    ours, other = systems["tokenmill"], next(r for name, r in systems.items() if name != "tokenmill")
+    a, b = ([run["started_at"] for run in r["runs"]["2"]["rounds"]] for r in (ours, other))
+    assert a[0] < b[0] < b[1] < a[1]  # A B, then B A
+    assert ours["runs"]["2"]["summary"]["completed"] == 4  # both rounds' requests
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tokenmill")]
+    assert len(rows) == 4 and sum(line.count(" / ") == 1 for line in rows) == 2  # the table's rows, then each round's figures

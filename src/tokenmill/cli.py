@@ -53,7 +53,7 @@ BENCHMARKS = {
     "serve": "load any OpenAI-compatible /v1/completions server: throughput, TTFT, TPOT, ITL",
     "offline": "the engine alone, in-process, no HTTP: what the server costs on top",
     "ceiling": "one decode step's matmul time per batch size, and the batch-1 memory floor",
-    "compare": "tokenmill, an older tokenmill, vLLM and llama.cpp side by side, one server at a time",
+    "compare": "tokenmill, an older tokenmill, vLLM and llama.cpp side by side, one at a time or in alternated rounds",
 }
 
 

@@ -1,23 +1,30 @@
-"""Side by side: tokenmill, an older tokenmill, vLLM (CPU) and llama.cpp, one server at a time, same load.
+"""Side by side: tokenmill, an older tokenmill, vLLM (CPU) and llama.cpp, same load.
 
     python -m tokenmill.benchmarks.compare --model DIR [--concurrency 1 16] [--tokenmill-args "..."]
         [--baseline-src OLD_TREE] [--vllm-python PY] [--llama-server BIN --gguf FILE] [--transformers] [--long-prompt]
+        [--rounds N]
 
 Each system is started, waited for (GET /health), loaded with `bench serve`'s client in this process
 (random-id prompts, greedy, ignore_eos, streamed) at each concurrency, and stopped before the next one
 starts. Its resident memory (the process and its children) is sampled every 0.5 s during each run.
-Prints one Markdown table and writes everything as JSON.
+With --rounds N (N >= 2) every system is started at once instead, and each workload runs N times, the
+systems in turn in alternating order (A B C, C B A, ...), each round on new prompts: on a machine whose
+speed drifts within minutes, a drift that is linear over a workload's rounds then weighs on every system
+alike. Prints one Markdown table and writes everything as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import shlex
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tokenmill.benchmarks import workload
@@ -141,6 +148,7 @@ def one_run(server: Server, args: argparse.Namespace, vocab: int, concurrency: i
         **extra,
     )
     assert server.proc is not None  # a started server has its process
+    started = time.time()
     with MemorySampler(server.proc.pid) as memory:
         report = asyncio.run(benchmark(options))
     s, long = report["summary"], report["long_prompt"]
@@ -150,7 +158,21 @@ def one_run(server: Server, args: argparse.Namespace, vocab: int, concurrency: i
         + ("" if long is None else f"; long prompt: {'ok' if long['ok'] else 'FAILED: ' + long['error']}"),
         file=sys.stderr,
     )
-    return {"summary": s, "long_prompt": report["long_prompt"], "memory_mib": memory.result()}
+    return {"summary": s, "long_prompt": report["long_prompt"], "memory_mib": memory.result(), "started_at": started}
+
+
+def long_prompt_run(server: Server, args: argparse.Namespace, vocab: int, at: float, seed: int) -> dict:
+    """c16 with one long prompt sent `at` seconds in."""
+    return one_run(
+        server,
+        args,
+        vocab,
+        LONG_CONCURRENCY,
+        seed=seed,
+        long_prompt_len=LONG_PROMPT_LEN,
+        long_prompt_at=at,
+        long_prompt_output_len=LONG_PROMPT_OUTPUT,
+    )
 
 
 def measure(server: Server, args: argparse.Namespace, vocab: int) -> dict:
@@ -162,18 +184,88 @@ def measure(server: Server, args: argparse.Namespace, vocab: int) -> dict:
     if args.long_prompt:
         plain = runs.get(LONG_CONCURRENCY) or one_run(server, args, vocab, LONG_CONCURRENCY, seed=args.seed + 100)
         at = plain["summary"]["duration_s"] / 2  # mid-run, for this system's speed
-        loaded = one_run(
-            server,
-            args,
-            vocab,
-            LONG_CONCURRENCY,
-            seed=args.seed + 101,
-            long_prompt_len=LONG_PROMPT_LEN,
-            long_prompt_at=at,
-            long_prompt_output_len=LONG_PROMPT_OUTPUT,
-        )
-        result["long_prompt"] = {"at_s": at, "without": plain, "with": loaded}
+        result["long_prompt"] = {"at_s": at, "without": plain, "with": long_prompt_run(server, args, vocab, at, args.seed + 101)}
     return result
+
+
+def merge(values: list) -> object:
+    """Several rounds' values as one: dicts key by key, counts summed, rates and latencies averaged, flags all()."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    first = present[0]
+    if isinstance(first, dict):
+        return {key: merge([v.get(key) for v in present]) for key in first}
+    if isinstance(first, bool):
+        return all(present)
+    if isinstance(first, int):
+        return sum(present)
+    if isinstance(first, float):
+        return sum(present) / len(present)
+    if isinstance(first, list):
+        return sorted({item for v in present for item in v})
+    return first
+
+
+def merged_run(runs: list[dict]) -> dict:
+    """A workload's rounds as one run (see merge), its memory's start, peak and end over them, and the rounds."""
+    memory = [r["memory_mib"] for r in runs]
+    return {
+        "summary": merge([r["summary"] for r in runs]),
+        "long_prompt": merge([r["long_prompt"] for r in runs]),
+        "memory_mib": {"start": memory[0]["start"], "peak": max(m["peak"] for m in memory), "end": memory[-1]["end"]},
+        "rounds": runs,
+    }
+
+
+def alternated(servers: dict[str, Server], rounds: int, run: Callable[[Server, int], dict]) -> dict[str, dict]:
+    """run(server, round) for every round and server, the servers in turn, every other round in reverse."""
+    names = list(servers)
+    done: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            done[name].append(run(servers[name], r))
+    return {name: merged_run(runs) for name, runs in done.items()}
+
+
+def measure_rounds(servers: dict[str, Server], args: argparse.Namespace, vocab: int) -> dict[str, dict]:
+    """Every workload args.rounds times over servers already up; the long prompt's moment from each one's c16 runs."""
+    results: dict[str, dict] = {name: {"command": s.command, "runs": {}} for name, s in servers.items()}
+    for i, c in enumerate(args.concurrency):
+        warm = i == 0  # a warm-up request before each server's first run
+
+        def load(server: Server, r: int, c: int = c, seed: int = args.seed + i, warm: bool = warm) -> dict:
+            return one_run(server, args, vocab, c, seed=seed + 1000 * r, warmup=1 if warm and r == 0 else 0)
+
+        for name, run in alternated(servers, args.rounds, load).items():
+            results[name]["runs"][c] = run
+    if args.long_prompt:
+        if LONG_CONCURRENCY not in args.concurrency:
+            plain = alternated(servers, args.rounds, lambda s, r: one_run(s, args, vocab, LONG_CONCURRENCY, seed=args.seed + 100 + 1000 * r))
+        else:
+            plain = {name: results[name]["runs"][LONG_CONCURRENCY] for name in servers}
+        at = {name: run["summary"]["duration_s"] / 2 for name, run in plain.items()}
+        loaded = alternated(servers, args.rounds, lambda s, r: long_prompt_run(s, args, vocab, at[s.spec.name], args.seed + 101 + 1000 * r))
+        for name in servers:
+            results[name]["long_prompt"] = {"at_s": at[name], "without": plain[name], "with": loaded[name]}
+    return results
+
+
+def run_together(chosen: list[ServerSpec], args: argparse.Namespace, vocab: int, log_dir: Path) -> dict[str, dict]:
+    """Start every system (a failed start recorded, not raised), then measure them in alternated rounds."""
+    failed: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for spec in chosen:
+            server = Server(spec, log_dir)
+            print(f"{spec.name}: starting {shlex.join(server.command)}", file=sys.stderr)
+            try:
+                servers[spec.name] = stack.enter_context(server)
+            except ServerError as exc:
+                print(f"{spec.name}: {exc}", file=sys.stderr)
+                failed[spec.name] = {"command": spec.command, "error": str(exc).splitlines()[0]}
+        measured = measure_rounds(servers, args, vocab) if servers else {}
+    return {spec.name: measured.get(spec.name) or failed[spec.name] for spec in chosen}
 
 
 def run_system(spec: ServerSpec, args: argparse.Namespace, vocab: int, log_dir: Path) -> dict:
@@ -191,7 +283,6 @@ def run_system(spec: ServerSpec, args: argparse.Namespace, vocab: int, log_dir: 
 def generate_baseline(args: argparse.Namespace, vocab: int) -> dict:
     """transformers `generate` in this process, one static batch per concurrency: output tok/s only."""
     import random
-    import time
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -263,6 +354,17 @@ def _row(r: dict, ours: dict, concurrency: list[int], long_prompt: bool) -> list
     return cells
 
 
+def rounds_table(results: dict[str, dict], concurrency: list[int]) -> str:
+    """Output tok/s of every round, a row per system, in the order the rounds ran."""
+    head = ["system", *(f"out tok/s c{c}, round by round" for c in concurrency)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        runs = r.get("runs", {})
+        cells = [" / ".join(_cell(x["summary"]["output_throughput"]) for x in runs[c]["rounds"]) if c in runs else "-" for c in concurrency]
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def _long_cell(lp: dict | None) -> str:
     if lp is None:
         return "-"
@@ -285,6 +387,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf", default=None, help="the GGUF file llama-server serves (the same model)")
     parser.add_argument("--transformers", action="store_true", help="add transformers `generate`, a static batch, in-process")
     parser.add_argument("--long-prompt", action="store_true", help=f"also run c{LONG_CONCURRENCY} with one {LONG_PROMPT_LEN}-token prompt sent mid-run")
+    parser.add_argument("--rounds", type=int, default=1, help="N >= 2: every system up at once, each workload N times, the systems in alternating order")
     parser.add_argument("--log-dir", default=None, help="servers' logs and compare.json (default: a new temporary folder)")
     parser.add_argument("--result-json", default=None, help="default: LOG_DIR/compare.json")
 
@@ -302,7 +405,10 @@ def run(args: argparse.Namespace) -> int:
     chosen, notes = specs(args)
     for note in notes + ([] if args.transformers else ["transformers generate skipped (no --transformers)"]):
         print(f"note: {note}", file=sys.stderr)
-    results = {spec.name: run_system(spec, args, vocab, log_dir) for spec in chosen}
+    if args.rounds > 1:
+        results = run_together(chosen, args, vocab, log_dir)
+    else:
+        results = {spec.name: run_system(spec, args, vocab, log_dir) for spec in chosen}
     if args.transformers:
         results["transformers generate (static batch)"] = generate_baseline(args, vocab)
     print(
@@ -310,6 +416,8 @@ def run(args: argparse.Namespace) -> int:
         f" prompts per run: " + ", ".join(f"c{c}: {prompts_for(args, c)}" for c in args.concurrency) + "\n"
     )
     print(table(results, args.concurrency, args.long_prompt))
+    if args.rounds > 1:
+        print("\n" + rounds_table(results, args.concurrency))
     path = args.result_json or str(log_dir / "compare.json")
     write_json(path, {"options": vars(args), "systems": results})
     print(f"\nJSON and server logs: {path}, {log_dir}")
