@@ -8,9 +8,10 @@ Each system is started, waited for (GET /health), loaded with `bench serve`'s cl
 (random-id prompts, greedy, ignore_eos, streamed) at each concurrency, and stopped before the next one
 starts. Its resident memory (the process and its children) is sampled every 0.5 s during each run.
 With --rounds N (N >= 2) every system is started at once instead, and each workload runs N times, the
-systems in turn in alternating order (A B C, C B A, ...), each round on new prompts: on a machine whose
-speed drifts within minutes, a drift that is linear over a workload's rounds then weighs on every system
-alike. Prints one Markdown table and writes everything as JSON.
+systems in turn in alternating order (A B C, C B A, ...), the others paused (SIGSTOP) meanwhile, each
+round on new prompts: on a machine whose speed drifts within minutes, a drift that is linear over a
+workload's rounds then weighs on every system alike. Prints one Markdown table and writes everything
+as JSON.
 """
 
 from __future__ import annotations
@@ -219,12 +220,19 @@ def merged_run(runs: list[dict]) -> dict:
 
 
 def alternated(servers: dict[str, Server], rounds: int, run: Callable[[Server, int], dict]) -> dict[str, dict]:
-    """run(server, round) for every round and server, the servers in turn, every other round in reverse."""
+    """run(server, round) for every round and server, the servers in turn, every other round in reverse.
+
+    The servers not running are paused (SIGSTOP), so that no idle server's polling takes CPU from the one measured.
+    """
     names = list(servers)
     done: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            done[name].append(run(servers[name], r))
+            servers[name].resume()
+            try:
+                done[name].append(run(servers[name], r))
+            finally:
+                servers[name].pause()
     return {name: merged_run(runs) for name, runs in done.items()}
 
 
@@ -261,6 +269,7 @@ def run_together(chosen: list[ServerSpec], args: argparse.Namespace, vocab: int,
             print(f"{spec.name}: starting {shlex.join(server.command)}", file=sys.stderr)
             try:
                 servers[spec.name] = stack.enter_context(server)
+                server.pause()  # until its turn: idle, it would still poll while the next one starts
             except ServerError as exc:
                 print(f"{spec.name}: {exc}", file=sys.stderr)
                 failed[spec.name] = {"command": spec.command, "error": str(exc).splitlines()[0]}
