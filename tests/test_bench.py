@@ -218,14 +218,15 @@ def test_compare_table_has_a_row_per_system_and_ratios():
     assert "| llama.cpp | failed to start |" in text
 
 
-def test_rounds_merge_counts_summed_rates_averaged_flags_all():
+def test_rounds_merge_sums_counts_averages_the_rest_and_flags_all():
     rounds = [
-        {"completed": 4, "failed": 0, "output_throughput": 30.0, "itl_ms": {"p99": 10.0}, "errors": [], "ok": True, "error": None},
-        {"completed": 4, "failed": 1, "output_throughput": 20.0, "itl_ms": {"p99": None}, "errors": ["x"], "ok": False, "error": "x"},
+        {"completed": 4, "failed": 0, "prompt_tokens": 2000, "output_throughput": 30.0, "itl_ms": {"p99": 10.0}, "errors": [], "ok": True, "error": None},
+        {"completed": 4, "failed": 1, "prompt_tokens": 2000, "output_throughput": 20.0, "itl_ms": {"p99": None}, "errors": ["x"], "ok": False, "error": "x"},
     ]
     assert compare.merge(rounds) == {
         "completed": 8,
         "failed": 1,
+        "prompt_tokens": 2000,
         "output_throughput": 25.0,
         "itl_ms": {"p99": 10.0},
         "errors": ["x"],

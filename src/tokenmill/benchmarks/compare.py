@@ -189,20 +189,21 @@ def measure(server: Server, args: argparse.Namespace, vocab: int) -> dict:
     return result
 
 
-def merge(values: list) -> object:
-    """Several rounds' values as one: dicts key by key, counts summed, rates and latencies averaged, flags all()."""
+COUNTS = {"completed", "failed", "total_input_tokens", "total_output_tokens", "others_gaps_during"}  # summed over rounds
+
+
+def merge(values: list, key: str = "") -> object:
+    """Several rounds' values as one: dicts key by key, COUNTS summed, other numbers (rates, latencies) averaged, flags all()."""
     present = [v for v in values if v is not None]
     if not present:
         return None
     first = present[0]
     if isinstance(first, dict):
-        return {key: merge([v.get(key) for v in present]) for key in first}
+        return {k: merge([v.get(k) for v in present], k) for k in first}
     if isinstance(first, bool):
         return all(present)
-    if isinstance(first, int):
-        return sum(present)
-    if isinstance(first, float):
-        return sum(present) / len(present)
+    if isinstance(first, int | float):
+        return sum(present) if key in COUNTS else sum(present) / len(present)
     if isinstance(first, list):
         return sorted({item for v in present for item in v})
     return first
