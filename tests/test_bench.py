@@ -281,7 +281,7 @@ def test_grammar_library_comparison_runs(llama_dir, capsys):
 
 
 @pytest.mark.slow  # two `python -m tokenmill serve` subprocesses up at once: ~20 s
-def test_compare_rounds_alternate_the_systems_on_new_prompts(llama_dir, tmp_path, capsys):
+def test_compare_rounds_alternate_the_systems(llama_dir, tmp_path, capsys):
     repo = Path(__file__).resolve().parents[1]
     args = ["--model", str(llama_dir), "--concurrency", "2", "--num-prompts", "2", "--input-len", "8", "--output-len", "4"]
     code = compare.main([*args, "--rounds", "2", "--baseline-src", str(repo), "--log-dir", str(tmp_path)])

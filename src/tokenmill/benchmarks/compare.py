@@ -176,19 +176,6 @@ def long_prompt_run(server: Server, args: argparse.Namespace, vocab: int, at: fl
     )
 
 
-def measure(server: Server, args: argparse.Namespace, vocab: int) -> dict:
-    """Every concurrency (a warm-up request before the first), then the long-prompt pair if asked."""
-    runs = {}
-    for i, c in enumerate(args.concurrency):
-        runs[c] = one_run(server, args, vocab, c, seed=args.seed + i, warmup=1 if i == 0 else 0)
-    result = {"command": server.command, "runs": runs}
-    if args.long_prompt:
-        plain = runs.get(LONG_CONCURRENCY) or one_run(server, args, vocab, LONG_CONCURRENCY, seed=args.seed + 100)
-        at = plain["summary"]["duration_s"] / 2  # mid-run, for this system's speed
-        result["long_prompt"] = {"at_s": at, "without": plain, "with": long_prompt_run(server, args, vocab, at, args.seed + 101)}
-    return result
-
-
 COUNTS = {"completed", "failed", "total_input_tokens", "total_output_tokens", "others_gaps_during"}  # summed over rounds
 
 
@@ -211,6 +198,8 @@ def merge(values: list, key: str = "") -> object:
 
 def merged_run(runs: list[dict]) -> dict:
     """A workload's rounds as one run (see merge), its memory's start, peak and end over them, and the rounds."""
+    if len(runs) == 1:  # one round is its own merge, its numbers kept as they were
+        return {**runs[0], "rounds": runs}
     memory = [r["memory_mib"] for r in runs]
     return {
         "summary": merge([r["summary"] for r in runs]),
@@ -237,16 +226,17 @@ def alternated(servers: dict[str, Server], rounds: int, run: Callable[[Server, i
     return {name: merged_run(runs) for name, runs in done.items()}
 
 
+def concurrency_run(args: argparse.Namespace, vocab: int, i: int) -> Callable[[Server, int], dict]:
+    """run(server, round) of the i-th concurrency: new prompts each round, a warm-up request before a server's first run."""
+    c = args.concurrency[i]
+    return lambda server, r: one_run(server, args, vocab, c, seed=args.seed + i + 1000 * r, warmup=1 if i == 0 and r == 0 else 0)
+
+
 def measure_rounds(servers: dict[str, Server], args: argparse.Namespace, vocab: int) -> dict[str, dict]:
     """Every workload args.rounds times over servers already up; the long prompt's moment from each one's c16 runs."""
     results: dict[str, dict] = {name: {"command": s.command, "runs": {}} for name, s in servers.items()}
     for i, c in enumerate(args.concurrency):
-        warm = i == 0  # a warm-up request before each server's first run
-
-        def load(server: Server, r: int, c: int = c, seed: int = args.seed + i, warm: bool = warm) -> dict:
-            return one_run(server, args, vocab, c, seed=seed + 1000 * r, warmup=1 if warm and r == 0 else 0)
-
-        for name, run in alternated(servers, args.rounds, load).items():
+        for name, run in alternated(servers, args.rounds, concurrency_run(args, vocab, i)).items():
             results[name]["runs"][c] = run
     if args.long_prompt:
         if LONG_CONCURRENCY not in args.concurrency:
@@ -261,7 +251,7 @@ def measure_rounds(servers: dict[str, Server], args: argparse.Namespace, vocab: 
 
 
 def run_together(chosen: list[ServerSpec], args: argparse.Namespace, vocab: int, log_dir: Path) -> dict[str, dict]:
-    """Start every system (a failed start recorded, not raised), then measure them in alternated rounds."""
+    """Start the systems (a failed start recorded, not raised), measure them in alternated rounds, stop them."""
     failed: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
         servers = {}
@@ -276,18 +266,6 @@ def run_together(chosen: list[ServerSpec], args: argparse.Namespace, vocab: int,
                 failed[spec.name] = {"command": spec.command, "error": str(exc).splitlines()[0]}
         measured = measure_rounds(servers, args, vocab) if servers else {}
     return {spec.name: measured.get(spec.name) or failed[spec.name] for spec in chosen}
-
-
-def run_system(spec: ServerSpec, args: argparse.Namespace, vocab: int, log_dir: Path) -> dict:
-    """Start one system, measure it, stop it; a failed start is recorded, not raised."""
-    server = Server(spec, log_dir)
-    print(f"{spec.name}: starting {shlex.join(server.command)}", file=sys.stderr)
-    try:
-        with server:
-            return measure(server, args, vocab)
-    except ServerError as exc:
-        print(f"{spec.name}: {exc}", file=sys.stderr)
-        return {"command": spec.command, "error": str(exc).splitlines()[0]}
 
 
 def generate_baseline(args: argparse.Namespace, vocab: int) -> dict:
@@ -417,8 +395,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     if args.rounds > 1:
         results = run_together(chosen, args, vocab, log_dir)
-    else:
-        results = {spec.name: run_system(spec, args, vocab, log_dir) for spec in chosen}
+    else:  # one system up at a time: each is its own single round
+        results = {name: r for spec in chosen for name, r in run_together([spec], args, vocab, log_dir).items()}
     if args.transformers:
         results["transformers generate (static batch)"] = generate_baseline(args, vocab)
     print(
