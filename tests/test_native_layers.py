@@ -50,6 +50,27 @@ def test_one_call_gives_the_python_loops_tokens_and_logprobs(kind, llama_dir, qw
     assert together(engines[0], requests) == together(engines[1], requests)
 
 
+@compiler
+def test_the_last_layer_runs_the_kept_rows_only_with_every_rows_bits(llama_dir):
+    """Each step with prompt rows, run again keeping every row: the trimmed call's logits are those rows' own, bit for bit."""
+    engine = engine_for(llama_dir, max_num_batched_tokens=64)
+    forward = engine.runner.lean
+    if forward.native is None:
+        pytest.skip(f"no compiled silu with torch's bits here (torch runs {torch.backends.cpu.get_cpu_capability()})")
+    trimmed = []
+
+    def checked(ids, positions, keep, step):
+        logits = forward(ids, positions, keep, step)
+        if keep.shape[0] < ids.shape[0]:  # prompt rows: only the last of a finished prompt is kept
+            every = forward(ids, positions, torch.arange(ids.shape[0]), step)  # the same keys and values written again
+            trimmed.append(torch.equal(logits, every[keep]))
+        return logits
+
+    engine.runner.lean = checked
+    together(engine, mixed_requests(12, engine.tokenizer.vocab_size, seed=6))
+    assert len(trimmed) >= 5 and all(trimmed)
+
+
 def test_no_one_call_without_the_compiled_attention(llama_dir):
     """attention torch: the Python loop (each part takes its torch ops)."""
     assert engine_for(llama_dir, attention="torch").runner.lean.native is None

@@ -109,8 +109,9 @@ class Rows:
 
 
 def linears_alone(forward: Any, steps: list[tuple[int, int]]) -> float:
-    """Seconds for every linear of `steps` ((rows, kept rows) each) alone: the compiled matmul called directly
-    at those rows, layer by layer in model order, on inputs of random numbers; the lm_head at the kept rows."""
+    """Seconds for every linear of `steps` ((rows, kept rows) each) alone, as the one compiled call runs them: the
+    compiled matmul called directly, layer by layer in model order, on inputs of random numbers; the last layer's
+    output projection and MLP, and the lm_head, at the kept rows."""
     import torch
 
     from tokenmill.engine.llama_forward import SMALL_ROWS
@@ -121,19 +122,20 @@ def linears_alone(forward: Any, steps: list[tuple[int, int]]) -> float:
     out = torch.empty(most, max(p.packed.out_features for p in [*projections, forward.lm_head]))
     threads = torch.get_num_threads()
 
-    def run(p: Any, rows: int) -> None:
+    def run(p: Any, rows: int, step_rows: int) -> None:
         bias = None if p.packed.bias is None else p.packed.bias.data_ptr()
         shape = (rows, p.packed.out_features, p.packed.in_features, threads)
-        if p.small is not None and rows <= SMALL_ROWS:  # as the one call runs a few rows without batch invariance
+        if p.small is not None and step_rows <= SMALL_ROWS:  # as the one call runs a few rows without batch invariance
             p.small.small_matmul(x.data_ptr(), p.weight.data_ptr(), bias, out.data_ptr(), *shape)
         else:
             p.packed.kernel.matmul(x.data_ptr(), p.packed.packed.data_ptr(), bias, out.data_ptr(), *shape)
 
+    tail = len(projections) - 3  # the last layer's o, gate_up and down
     start = time.perf_counter()
     for rows, kept in steps:
-        for p in projections:
-            run(p, rows)
-        run(forward.lm_head, kept)
+        for i, p in enumerate(projections):
+            run(p, kept if i >= tail else rows, rows)
+        run(forward.lm_head, kept, kept)
     return time.perf_counter() - start
 
 

@@ -197,12 +197,11 @@ class LlamaForward:
         cos, sin = self.rotary(x[None], positions[None])  # [1, T, D] each
         cos, sin = cos[0, :, None].contiguous(), sin[0, :, None].contiguous()  # [T, 1, D]
         step.kv_written = self.kernel is not None
-        delta: torch.Tensor | None = None
         if self.native is not None:  # built only for the runner's compiled attention backend
-            delta = self.native(x, cos, sin, step)
-        else:
-            for layer in self.layers:
-                delta = layer(x, delta, cos, sin, step)
+            return self.lm_head(self.norm(*self.native(x, cos, sin, step, keep)))
+        delta: torch.Tensor | None = None
+        for layer in self.layers:
+            delta = layer(x, delta, cos, sin, step)
         assert delta is not None  # a model has layers
         return self.lm_head(self.norm(x[keep], delta[keep]))
 

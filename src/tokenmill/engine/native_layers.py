@@ -44,7 +44,7 @@ class Step(ctypes.Structure):
         ("kv", _P), ("num_blocks", _N), ("block_size", _N), ("x", _P),
         *[(name, _P) for name in BUFFERS],
         *[(name, _P) for name in ("cos", "sin", "slots", "tables", "lens", "chunk_meta", "chunk_tables")],
-        ("threads", _I), ("torch_threads", _I),
+        ("threads", _I), ("torch_threads", _I), ("keep", _P), ("kept", _N),
     ]  # fmt: skip
 
 
@@ -121,9 +121,12 @@ class NativeLayers:
         lanes, exp = silu_lanes(forward.kernel)
         return NativeLayers(forward, attention, lanes, exp, small_rows) if lanes else None
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext) -> torch.Tensor:
-        """x [T, hidden] the embedded step, updated in place; cos/sin [T, 1, D] -> the last layer's output [T, hidden]."""
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] the embedded step, updated in place; cos/sin [T, 1, D]; keep [K] the rows whose logits are wanted
+        -> (x, the last layer's output) at those rows, [K, hidden] each."""
         t = x.shape[0]
+        # strictly increasing (no padding repeats): the last layer's projection and MLP then run on these rows only
+        trim = keep.shape[0] < t and bool((keep[1:] > keep[:-1]).all())
         buffers = {name: self._take(name, t) for name in BUFFERS}
         decode = step.decode_rows
         tables = step.decode_blocks if decode else None
@@ -136,6 +139,7 @@ class NativeLayers:
             t, decode, 0 if tables is None else tables.shape[1], len(step.chunks), attended, kv.data_ptr(), kv.shape[3], kv.shape[4], x.data_ptr(),
             *[buffers[name].data_ptr() for name in BUFFERS], cos.data_ptr(), sin.data_ptr(), step.slots.data_ptr(),
             *[0 if a is None else a.data_ptr() for a in (tables, lens, meta, chunk_tables)], threads, threads,
+            keep.data_ptr() if trim else 0, keep.shape[0],
         )  # fmt: skip
         # looked up at each call, not kept: benchmarks.kernel_ab swaps the libraries between calls
         self.model.matmul, self.model.decode = _address(self.matmul.matmul), _address(self.attention.paged_decode)
@@ -144,7 +148,9 @@ class NativeLayers:
         if done != 0:
             raise RuntimeError(f"llama_layers: a kernel refused the step ({done})")
         step.kv_written = True
-        return buffers["delta"]
+        if trim:
+            return x[: keep.shape[0]], buffers["delta"][: keep.shape[0]]
+        return x[keep], buffers["delta"][keep]
 
     def _take(self, name: str, rows: int) -> torch.Tensor:
         """Buffer `name`'s first `rows` rows, kept from step to step (fresh memory costs a page fault per 4 KiB each time)."""

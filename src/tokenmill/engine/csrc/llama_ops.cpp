@@ -230,14 +230,26 @@ struct Step {
     const float *cos, *sin;  // [rows, D]
     const int64_t *slots, *tables, *lens, *chunk_meta, *chunk_tables;  // as the kernels take them
     int32_t threads, torch_threads;
+    // the rows whose logits are wanted, strictly increasing, or null: every row. The last layer's output projection and MLP
+    // run on these rows only (moved to its first `kept` rows of x and delta); the other rows' keys and values are written.
+    const int64_t *keep;
+    int64_t kept;
 };
 
-// y [T, N] = x [T, K] w^T (+ bias): small_matmul on the plain weight for a step of few rows where the model allows it
-// (no batch invariance), else the packed matmul; nonzero where the kernel refused.
-static int project(const Model *m, const float *x, const float *packed, const float *plain, const float *bias, float *y, int64_t T, int64_t N,
-                   int64_t K, int threads) {
-    if (T <= m->small_rows && plain != nullptr) return small_matmul(x, plain, bias, y, T, N, K, threads);
-    return m->matmul(x, packed, bias, y, T, N, K, threads);
+// y [R, N] = x [R, K] w^T (+ bias): small_matmul on the plain weight where the step's T rows are few and the model
+// allows it (no batch invariance), else the packed matmul; nonzero where the kernel refused. The choice follows the
+// step's rows, not R, so the last layer's kept rows take the kernel every other layer took.
+static int project(const Model *m, const float *x, const float *packed, const float *plain, const float *bias, float *y, int64_t R, int64_t N,
+                   int64_t K, int threads, int64_t T) {
+    if (T <= m->small_rows && plain != nullptr) return small_matmul(x, plain, bias, y, R, N, K, threads);
+    return m->matmul(x, packed, bias, y, R, N, K, threads);
+}
+
+// Rows keep[0, n) of x [.., width] moved to rows 0..n-1; keep strictly increasing, so keep[i] >= i and no row is read after
+// it was overwritten.
+static void gather_rows(float *x, const int64_t *keep, int64_t n, int64_t width) {
+    for (int64_t i = 0; i < n; i++)
+        if (keep[i] != i) memcpy(x + i * width, x + keep[i] * width, sizeof(float) * width);
 }
 
 // Every layer of the step, x updated in place; 0, or the negative code of the kernel that refused: -1 matmul,
@@ -250,7 +262,7 @@ extern "C" int llama_layers(const Model *m, const Step *s) {
         const LayerWeights &w = m->weights[l];
         float *keys = s->kv + l * 2 * half, *values = keys + half;
         add_rms_norm(s->x, l ? s->delta : nullptr, w.norm1, s->normed, T, m->hidden, m->eps, m->norm_lanes, threads);
-        if (project(m, s->normed, w.qkv, w.qkv_plain, w.qkv_bias, s->qkv, T, W, m->hidden, threads)) return -1;
+        if (project(m, s->normed, w.qkv, w.qkv_plain, w.qkv_bias, s->qkv, T, W, m->hidden, threads, T)) return -1;
         rope_store(s->qkv, s->cos, s->sin, s->slots, keys, values, T, H, KVH, D, W, S, threads);
         if (s->attended < T) memset(s->attn + s->attended * HD, 0, sizeof(float) * (T - s->attended) * HD);  // finite rows downstream
         if (s->decode_rows && m->decode(s->qkv, D, W, keys, values, s->tables, s->lens, s->attn, s->decode_rows, H, KVH, s->num_blocks,
@@ -259,11 +271,17 @@ extern "C" int llama_layers(const Model *m, const Step *s) {
         if (s->chunks && m->prefill(s->qkv, D, W, keys, values, s->chunk_meta, s->chunk_tables, s->chunks, s->attn, H, KVH, s->num_blocks,
                                     s->block_size, D, m->scaling, threads))
             return -3;
-        if (project(m, s->attn, w.o, w.o_plain, w.o_bias, s->projected, T, m->hidden, HD, threads)) return -1;
-        add_rms_norm(s->x, s->projected, w.norm2, s->normed, T, m->hidden, m->eps, m->norm_lanes, threads);
-        if (project(m, s->normed, w.gate_up, w.gate_up_plain, w.gate_up_bias, s->gate_up, T, 2 * I, m->hidden, threads)) return -1;
-        if (silu_mul(s->gate_up, s->act, T, I, m->silu_lanes, m->exp, s->torch_threads, threads)) return -4;
-        if (project(m, s->act, w.down, w.down_plain, w.down_bias, s->delta, T, m->hidden, I, threads)) return -1;
+        int64_t R = T;  // rows that go on: past the last layer's attention only the kept rows' outputs are read
+        if (l == m->layers - 1 && s->keep != nullptr) {
+            R = s->kept;
+            gather_rows(s->x, s->keep, R, m->hidden);
+            gather_rows(s->attn, s->keep, R, HD);
+        }
+        if (project(m, s->attn, w.o, w.o_plain, w.o_bias, s->projected, R, m->hidden, HD, threads, T)) return -1;
+        add_rms_norm(s->x, s->projected, w.norm2, s->normed, R, m->hidden, m->eps, m->norm_lanes, threads);
+        if (project(m, s->normed, w.gate_up, w.gate_up_plain, w.gate_up_bias, s->gate_up, R, 2 * I, m->hidden, threads, T)) return -1;
+        if (silu_mul(s->gate_up, s->act, R, I, m->silu_lanes, m->exp, s->torch_threads, threads)) return -4;
+        if (project(m, s->act, w.down, w.down_plain, w.down_bias, s->delta, R, m->hidden, I, threads, T)) return -1;
     }
     return 0;
 }
