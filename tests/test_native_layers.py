@@ -61,7 +61,7 @@ def test_the_last_layer_runs_the_kept_rows_only_with_every_rows_bits(llama_dir):
 
     def checked(ids, positions, keep, step):
         logits = forward(ids, positions, keep, step)
-        if keep.shape[0] < ids.shape[0]:  # prompt rows: only the last of a finished prompt is kept
+        if keep.shape[0] < ids.shape[0]:  # prompt rows, of which only a finished prompt's last is kept
             every = forward(ids, positions, torch.arange(ids.shape[0]), step)  # the same keys and values written again
             trimmed.append(torch.equal(logits, every[keep]))
         return logits
