@@ -168,3 +168,23 @@ def test_prefill_shapes_the_kernel_does_not_take_use_torch_ops(library):
         pool, tables, queries, scratch = prompt_pool(kv_heads, group, head_dim, 16, [40])
         got = prefill(NativeAttention(library), pool, tables, queries, scratch, [(0, 0, 40)], 16, 0.2)
         assert torch.equal(got[0], prefill(TorchAttention(), pool, tables, queries, scratch, [(0, 0, 40)], 16, 0.2)[0])
+
+
+def test_the_float16_kernels_read_a_half_pool_as_its_float_values_bit_for_bit(library):
+    """--kv-cache-dtype float16: each half is read exactly into a float lane, then the float recipes run unchanged."""
+    if not hasattr(library, "paged_decode_f16"):
+        pytest.skip("this CPU has no hardware half conversion (F16C): a float16 pool runs in torch ops")
+    kernel = NativeAttention(library)
+    query, pool, step = decode_step(3, 3, 64, 16, [1, 5, 16, 17, 63, 64, 65, 200, 333])
+    half = pool.half()
+    assert torch.equal(kernel._decode(query, half, step, 0.125), kernel._decode(query, half.float(), step, 0.125))
+    lengths = [1, 17, 64, 130, 333]
+    pool, tables, queries, scratch = prompt_pool(2, 4, 32, 16, lengths)
+    pieces = [(0, 0, 1), (1, 0, 17), (2, 0, 64), (3, 50, 130), (4, 0, 333)]
+    half = pool.half()
+    got = prefill(kernel, half, tables, queries, scratch, pieces, 16, 0.2)
+    want = prefill(kernel, half.float(), tables, queries, scratch, pieces, 16, 0.2)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    torch_ops = prefill(TorchAttention(), half, tables, queries, scratch, pieces, 16, 0.2)  # the torch path reads a half pool too
+    for g, w in zip(got, torch_ops, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6)

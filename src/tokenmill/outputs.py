@@ -97,3 +97,4 @@ class ModelInfo:
     device: str
     tokenizer: str = "huggingface"
     max_request_sequences: int = 256  # prompts x best_of in one request: the most the engine runs at once
+    kv_cache_dtype: str | None = None  # where it is not the weights' dtype (--kv-cache-dtype): the numbers differ

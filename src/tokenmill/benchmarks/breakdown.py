@@ -58,8 +58,9 @@ class TimedLibrary:
     def __init__(self, library: Any, timer: Timer):
         self._library = library
         for name in KERNELS:
-            if hasattr(library, name):
-                setattr(self, name, timer.wrap(name, getattr(library, name)))
+            for variant in (name, name + "_f16"):  # a float16 pool's kernels count as the same part
+                if hasattr(library, variant):
+                    setattr(self, variant, timer.wrap(name, getattr(library, variant)))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._library, name)
@@ -88,9 +89,12 @@ def instrument(engine: Any, timer: Timer, stack: ExitStack) -> None:
     stack.enter_context(mock.patch.object(llama_forward.Projection, "__call__", timer.wrap("linears", llama_forward.Projection.__call__)))
     if lean.kernel is not None:
         ops = TimedLibrary(lean.kernel, timer)
-        for holder in [lean, *[part for layer in lean.layers for part in (layer, layer.norm1, layer.norm2)], lean.norm]:
+        for holder in [lean, *[part for layer in lean.layers for part in (layer.norm1, layer.norm2)], lean.norm]:
             if holder.kernel is not None:
                 stack.enter_context(mock.patch.object(holder, "kernel", ops))
+    for layer in lean.layers:
+        if layer.store is not None:
+            stack.enter_context(mock.patch.object(layer, "store", timer.wrap("rope_store", layer.store)))
 
 
 Measured = tuple[Timer, int, float]  # the timer of the measured steps (empty where not instrumented), their count and wall seconds

@@ -51,10 +51,10 @@ class Workspace:
     def __init__(self, dtype: torch.dtype, device: torch.device):
         self._buffers = [torch.empty(0, dtype=dtype, device=device) for _ in range(2)]
 
-    def take(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two flat buffers of at least `numel` elements."""
-        if self._buffers[0].numel() < numel:
-            self._buffers = [torch.empty(numel, dtype=b.dtype, device=b.device) for b in self._buffers]
+    def take(self, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two flat buffers of at least `numel` elements of `dtype` (the pool's)."""
+        if self._buffers[0].numel() < numel or self._buffers[0].dtype != dtype:
+            self._buffers = [torch.empty(numel, dtype=dtype, device=b.device) for b in self._buffers]
         return self._buffers[0][:numel], self._buffers[1][:numel]
 
 
@@ -116,8 +116,8 @@ class TorchAttention:
         kvh, nb, bs, d = pool.shape[1:]
         if not step.kv_written:
             assert key is not None and value is not None  # given whenever the pool still lacks them
-            pool[0].view(kvh, nb * bs, d).index_copy_(1, step.slots, key)
-            pool[1].view(kvh, nb * bs, d).index_copy_(1, step.slots, value)
+            pool[0].view(kvh, nb * bs, d).index_copy_(1, step.slots, key.to(pool.dtype))  # rounded where the pool is narrower
+            pool[1].view(kvh, nb * bs, d).index_copy_(1, step.slots, value.to(pool.dtype))
         out = query.new_empty(query.shape[1], query.shape[0], d)  # [T, H, D]: decode rows, then chunks, then padding
         padding = step.chunks[-1].rows.stop if step.chunks else step.decode_rows
         if padding < out.shape[0]:
@@ -144,7 +144,7 @@ class TorchAttention:
         q = query.reshape(kvh, h // kvh, b, d).transpose(1, 2)  # [KVH, B, g, D]
         if "decode" not in step.memo:  # the same for every layer of the step
             step.memo["decode"] = gather_rows(step.decode_blocks, kvh, pool.shape[2])
-        keys, values = _gather(pool, step.decode_blocks, step.memo["decode"], step.workspace)  # [KVH, B, L, D]
+        keys, values = _gather(pool, step.decode_blocks, step.memo["decode"], step.workspace, q.dtype)  # [KVH, B, L, D]
         out = _attend(q, keys, values, step.decode_bias, scaling)  # [KVH, B, g, D]
         return out.permute(1, 0, 2, 3).reshape(b, h, d)
 
@@ -162,7 +162,7 @@ class TorchAttention:
             length = chunk.blocks.shape[0] * pool.shape[3]
             step.memo["chunk", index] = (gather_rows(chunk.blocks[None], kvh, pool.shape[2]), runs(chunk.start, c, g, length, query.dtype, query.device))
         gather, spans = step.memo["chunk", index]
-        keys, values = _gather(pool, chunk.blocks[None], gather, step.workspace)  # [KVH, 1, L, D]
+        keys, values = _gather(pool, chunk.blocks[None], gather, step.workspace, query.dtype)  # [KVH, 1, L, D]
         grouped = query.reshape(kvh, g, c, d)
         out = query.new_empty(c, h, d)
         for a, b, length, bias in spans:
@@ -179,8 +179,10 @@ class NativeAttention(TorchAttention):
 
     Each kernel is its own fixed recipe: a generated position alone per (sequence, kv head), a prompt
     position by a recipe fixed by its position, so a request's tokens still never depend on what else
-    runs. Shapes the kernels do not take (not float32; head size not a multiple of 16, or for prompts
-    not 16, 32, 64 or 128, or more than 8 query heads a kv head) use torch ops.
+    runs. A float16 pool takes the _f16 kernels, which read each half exactly into float lanes and then
+    run the same recipes. Shapes the kernels do not take (queries not float32, a pool neither float32 nor
+    float16; head size not a multiple of 16, or for prompts not 16, 32, 64 or 128, or more than 8 query
+    heads a kv head) use torch ops.
     """
 
     def __init__(self, library):
@@ -201,12 +203,13 @@ class NativeAttention(TorchAttention):
     def _run_decode(self, query, pool, step, scaling, out) -> bool:
         """The decode kernel over q [H, B, D] (any strides, the last 1) into out's first B rows ([B, H, D] contiguous); False: a shape it does not take."""
         h, b, d = query.shape
-        if d % 16 or pool.dtype != torch.float32 or pool.device.type != "cpu" or query.stride(-1) != 1:
+        decode = kernel_for(self.library, "paged_decode", pool)
+        if decode is None or d % 16 or query.dtype != torch.float32 or query.stride(-1) != 1:
             return False
         keys, values = halves(pool)  # [KVH, NB, BS, D] each, contiguous
         tables, lens = step.decode_blocks, step.decode_lens
         kvh, nb, bs = pool.shape[1:4]
-        self.library.paged_decode(
+        decode(
             query.data_ptr(), query.stride(0), query.stride(1), keys, values, tables.data_ptr(), lens.data_ptr(),
             out.data_ptr(), b, h, kvh, nb, bs, d, tables.shape[1], scaling, torch.get_num_threads(),
         )  # fmt: skip
@@ -214,19 +217,29 @@ class NativeAttention(TorchAttention):
 
     def _prefill(self, query, pool, step, scaling, out):
         """Prompt positions: q [H, T, D] -> their rows of out [T, H, D], every chunk in one call."""
-        if pool.dtype != torch.float32 or pool.device.type != "cpu" or query.stride(-1) != 1:
+        prefill = kernel_for(self.library, "paged_prefill", pool)
+        if prefill is None or query.dtype != torch.float32 or query.stride(-1) != 1:
             return super()._prefill(query, pool, step, scaling, out)
         if "prefill" not in step.memo:  # the same for every layer of the step
             step.memo["prefill"] = prefill_tables(step.chunks)
         chunks, tables = step.memo["prefill"]
         keys, values = halves(pool)  # [KVH, NB, BS, D] each, contiguous
         kvh, nb, bs, d = pool.shape[1:]
-        done = self.library.paged_prefill(
+        done = prefill(
             query.data_ptr(), query.stride(0), query.stride(1), keys, values, chunks.data_ptr(), tables.data_ptr(),
             len(step.chunks), out.data_ptr(), query.shape[0], kvh, nb, bs, d, scaling, torch.get_num_threads(),
         )  # fmt: skip
         if done != 0:  # a shape the kernel does not take
             super()._prefill(query, pool, step, scaling, out)
+
+
+def kernel_for(library, name: str, pool: torch.Tensor):
+    """The compiled kernel `name` for this pool's element type: float32, or float16 through `name`_f16 where the build has it; else None."""
+    if pool.device.type != "cpu":
+        return None
+    if pool.dtype == torch.float32:
+        return getattr(library, name)
+    return getattr(library, name + "_f16", None) if pool.dtype == torch.float16 else None
 
 
 def prefill_tables(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,15 +279,15 @@ def gather_rows(blocks: torch.Tensor, kv_heads: int, num_blocks: int) -> torch.T
     return (torch.arange(kv_heads, device=blocks.device)[:, None] * num_blocks + blocks.reshape(1, -1)).reshape(-1)
 
 
-def _gather(pool: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor, workspace: Workspace) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of the given block tables [B, nb] (at `rows`) -> two [KVH, B, nb * BS, D]."""
+def _gather(pool: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor, workspace: Workspace, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the given block tables [B, nb] (at `rows`) -> two [KVH, B, nb * BS, D] of `dtype`."""
     kvh, num_blocks, bs, d = pool.shape[1:]
     b, nb = blocks.shape
     # one row per (kv head, block) of [KVH * NB, BS * D]: a single gather along the first dim
-    keys, values = workspace.take(kvh * b * nb * bs * d)
+    keys, values = workspace.take(kvh * b * nb * bs * d, pool.dtype)
     torch.index_select(pool[0].view(kvh * num_blocks, bs * d), 0, rows, out=keys.view(-1, bs * d))
     torch.index_select(pool[1].view(kvh * num_blocks, bs * d), 0, rows, out=values.view(-1, bs * d))
-    return keys.view(kvh, b, nb * bs, d), values.view(kvh, b, nb * bs, d)
+    return keys.view(kvh, b, nb * bs, d).to(dtype), values.view(kvh, b, nb * bs, d).to(dtype)  # exact: the pool's dtype is no wider
 
 
 def _attend(q, keys, values, bias, scaling):

@@ -116,11 +116,14 @@ def norm_lanes(kernel: Any, hidden: int, eps: float) -> int:
 class Layer:
     """One decoder layer's weights, gathered out of its transformers modules."""
 
-    def __init__(self, layer: Any, packed: bool, kernel: Any = None, lanes: int = 0, small: Any = None, matmul: Any = None):
+    def __init__(
+        self, layer: Any, packed: bool, kernel: Any = None, lanes: int = 0, small: Any = None, matmul: Any = None, kv_dtype: torch.dtype = torch.float32
+    ):
         """kernel: the compiled llama ops (RoPE with the K/V write; the norms where lanes is not 0), or None: torch ops;
-        small: the same library where steps of a few rows may take its small_matmul; matmul: the compiled matmul, or None."""
+        small: the same library where steps of a few rows may take its small_matmul; matmul: the compiled matmul, or None;
+        kv_dtype: the pool's element type, which picks the compiled K/V write (none for a pool it has none for)."""
         attn, mlp = layer.self_attn, layer.mlp
-        self.kernel = kernel
+        self.store = rope_store_for(kernel, kv_dtype)  # RoPE and the K/V write in one compiled call, or None: torch ops
         self.index = attn.layer_idx
         self.head_dim = attn.head_dim
         self.scaling = attn.scaling
@@ -140,10 +143,10 @@ class Layer:
         qkv = self.qkv(self.norm1(x, delta))  # [T, (H + 2 KVH) D]
         q_width, k_width, _ = self.widths
         key = value = None
-        if self.kernel is not None:  # rotated in place and keys/values written to the pool: step.kv_written
+        if self.store is not None:  # rotated in place and keys/values written to the pool: step.kv_written
             kv = step.kv  # [layers, 2, KVH, NB, BS, D]; addresses, not indexing: ~20 us a layer less at one sequence
             keys = kv.data_ptr() + self.index * kv.stride(0) * kv.element_size()
-            self.kernel.rope_store(
+            self.store(
                 qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), step.slots.data_ptr(), keys, keys + kv.stride(1) * kv.element_size(),
                 t, self.heads, kv.shape[2], d, qkv.shape[1], kv.shape[3] * kv.shape[4], torch.get_num_threads(),
             )  # fmt: skip
@@ -160,6 +163,13 @@ class Layer:
         return self.down(F.silu(gate_up[:, :half]).mul_(gate_up[:, half:]))  # in place: one [T, I] buffer fewer, the same bits
 
 
+def rope_store_for(kernel: Any, kv_dtype: torch.dtype) -> Any:
+    """The compiled RoPE + K/V write for a pool of kv_dtype (float32, or float16 where the build converts half), or None."""
+    if kernel is None:
+        return None
+    return {torch.float32: kernel.rope_store, torch.float16: getattr(kernel, "rope_store_f16", None)}.get(kv_dtype)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE as transformers applies it (x cos + rotate_half(x) sin): x [T, N, D], cos/sin [T, 1, D]."""
     half = x.shape[-1] // 2
@@ -172,11 +182,20 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 class LlamaForward:
     """A llama or qwen2 model's forward: flat token ids [T] -> logits of the kept rows [K, V]."""
 
-    def __init__(self, model: Any, packed: bool, kernel: Any = None, invariant: bool = True, matmul: Any = None, attention: Any = None):
+    def __init__(
+        self,
+        model: Any,
+        packed: bool,
+        kernel: Any = None,
+        invariant: bool = True,
+        matmul: Any = None,
+        attention: Any = None,
+        kv_dtype: torch.dtype = torch.float32,
+    ):
         """kernel: the compiled llama ops (the loader gives them only to a float32 CPU model), or None: torch ops;
         invariant False: steps of 1-4 rows take the compiled small_matmul (faster, other bits than a batch's);
         matmul: the compiled batch-invariant matmul for the packed weights, or None: oneDNN's;
-        attention: the compiled paged attention library the step's backend calls, or None."""
+        attention: the compiled paged attention library the step's backend calls, or None; kv_dtype: the pool's."""
         self.kernel = kernel
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach()  # [V, hidden]
@@ -184,11 +203,11 @@ class LlamaForward:
         # the compiled norm only where it gives torch's bits on this machine (else torch ops, RoPE still compiled)
         self.norm_lanes = norm_lanes(kernel, self.embed.shape[1], inner.norm.variance_epsilon) if kernel is not None else 0
         small = kernel if packed and not invariant else None
-        self.layers = [Layer(layer, packed, kernel, self.norm_lanes, small, matmul) for layer in inner.layers]
+        self.layers = [Layer(layer, packed, kernel, self.norm_lanes, small, matmul, kv_dtype) for layer in inner.layers]
         self.norm = RMSNorm(inner.norm, kernel, self.norm_lanes)
         self.lm_head = Projection([model.lm_head], packed, small, matmul)
         # every layer in one compiled call, where each part has a compiled kernel with the same bits
-        self.native = NativeLayers.build(self, attention, SMALL_ROWS) if attention is not None else None
+        self.native = NativeLayers.build(self, attention, SMALL_ROWS, kv_dtype) if attention is not None else None
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, step: StepContext) -> torch.Tensor:
@@ -196,7 +215,7 @@ class LlamaForward:
         x = F.embedding(ids, self.embed)  # [T, hidden]
         cos, sin = self.rotary(x[None], positions[None])  # [1, T, D] each
         cos, sin = cos[0, :, None].contiguous(), sin[0, :, None].contiguous()  # [T, 1, D]
-        step.kv_written = self.kernel is not None
+        step.kv_written = self.layers[0].store is not None
         if self.native is not None:  # built only for the runner's compiled attention backend
             return self.lm_head(self.norm(*self.native(x, cos, sin, step, keep)))
         delta: torch.Tensor | None = None

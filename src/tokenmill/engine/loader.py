@@ -62,7 +62,8 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
         host_memory.keep_freed_memory()
     model, hf_tokenizer = _load(model_path, dtype, device)
     max_len = _context_length(model.config, config.max_model_len)
-    num_blocks, max_len = _kv_blocks(config, KVShape.of(model.config, dtype), max_len, device)
+    kv_dtype = dtype if config.kv_cache_dtype == "auto" else DTYPES[config.kv_cache_dtype]
+    num_blocks, max_len = _kv_blocks(config, KVShape.of(model.config, kv_dtype), max_len, device)
     tokenizer = Tokenizer(hf_tokenizer, model.config.vocab_size, chat_template=read_chat_template(config.chat_template))
     eos = _eos_ids(model, tokenizer)
     info = ModelInfo(
@@ -74,11 +75,12 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
         device=str(device),
         tokenizer=tokenizer.name,
         max_request_sequences=config.max_num_seqs,
+        kv_cache_dtype=None if kv_dtype == dtype else str(kv_dtype).removeprefix("torch."),
     )
     blocks = BlockManager(num_blocks, config.block_size, prefix_caching=not config.no_prefix_caching)
     backend, llama_ops, matmul = _kernels(config, device, dtype)
     invariant = not config.no_batch_invariance
-    runner = ModelRunner(model, device, num_blocks, config.block_size, invariant, backend, config.model_impl, llama_ops, matmul)
+    runner = ModelRunner(model, device, num_blocks, config.block_size, invariant, backend, config.model_impl, llama_ops, matmul, kv_dtype)
     scheduling = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
     return Engine(runner, tokenizer, eos, blocks, scheduling), info
 
@@ -135,8 +137,9 @@ def _kv_blocks(config: EngineConfig, shape: KVShape, max_len: int, device: torch
         log.warning("the KV cache holds %d tokens: context length capped from %d", num_blocks * config.block_size, max_len)
         max_len = num_blocks * config.block_size
     log.info(
-        "KV cache: %.1f MiB, %d blocks of %d tokens = %d tokens (%d bytes per token)",
+        "KV cache: %.1f MiB of %s, %d blocks of %d tokens = %d tokens (%d bytes per token)",
         num_blocks * per_block / 2**20,
+        str(shape.dtype).removeprefix("torch."),
         num_blocks,
         config.block_size,
         num_blocks * config.block_size,

@@ -61,6 +61,7 @@ class ModelRunner:
     without it, `LlamaForward` runs steps of 1-4 rows through its compiled small matmul.
     model_impl "auto" runs llama and qwen2 models through `LlamaForward` (the same numbers without
     transformers' per-layer Python); "transformers", or any other model, calls the model itself.
+    kv_dtype is the pool's element type (None: the weights'); attention reads it into the weights' dtype.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class ModelRunner:
         model_impl: str = "auto",
         llama_ops=None,
         matmul=None,
+        kv_dtype: torch.dtype | None = None,
     ):
         attention.register()
         model.set_attn_implementation(attention.NAME)
@@ -81,7 +83,9 @@ class ModelRunner:
         fits = model_impl == "auto" and llama_forward.fits(model)
         self.backend = backend or TorchAttention()
         library = getattr(self.backend, "library", None)  # the compiled attention kernels, where the backend has them
-        self.lean = LlamaForward(model, packed, llama_ops, batch_invariant, matmul, library) if fits else None
+        self.dtype = next(model.parameters()).dtype  # what attention computes in
+        self.shape = KVShape.of(model.config, kv_dtype or self.dtype)  # what the pool holds
+        self.lean = LlamaForward(model, packed, llama_ops, batch_invariant, matmul, library, self.shape.dtype) if fits else None
         if packed and self.lean is None:
             pack_linears(model, matmul)
         self.model = model
@@ -89,7 +93,6 @@ class ModelRunner:
         self.block_size = block_size
         # packed linears agree at every row count; only other matmul layers (GPT-2's Conv1D, MKL) need padding
         self.pad_rows = batch_invariant and not (packed and not _unpacked_matmuls(model))
-        self.shape = KVShape.of(model.config, next(model.parameters()).dtype)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]  # the width of the logits
         self.scratch = num_blocks  # one extra block: padding rows write here, padded tables point here
         s = self.shape  # zeros, not empty: a masked key weighs 0, and 0 x NaN would be NaN
@@ -153,7 +156,7 @@ class ModelRunner:
             if decode:
                 step.decode_blocks = sent[parts[3]].view(len(decode), width)  # [D, nb]
                 decoded = sent[parts[4]]  # [D] their positions
-                step.decode_bias = attention.visibility(decoded, width * self.block_size, self.shape.dtype)[:, None, :]  # [D, 1, L]
+                step.decode_bias = attention.visibility(decoded, width * self.block_size, self.dtype)[:, None, :]  # [D, 1, L]
                 step.decode_lens = decoded + 1  # [D] keys each one sees
             step.chunks = [Chunk(rows, start, sent[part]) for rows, start, part in chunks]
             return ids_t, positions_t, step

@@ -31,9 +31,12 @@ SIGNATURES: dict[str, dict[str, tuple[list, type | None]]] = {
     "paged_attention": {
         "paged_decode": ([_P, _N, _N] + [_P] * 5 + [_N] * 7 + [ctypes.c_float, _T], ctypes.c_int),
         "paged_prefill": ([_P, _N, _N, _P, _P, _P, _P, _N, _P] + [_N] * 5 + [ctypes.c_float, _T], ctypes.c_int),
+        "paged_decode_f16": ([_P, _N, _N] + [_P] * 5 + [_N] * 7 + [ctypes.c_float, _T], ctypes.c_int),
+        "paged_prefill_f16": ([_P, _N, _N, _P, _P, _P, _P, _N, _P] + [_N] * 5 + [ctypes.c_float, _T], ctypes.c_int),
     },
     "llama_ops": {
         "rope_store": ([_P] * 6 + [_N] * 6 + [_T], None),
+        "rope_store_f16": ([_P] * 6 + [_N] * 6 + [_T], None),
         "add_rms_norm": ([_P] * 4 + [_N] * 2 + [ctypes.c_float, ctypes.c_int, _T], None),
         "small_matmul": ([_P] * 4 + [_N] * 3 + [_T], ctypes.c_int),
         "silu_mul": ([_P, _P, _N, _N, ctypes.c_int, _P, _T, _T], ctypes.c_int),
@@ -45,6 +48,8 @@ SIGNATURES: dict[str, dict[str, tuple[list, type | None]]] = {
         "matmul_panel_width": ([], ctypes.c_int),
     },
 }
+# built only where the CPU converts IEEE half in hardware (F16C): a half KV pool elsewhere runs in torch ops
+HALF = {"paged_decode_f16", "paged_prefill_f16", "rope_store_f16"}
 # -ffp-contract=off: no fused multiply-add, so every product and sum of the llama ops rounds as transformers' ops do
 EXTRA_FLAGS = {"llama_ops": ["-ffp-contract=off"]}
 
@@ -78,6 +83,8 @@ def load(name: str, cache: Path, source: str | None = None) -> ctypes.CDLL | Non
         log.warning("loading the %s kernel failed (%s): it runs in torch ops", name, exc)
         return None
     for function, (argtypes, restype) in SIGNATURES[name].items():
+        if function in HALF and not hasattr(lib, function):
+            continue
         getattr(lib, function).argtypes, getattr(lib, function).restype = argtypes, restype
     return lib
 

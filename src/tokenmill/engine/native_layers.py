@@ -44,7 +44,7 @@ class Step(ctypes.Structure):
         ("kv", _P), ("num_blocks", _N), ("block_size", _N), ("x", _P),
         *[(name, _P) for name in BUFFERS],
         *[(name, _P) for name in ("cos", "sin", "slots", "tables", "lens", "chunk_meta", "chunk_tables")],
-        ("threads", _I), ("torch_threads", _I), ("keep", _P), ("kept", _N),
+        ("threads", _I), ("torch_threads", _I), ("keep", _P), ("kept", _N), ("kv_half", _I),
     ]  # fmt: skip
 
 
@@ -80,12 +80,15 @@ def silu_lanes(kernel: Any) -> tuple[int, int]:
 class NativeLayers:
     """A LlamaForward's layers as one `llama_layers` call; build() gives None where a part has no compiled kernel."""
 
-    def __init__(self, forward: Any, attention: Any, lanes: int, exp: int, small_rows: int):
+    def __init__(self, forward: Any, attention: Any, lanes: int, exp: int, small_rows: int, kv_half: bool = False):
         """forward: the LlamaForward (its layers hold the packed weights); attention: the paged attention library;
-        lanes/exp: silu_mul's (silu_lanes); small_rows: steps of at most this many rows take small_matmul where the layers have it."""
+        lanes/exp: silu_mul's (silu_lanes); small_rows: steps of at most this many rows take small_matmul where the layers have it;
+        kv_half: the pool holds float16 (the _f16 attention kernels and K/V write)."""
         self.kernel = forward.kernel  # llama_ops: llama_layers and the norm, RoPE and silu kernels it calls
         self.matmul = forward.layers[0].qkv.packed.kernel
         self.attention = attention
+        self.kv_half = kv_half
+        self.suffix = "_f16" if kv_half else ""  # of the attention kernels' names
         first = forward.layers[0]
         self.weights = (LayerWeights * len(forward.layers))(*[LayerWeights(*_pointers(layer)) for layer in forward.layers])
         d, hidden, inter = first.head_dim, first.norm1.weight.shape[0], first.gate_up.packed.out_features // 2
@@ -99,10 +102,13 @@ class NativeLayers:
         self._buffers: dict[str, torch.Tensor] = {}
 
     @staticmethod
-    def build(forward: Any, attention: Any, small_rows: int) -> NativeLayers | None:
+    def build(forward: Any, attention: Any, small_rows: int, kv_dtype: torch.dtype = torch.float32) -> NativeLayers | None:
         """The native loop for this forward and attention library, or None where any part would take another path."""
         if forward.kernel is None or not forward.norm_lanes or not hasattr(forward.kernel, "llama_layers"):
             return None
+        kv_half = kv_dtype == torch.float16
+        if kv_dtype != torch.float32 and not (kv_half and forward.layers[0].store is not None and hasattr(attention, "paged_decode_f16")):
+            return None  # a pool the compiled kernels do not read
         first = forward.layers[0]
         projections = [p for layer in forward.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         if any(p.packed is None or p.packed.kernel is None for p in projections):
@@ -119,7 +125,7 @@ class NativeLayers:
         if attention.paged_prefill(0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1.0, 1) != 0:
             return None
         lanes, exp = silu_lanes(forward.kernel)
-        return NativeLayers(forward, attention, lanes, exp, small_rows) if lanes else None
+        return NativeLayers(forward, attention, lanes, exp, small_rows, kv_half) if lanes else None
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] the embedded step, updated in place; cos/sin [T, 1, D]; keep [K] the rows whose logits are wanted
@@ -139,11 +145,11 @@ class NativeLayers:
             t, decode, 0 if tables is None else tables.shape[1], len(step.chunks), attended, kv.data_ptr(), kv.shape[3], kv.shape[4], x.data_ptr(),
             *[buffers[name].data_ptr() for name in BUFFERS], cos.data_ptr(), sin.data_ptr(), step.slots.data_ptr(),
             *[0 if a is None else a.data_ptr() for a in (tables, lens, meta, chunk_tables)], threads, threads,
-            keep.data_ptr() if trim else 0, keep.shape[0],
+            keep.data_ptr() if trim else 0, keep.shape[0], self.kv_half,
         )  # fmt: skip
         # looked up at each call, not kept: benchmarks.kernel_ab swaps the libraries between calls
-        self.model.matmul, self.model.decode = _address(self.matmul.matmul), _address(self.attention.paged_decode)
-        self.model.prefill = _address(self.attention.paged_prefill)
+        self.model.matmul, self.model.decode = _address(self.matmul.matmul), _address(getattr(self.attention, "paged_decode" + self.suffix))
+        self.model.prefill = _address(getattr(self.attention, "paged_prefill" + self.suffix))
         done = self.kernel.llama_layers(ctypes.byref(self.model), ctypes.byref(args))
         if done != 0:
             raise RuntimeError(f"llama_layers: a kernel refused the step ({done})")

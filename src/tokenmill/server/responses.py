@@ -13,8 +13,10 @@ from tokenmill.server.protocol import Completion, CompletionChoice, CompletionLo
 
 
 def fingerprint(info: ModelInfo) -> str:
-    """Changes when the model, its dtype or tokenmill's version does."""
+    """Changes when the model, its dtype, the KV cache's dtype or tokenmill's version does."""
     key = f"{info.source}|{info.parameters}|{info.dtype}|{__version__}"
+    if info.kv_cache_dtype is not None:  # only then: the fingerprints of servers without the option stay as they were
+        key += f"|kv={info.kv_cache_dtype}"
     return "fp_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

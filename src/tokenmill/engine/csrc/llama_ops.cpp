@@ -3,6 +3,7 @@
 //
 // rope_store: RoPE on a step's queries and keys, in place, and the keys and values written into the block
 // pool (seven torch ops otherwise; a 512-row step spent ~12 ms on them), x * cos + rotate_half(x) * sin.
+// rope_store_f16 writes them as IEEE half (--kv-cache-dtype float16), where the CPU converts in hardware.
 //
 // add_rms_norm: the residual add and the RMSNorm after it (eight torch ops otherwise), with the sum of
 // squares taken in the order of torch's CPU sum (its cascade over W-lane vectors), so the bits are torch's.
@@ -13,6 +14,9 @@
 // llama_layers: every decoder layer of one step in a single call, the kernels above and the matmul and
 // attention kernels (given as function pointers) in the order LlamaForward calls them: the ~100 us of
 // Python and torch dispatch a layer costs around them was an eighth of a one-sequence step.
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -20,10 +24,29 @@
 
 #include <algorithm>
 
+// A key or value row into the pool: copied, or as IEEE half rounded to nearest, saturated at +-65504 so that a large
+// value stays finite (an infinite key would make its scores NaN); a NaN stays NaN, as it would in float.
+static inline void store_row(float *dst, const float *src, int64_t D) { memcpy(dst, src, sizeof(float) * D); }
+#ifdef __F16C__
+static inline void store_row(uint16_t *dst, const float *src, int64_t D) {
+    const __m256 top = _mm256_set1_ps(65504.0f), bottom = _mm256_set1_ps(-65504.0f);
+    int64_t i = 0;
+    for (; i + 8 <= D; i += 8) {  // max and min return their second operand where one is NaN: x
+        const __m256 x = _mm256_min_ps(top, _mm256_max_ps(bottom, _mm256_loadu_ps(src + i)));
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < D; i++) {
+        const float x = src[i] > 65504.0f ? 65504.0f : src[i] < -65504.0f ? -65504.0f : src[i];
+        dst[i] = _cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+#endif
+
 // qkv [T, W] rows: H query heads, then KVH key heads, then KVH value heads, each of D floats (W >= (H + 2 KVH) D).
 // cos, sin [T, D]; slots [T] pool slot of each row; kpool, vpool [KVH, S, D] one layer's keys and values (S slots a head).
-extern "C" void rope_store(float *qkv, const float *cos, const float *sin, const int64_t *slots, float *kpool, float *vpool, int64_t T, int64_t H,
-                           int64_t KVH, int64_t D, int64_t W, int64_t S, int threads) {
+template <class E>
+static void rope_store_as(float *qkv, const float *cos, const float *sin, const int64_t *slots, E *kpool, E *vpool, int64_t T, int64_t H, int64_t KVH,
+                          int64_t D, int64_t W, int64_t S, int threads) {
     const int64_t half = D / 2;
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int64_t t = 0; t < T; t++) {
@@ -38,11 +61,23 @@ extern "C" void rope_store(float *qkv, const float *cos, const float *sin, const
             }
         }
         for (int64_t j = 0; j < KVH; j++) {
-            memcpy(kpool + (j * S + slots[t]) * D, row + (H + j) * D, sizeof(float) * D);
-            memcpy(vpool + (j * S + slots[t]) * D, row + (H + KVH + j) * D, sizeof(float) * D);
+            store_row(kpool + (j * S + slots[t]) * D, row + (H + j) * D, D);
+            store_row(vpool + (j * S + slots[t]) * D, row + (H + KVH + j) * D, D);
         }
     }
 }
+
+extern "C" void rope_store(float *qkv, const float *cos, const float *sin, const int64_t *slots, float *kpool, float *vpool, int64_t T, int64_t H,
+                           int64_t KVH, int64_t D, int64_t W, int64_t S, int threads) {
+    rope_store_as(qkv, cos, sin, slots, kpool, vpool, T, H, KVH, D, W, S, threads);
+}
+
+#ifdef __F16C__
+extern "C" void rope_store_f16(float *qkv, const float *cos, const float *sin, const int64_t *slots, void *kpool, void *vpool, int64_t T, int64_t H,
+                               int64_t KVH, int64_t D, int64_t W, int64_t S, int threads) {
+    rope_store_as(qkv, cos, sin, slots, (uint16_t *)kpool, (uint16_t *)vpool, T, H, KVH, D, W, S, threads);
+}
+#endif
 
 // torch's float sum of x[0, n) in W-lane vectors (aten/native/cpu/SumKernel.cpp's cascade_sum, inner
 // contiguous case): four interleaved vector accumulators through a cascade of levels, then the
@@ -196,9 +231,10 @@ extern "C" int silu_mul(const float *gate_up, float *out, int64_t T, int64_t I, 
 
 // The matmul and attention kernels llama_layers calls (matmul.cpp's matmul, paged_attention.cpp's kernels).
 typedef int (*Matmul)(const float *x, const float *packed, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int threads);
-typedef int (*Decode)(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *tables, const int64_t *lens,
+// k and v are float, or half where the step's pool is (the _f16 kernels).
+typedef int (*Decode)(const float *q, int64_t qh, int64_t qt, const void *k, const void *v, const int64_t *tables, const int64_t *lens,
                       float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads);
-typedef int (*Prefill)(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *chunks, const int64_t *tables,
+typedef int (*Prefill)(const float *q, int64_t qh, int64_t qt, const void *k, const void *v, const int64_t *chunks, const int64_t *tables,
                        int64_t C, float *out, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, float scale, int threads);
 
 // One decoder layer's weights: the norms' [hidden] and the packed projections (q/k/v and gate/up fused); biases may be
@@ -223,7 +259,7 @@ struct Model {
 // One step (engine/native_layers.py's Step mirrors it). Buffers are [rows, width] row-major.
 struct Step {
     int64_t rows, decode_rows, table_width, chunks, attended;  // rows [attended, rows) are padding: no query
-    float *kv;  // the pool [layers, 2, KVH, NB, BS, D]
+    void *kv;  // the pool [layers, 2, KVH, NB, BS, D], of float or (kv_half) IEEE half
     int64_t num_blocks, block_size;
     float *x, *delta;  // the residual stream [rows, hidden]; delta [rows, hidden]: the last layer's output on return
     float *normed, *qkv, *attn, *projected, *gate_up, *act;  // [rows, hidden / (H + 2 KVH) D / H D / hidden / 2 inter / inter]
@@ -234,6 +270,7 @@ struct Step {
     // run on these rows only (moved to its first `kept` rows of x and delta); the other rows' keys and values are written.
     const int64_t *keep;
     int64_t kept;
+    int32_t kv_half;  // the pool holds half: rope_store_f16 writes it, and Model's decode and prefill are the _f16 kernels
 };
 
 // y [R, N] = x [R, K] w^T (+ bias): small_matmul on the plain weight where the step's T rows are few and the model
@@ -252,18 +289,34 @@ static void gather_rows(float *x, const int64_t *keep, int64_t n, int64_t width)
         if (keep[i] != i) memcpy(x + i * width, x + keep[i] * width, sizeof(float) * width);
 }
 
+// The step's queries and keys rotated, and its keys and values written into one layer's pool; nonzero: half asked for
+// where this build has no half conversion.
+static int store(const Model *m, const Step *s, void *keys, void *values, int64_t W, int64_t S) {
+    const int64_t T = s->rows, H = m->heads, KVH = m->kv_heads, D = m->head_dim;
+    if (!s->kv_half) {
+        rope_store(s->qkv, s->cos, s->sin, s->slots, (float *)keys, (float *)values, T, H, KVH, D, W, S, s->threads);
+        return 0;
+    }
+#ifdef __F16C__
+    rope_store_f16(s->qkv, s->cos, s->sin, s->slots, keys, values, T, H, KVH, D, W, S, s->threads);
+    return 0;
+#else
+    return -1;
+#endif
+}
+
 // Every layer of the step, x updated in place; 0, or the negative code of the kernel that refused: -1 matmul,
-// -2 decode, -3 prefill, -4 silu_mul (the caller checked every shape first, so this is a bug, not a fallback).
+// -2 decode, -3 prefill, -4 silu_mul, -5 rope_store (the caller checked every shape first, so this is a bug, not a fallback).
 extern "C" int llama_layers(const Model *m, const Step *s) {
     const int64_t T = s->rows, D = m->head_dim, H = m->heads, KVH = m->kv_heads, HD = H * D, W = (H + 2 * KVH) * D, I = m->inter;
-    const int64_t S = s->num_blocks * s->block_size, half = KVH * S * D;  // a layer's keys, then its values
+    const int64_t S = s->num_blocks * s->block_size, bytes = KVH * S * D * (s->kv_half ? 2 : 4);  // of a layer's keys, then of its values
     const int threads = s->threads;
     for (int64_t l = 0; l < m->layers; l++) {
         const LayerWeights &w = m->weights[l];
-        float *keys = s->kv + l * 2 * half, *values = keys + half;
+        char *keys = (char *)s->kv + l * 2 * bytes, *values = keys + bytes;
         add_rms_norm(s->x, l ? s->delta : nullptr, w.norm1, s->normed, T, m->hidden, m->eps, m->norm_lanes, threads);
         if (project(m, s->normed, w.qkv, w.qkv_plain, w.qkv_bias, s->qkv, T, W, m->hidden, threads, T)) return -1;
-        rope_store(s->qkv, s->cos, s->sin, s->slots, keys, values, T, H, KVH, D, W, S, threads);
+        if (store(m, s, keys, values, W, S)) return -5;
         if (s->attended < T) memset(s->attn + s->attended * HD, 0, sizeof(float) * (T - s->attended) * HD);  // finite rows downstream
         if (s->decode_rows && m->decode(s->qkv, D, W, keys, values, s->tables, s->lens, s->attn, s->decode_rows, H, KVH, s->num_blocks,
                                         s->block_size, D, s->table_width, m->scaling, threads))

@@ -10,8 +10,15 @@
 // multiply-add per element in order), so a position's bits do not depend on its chunk, the batch or the
 // threads. The two recipes round differently, which is why generated positions are never recomputed as prompt.
 //
+// Keys and values are float32, or IEEE half (`Half`, --kv-cache-dtype float16: the _f16 entry points, built where
+// the CPU converts half in hardware). A half is read into a float lane exactly, and every recipe then runs the
+// same float operations on it, so with half keys and values the bits are still fixed by the position alone.
+//
 // Threads come from OpenMP, linked to the same libgomp.so.1 as torch, so the kernels run on torch's own
 // thread pool instead of competing with it.
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -101,6 +108,23 @@ static inline v16 larger(v16 x, v16 top) { return {larger<v8>(x.lo, top.lo), lar
 static inline v16 exp_shifted(v16 x, float m) { return {exp_shifted<v8>(x.lo, m), exp_shifted<v8>(x.hi, m)}; }
 #endif
 
+// 16 keys' or values' elements from p as float lanes; scalars as a float.
+struct Half {
+    uint16_t bits;
+};
+static inline v16 load16(const float *p) { return *(const v16 *)p; }
+static inline float to_float(float x) { return x; }
+#ifdef __F16C__
+#ifdef __AVX512F__
+static inline v16 load16(const Half *p) { return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+#else
+static inline v16 load16(const Half *p) {
+    return {(v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)))};
+}
+#endif
+static inline float to_float(Half x) { return _cvtsh_ss(x.bits); }
+#endif
+
 // Pairwise sums of an 8-lane pair (a, b) as one 16-lane row: lanes m + m+S within each group of 2S lanes,
 // a's sums first. The levels of the trees below.
 static inline v8 fold4(v8 a, v8 b) { return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15); }
@@ -136,14 +160,16 @@ static inline v16 tree16(const v16 *w) {
 // stalled its own loads: no faster than not prefetching at all. SmolLM2's 30 layers, 64 sequences, blocks
 // shuffled, 2 cores: reading alone 32-39 ms, computing alone 23, the kernel with whole blocks 57-62; fetching
 // as it goes, alternated: 61.9 -> 54.4 ms on 2 MiB pages, 100.2 -> 97.5 on 4 KiB ones at a slower hour.
+// Half keys and values take half the lines: N stays the float count, so the fetches keep pace with the reads.
 struct Stream {
-    const float *k = nullptr, *v = nullptr;
+    const char *k = nullptr, *v = nullptr;
     const int64_t *tables = nullptr, *lens = nullptr;
     int64_t KVH = 0, NB = 0, BS = 0, D = 0, NBT = 0;
     int64_t end = 0, limit = 0;  // the thread's tasks end here; the last task to fetch for now
+    int64_t bytes = 4;  // of an element
     int64_t t = 0, blk = 0, line = 0, blocks = 0;  // the next line: task, its block, the line in it
     bool values = false;
-    const float *base = nullptr;  // the block being fetched; null: nothing left
+    const char *base = nullptr;  // the block being fetched; null: nothing left
 
     void start(int64_t task) {
         t = task, blk = line = 0, values = false;
@@ -151,15 +177,15 @@ struct Stream {
         locate();
     }
     void locate() {
-        const int64_t block = BS * D;
+        const int64_t block = BS * D * bytes;
         base = t < end ? (values ? v : k) + (t % KVH) * NB * block + tables[(t / KVH) * NBT + blk] * block : nullptr;
     }
     template <int N>
-    inline void fetch() {  // the next N lines (fewer at a block's end)
+    inline void fetch() {  // the next N lines of float elements (fewer at a block's end)
         if (base == nullptr || t > limit) return;
-        const int64_t lines = BS * D / 16;
-        for (int64_t i = line; i < line + N && i < lines; i++) __builtin_prefetch(base + i * 16, 0, 3);
-        if ((line += N) < lines) return;
+        const int64_t lines = BS * D * bytes / 64, n = (N * bytes + 3) / 4;
+        for (int64_t i = line; i < line + n && i < lines; i++) __builtin_prefetch(base + i * 64, 0, 3);
+        if ((line += n) < lines) return;
         line = 0;
         if (++blk < blocks) return locate();
         blk = 0;
@@ -172,8 +198,8 @@ struct Stream {
 // Lane j: the 16-lane partial sums of query . key[j] (C chunks, in order), summed by tree16, times scale.
 // The keys' partial sums are made KEYS at a time (all 16 with AVX-512; 4 with AVX2, whose 16 registers
 // hold 4 keys' sums with room to spare), then the tree; the same operations, so the same bits.
-template <int C>
-static inline v16 scores16(const v16 *qg, const v16 *const *key, int64_t chunks, float scale, Stream &stream) {
+template <int C, class E>
+static inline v16 scores16(const v16 *qg, const E *const *key, int64_t chunks, float scale, Stream &stream) {
     constexpr int KEYS = WIDE ? 16 : 4;
     const int64_t n = C ? C : chunks;
     v16 w[8];
@@ -181,8 +207,8 @@ static inline v16 scores16(const v16 *qg, const v16 *const *key, int64_t chunks,
         stream.fetch<(C ? C : 4) * KEYS / 2>();  // G x C / 2 lines a key; the keys and values take 2 C
         v16 acc[KEYS];
         for (int j = 0; j < KEYS; j++) {
-            acc[j] = qg[0] * key[i + j][0];
-            for (int64_t c = 1; c < n; c++) acc[j] += qg[c] * key[i + j][c];
+            acc[j] = qg[0] * load16(key[i + j]);
+            for (int64_t c = 1; c < n; c++) acc[j] += qg[c] * load16(key[i + j] + 16 * c);
         }
         for (int j = 0; j < KEYS; j += 2) w[(i + j) / 2] = halves(acc[j], acc[j + 1]);
     }
@@ -210,21 +236,21 @@ static void softmax(float *sc, int64_t len) {
 // out [G, D] = the G score rows [G, stride] (softmaxed) times values 0..len-1 of one kv head, key by key
 // in order, the sums in registers; block by block, so no division per key.
 // Chunks [c0, c0 + CP) of out's rows: one pass over the keys with GN x CP sums in registers.
-template <int GN, int CN, int CP>
-static void sum_values_pass(const float *scores, int64_t stride, const float *values, const int64_t *table, int64_t len, int64_t BS, float *out,
+template <int GN, int CN, int CP, class E>
+static void sum_values_pass(const float *scores, int64_t stride, const E *values, const int64_t *table, int64_t len, int64_t BS, float *out,
                             int c0, Stream *stream) {
     const int64_t D = CN * 16, block = BS * D;
     v16 acc[GN][CP];
     for (int g = 0; g < GN; g++)
         for (int c = 0; c < CP; c++) acc[g][c] = splat(0.0f);
     for (int64_t l0 = 0; l0 < len; l0 += BS) {
-        const float *block_values = values + table[l0 / BS] * block;
+        const E *block_values = values + table[l0 / BS] * block;
         for (int64_t l = l0; l < l0 + BS && l < len; l++) {
-            const v16 *val = (const v16 *)(block_values + (l - l0) * D) + c0;
+            const E *val = block_values + (l - l0) * D + 16 * c0;
             if (stream) stream->fetch<2 * CP>();  // CN / CP passes: 2 CN lines a key in all
             for (int g = 0; g < GN; g++) {
                 const float p = scores[g * stride + l];
-                for (int c = 0; c < CP; c++) acc[g][c] += p * val[c];
+                for (int c = 0; c < CP; c++) acc[g][c] += p * load16(val + 16 * c);
             }
         }
     }
@@ -235,11 +261,11 @@ static void sum_values_pass(const float *scores, int64_t stride, const float *va
 
 // The output sums of all GN x CN chunks at once with AVX-512; with AVX2 in passes of at most 6 vectors
 // (12 of its 16 registers). Each output lane adds its keys in order in every pass, so the bits are the same.
-template <int GN, int CN>
-static void sum_values(const float *scores, int64_t stride, const float *values, const int64_t *table, int64_t len, int64_t BS, float *out,
+template <int GN, int CN, class E>
+static void sum_values(const float *scores, int64_t stride, const E *values, const int64_t *table, int64_t len, int64_t BS, float *out,
                        Stream *stream = nullptr) {
     constexpr int fit = GN == 1 ? 4 : GN <= 3 ? 2 : 1, CP = WIDE || CN < fit ? CN : fit;  // CP divides CN (both powers of 2)
-    for (int c0 = 0; c0 < CN; c0 += CP) sum_values_pass<GN, CN, CP>(scores, stride, values, table, len, BS, out, c0, stream);
+    for (int c0 = 0; c0 < CN; c0 += CP) sum_values_pass<GN, CN, CP, E>(scores, stride, values, table, len, BS, out, c0, stream);
 }
 
 struct Shape {
@@ -250,60 +276,62 @@ struct Shape {
 // One (sequence b, kv head) task: its G query heads over its len keys. GN and CN fix G and the
 // head size in 16-lane chunks at compile time (0: read from s), so the common shapes keep the
 // queries and the output sums in registers; every shape runs the same operations in the same order.
-template <int GN, int CN>
-static void attend(const float *q, const float *k, const float *v, const int64_t *table, int64_t len, float *out, const Shape &s, int64_t kvh,
+template <int GN, int CN, class E>
+static void attend(const float *q, const E *k, const E *v, const int64_t *table, int64_t len, float *out, const Shape &s, int64_t kvh,
                    float scale, float *scores, int64_t stride, Stream &stream) {
     const int64_t G = GN ? GN : s.H / s.KVH, C = CN ? CN : s.D / 16, D = C * 16, BS = s.BS, block = BS * D;
-    const float *keys = k + kvh * s.NB * block, *values = v + kvh * s.NB * block;
+    const E *keys = k + kvh * s.NB * block, *values = v + kvh * s.NB * block;
     for (int64_t l0 = 0; l0 < len; l0 += 16) {  // 16 keys at a time: their 16 sums come out of one tree, lane j key l0 + j
-        const v16 *key[16];
+        const E *key[16];
         for (int64_t j = 0; j < 16; j++) {
             const int64_t l = l0 + j < len ? l0 + j : 0;  // past len: any real key (its score is masked by the softmax)
-            key[j] = (const v16 *)(keys + table[l / BS] * block + (l % BS) * D);
+            key[j] = keys + table[l / BS] * block + (l % BS) * D;
         }
         for (int64_t g = 0; g < G; g++) *(v16 *)(scores + g * stride + l0) = scores16<CN>((const v16 *)(q + g * s.QH), key, C, scale, stream);
     }
     for (int64_t g = 0; g < G; g++) softmax(scores + g * stride, len);
     if (GN && CN) {  // the output sums in registers
-        sum_values<GN ? GN : 1, CN ? CN : 1>(scores, stride, values, table, len, BS, out, &stream);
+        sum_values<GN ? GN : 1, CN ? CN : 1, E>(scores, stride, values, table, len, BS, out, &stream);
         return;
     }
     v16 *o = (v16 *)out;
     memset(out, 0, sizeof(float) * G * D);
     for (int64_t l = 0; l < len; l++) {
         stream.fetch<8>();  // the keys and values take 2 C lines a key: 8 at the common C = 4
-        const v16 *val = (const v16 *)(values + table[l / BS] * block + (l % BS) * D);
+        const E *val = values + table[l / BS] * block + (l % BS) * D;
         for (int64_t g = 0; g < G; g++) {
             const float p = scores[g * stride + l];
-            for (int64_t c = 0; c < C; c++) o[g * C + c] += p * val[c];
+            for (int64_t c = 0; c < C; c++) o[g * C + c] += p * load16(val + 16 * c);
         }
     }
 }
 
-typedef void (*Attend)(const float *, const float *, const float *, const int64_t *, int64_t, float *, const Shape &, int64_t, float, float *, int64_t,
-                       Stream &);
+template <class E>
+using Attend = void (*)(const float *, const E *, const E *, const int64_t *, int64_t, float *, const Shape &, int64_t, float, float *, int64_t,
+                        Stream &);
 
-// kernel<G, CN> for G query heads a kv head (1 to 8), else `otherwise`: one instance of a kernel per group size.
-#define BY_GROUP(kernel, G, CN, otherwise) \
-    switch (G) {                           \
-        case 1: return kernel<1, CN>;      \
-        case 2: return kernel<2, CN>;      \
-        case 3: return kernel<3, CN>;      \
-        case 4: return kernel<4, CN>;      \
-        case 5: return kernel<5, CN>;      \
-        case 6: return kernel<6, CN>;      \
-        case 7: return kernel<7, CN>;      \
-        case 8: return kernel<8, CN>;      \
-        default: return otherwise;         \
+// kernel<G, CN, E> for G query heads a kv head (1 to 8), else `otherwise`: one instance of a kernel per group size.
+#define BY_GROUP(kernel, G, CN, E, otherwise) \
+    switch (G) {                              \
+        case 1: return kernel<1, CN, E>;      \
+        case 2: return kernel<2, CN, E>;      \
+        case 3: return kernel<3, CN, E>;      \
+        case 4: return kernel<4, CN, E>;      \
+        case 5: return kernel<5, CN, E>;      \
+        case 6: return kernel<6, CN, E>;      \
+        case 7: return kernel<7, CN, E>;      \
+        case 8: return kernel<8, CN, E>;      \
+        default: return otherwise;            \
     }
 
-template <int CN>
-static Attend pick_group(int64_t G) {
-    BY_GROUP(attend, G, CN, (attend<0, 0>))
+template <int CN, class E>
+static Attend<E> pick_group(int64_t G) {
+    BY_GROUP(attend, G, CN, E, (attend<0, 0, E>))
 }
 
-static Attend pick(int64_t G, int64_t C) {  // head sizes 64 and 128 with up to 8 query heads a kv head: fixed shapes
-    return C == 4 ? pick_group<4>(G) : C == 8 ? pick_group<8>(G) : attend<0, 0>;
+template <class E>
+static Attend<E> pick(int64_t G, int64_t C) {  // head sizes 64 and 128 with up to 8 query heads a kv head: fixed shapes
+    return C == 4 ? pick_group<4, E>(G) : C == 8 ? pick_group<8, E>(G) : attend<0, 0, E>;
 }
 
 // The first (sequence, kv head) task of thread i of n: each thread takes about as many keys, not as many tasks.
@@ -320,19 +348,20 @@ static int64_t split(const int64_t *lens, int64_t KVH, int64_t B, int64_t i, int
 
 // q: element (head h, sequence b, d) at q[h * qh + b * qt + d]; k, v [KVH, NB, BS, D] (one layer of the pool); tables [B, NBT];
 // lens [B] keys each query sees; out [B, H, D]. Returns 0, or -1 when D is not a multiple of 16 (the caller falls back to torch ops).
-extern "C" int paged_decode(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *tables, const int64_t *lens,
-                            float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads) {
+template <class E>
+static int decode(const float *q, int64_t qh, int64_t qt, const E *k, const E *v, const int64_t *tables, const int64_t *lens, float *out, int64_t B,
+                  int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads) {
     if (D % 16) return -1;
     const Shape s{B, H, KVH, NB, BS, D, NBT, qh, qt};
     const int64_t tasks = B * KVH, G = H / KVH, stride = (NBT * BS + 15) / 16 * 16;
     if (threads > tasks) threads = (int)tasks;
-    const Attend run = pick(G, D / 16);
+    const Attend<E> run = pick<E>(G, D / 16);
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
         const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
         float *scores = (float *)aligned_alloc(64, sizeof(float) * G * stride);
         const int64_t first = split(lens, KVH, B, i, n), end = split(lens, KVH, B, i + 1, n);
-        Stream stream{k, v, tables, lens, KVH, NB, BS, D, NBT, end, first};
+        Stream stream{(const char *)k, (const char *)v, tables, lens, KVH, NB, BS, D, NBT, end, first, sizeof(E)};
         stream.start(first);
         for (int j = 0; j < 16; j++) stream.fetch<4>();  // a head start of 64 lines
         for (int64_t t = first; t < end; t++) {
@@ -345,16 +374,29 @@ extern "C" int paged_decode(const float *q, int64_t qh, int64_t qt, const float 
     return 0;
 }
 
+extern "C" int paged_decode(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *tables, const int64_t *lens,
+                            float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads) {
+    return decode(q, qh, qt, k, v, tables, lens, out, B, H, KVH, NB, BS, D, NBT, scale, threads);
+}
+
+#ifdef __F16C__
+extern "C" int paged_decode_f16(const float *q, int64_t qh, int64_t qt, const void *k, const void *v, const int64_t *tables, const int64_t *lens,
+                                float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads) {
+    return decode(q, qh, qt, (const Half *)k, (const Half *)v, tables, lens, out, B, H, KVH, NB, BS, D, NBT, scale, threads);
+}
+#endif
+
 // Keys 0..len-1 of one kv head, gathered through the block table and transposed: kT [D, ld], 16 keys a vector.
 // 16 keys at a time, so that each write fills a whole cache line; keys past len are 0 (their scores are masked).
-static void transpose_keys(const float *keys, const int64_t *table, int64_t len, int64_t BS, int64_t D, float *kT, int64_t ld) {
-    static const float zeros[128] = {};  // D <= 128 (the kernel takes no other)
+template <class E>
+static void transpose_keys(const E *keys, const int64_t *table, int64_t len, int64_t BS, int64_t D, float *kT, int64_t ld) {
+    static const E zeros[128] = {};  // D <= 128 (the kernel takes no other)
     const int64_t block = BS * D;
     for (int64_t l0 = 0; l0 < len; l0 += 16) {
-        const float *rows[16];
+        const E *rows[16];
         for (int64_t j = 0; j < 16; j++) rows[j] = l0 + j < len ? keys + table[(l0 + j) / BS] * block + ((l0 + j) % BS) * D : zeros;
         for (int64_t d = 0; d < D; d++)
-            for (int64_t j = 0; j < 16; j++) kT[d * ld + l0 + j] = rows[j][d];
+            for (int64_t j = 0; j < 16; j++) kT[d * ld + l0 + j] = to_float(rows[j][d]);
     }
 }
 
@@ -379,8 +421,8 @@ static void score_groups(const float *q, int64_t qh, const float *kT, int64_t ld
 }
 
 // One prompt position: its G query heads (q[g * qh + d]) over keys 0..len-1 -> out [G, D].
-template <int GN, int CN>
-static void prefill_row(const float *q, int64_t qh, const float *kT, int64_t ld, const float *values, const int64_t *table, int64_t len,
+template <int GN, int CN, class E>
+static void prefill_row(const float *q, int64_t qh, const float *kT, int64_t ld, const E *values, const int64_t *table, int64_t len,
                         float *out, int64_t BS, float scale, float *scores, int64_t stride) {
     // groups a pass: about a dozen independent sums in flight with AVX-512, half that with AVX2
     constexpr int NG = WIDE ? (GN >= 3 ? 4 : GN == 2 ? 6 : 8) : (GN >= 3 ? 2 : GN == 2 ? 3 : 4);
@@ -389,23 +431,25 @@ static void prefill_row(const float *q, int64_t qh, const float *kT, int64_t ld,
     for (; j + NG <= groups; j += NG) score_groups<GN, NG>(q, qh, kT, ld, D, 16 * j, scale, scores, stride);
     for (; j < groups; j++) score_groups<GN, 1>(q, qh, kT, ld, D, 16 * j, scale, scores, stride);
     for (int g = 0; g < GN; g++) softmax(scores + g * stride, len);
-    sum_values<GN, CN>(scores, stride, values, table, len, BS, out);
+    sum_values<GN, CN, E>(scores, stride, values, table, len, BS, out);
 }
 
-typedef void (*PrefillRow)(const float *, int64_t, const float *, int64_t, const float *, const int64_t *, int64_t, float *, int64_t, float,
-                           float *, int64_t);
+template <class E>
+using PrefillRow = void (*)(const float *, int64_t, const float *, int64_t, const E *, const int64_t *, int64_t, float *, int64_t, float, float *,
+                            int64_t);
 
-template <int CN>
-static PrefillRow pick_prefill_group(int64_t G) {
-    BY_GROUP(prefill_row, G, CN, nullptr)
+template <int CN, class E>
+static PrefillRow<E> pick_prefill_group(int64_t G) {
+    BY_GROUP(prefill_row, G, CN, E, nullptr)
 }
 
-static PrefillRow pick_prefill(int64_t G, int64_t C) {
+template <class E>
+static PrefillRow<E> pick_prefill(int64_t G, int64_t C) {
     switch (C) {
-        case 1: return pick_prefill_group<1>(G);
-        case 2: return pick_prefill_group<2>(G);
-        case 4: return pick_prefill_group<4>(G);
-        case 8: return pick_prefill_group<8>(G);
+        case 1: return pick_prefill_group<1, E>(G);
+        case 2: return pick_prefill_group<2, E>(G);
+        case 4: return pick_prefill_group<4, E>(G);
+        case 8: return pick_prefill_group<8, E>(G);
         default: return nullptr;
     }
 }
@@ -416,10 +460,11 @@ enum { ROWS = 16 };  // prompt positions a task: its keys are transposed once fo
 // q: element (head h, row t, d) at q[h * qh + t * qt + d]; k, v [KVH, NB, BS, D] (one layer of the pool);
 // chunks [C, 4] (row0, start, count, offset of its block table in tables); out [T, H, D], chunk rows written.
 // Returns 0, or -1 for a shape it does not take (head size not 16, 32, 64 or 128, more than 8 query heads a kv head).
-extern "C" int paged_prefill(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *chunks, const int64_t *tables,
-                             int64_t C, float *out, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, float scale, int threads) {
+template <class E>
+static int prefill(const float *q, int64_t qh, int64_t qt, const E *k, const E *v, const int64_t *chunks, const int64_t *tables, int64_t C, float *out,
+                   int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, float scale, int threads) {
     const int64_t G = H / KVH;
-    const PrefillRow row = D % 16 ? nullptr : pick_prefill(G, D / 16);
+    const PrefillRow<E> row = D % 16 ? nullptr : pick_prefill<E>(G, D / 16);
     if (row == nullptr) return -1;
     int64_t tasks = 0, longest = 0;
     for (int64_t c = 0; c < C; c++) {
@@ -439,7 +484,7 @@ extern "C" int paged_prefill(const float *q, int64_t qh, int64_t qt, const float
             const int64_t row0 = chunks[4 * c], start = chunks[4 * c + 1], count = chunks[4 * c + 2];
             const int64_t *table = tables + chunks[4 * c + 3];
             const int64_t kvh = rest % KVH, first = (rest / KVH) * ROWS, last = first + ROWS < count ? first + ROWS : count;
-            const float *keys = k + kvh * NB * block, *values = v + kvh * NB * block;
+            const E *keys = k + kvh * NB * block, *values = v + kvh * NB * block;
             transpose_keys(keys, table, start + last, BS, D, kT, ld);
             for (int64_t i = first; i < last; i++) {
                 const int64_t t_row = row0 + i;
@@ -451,3 +496,15 @@ extern "C" int paged_prefill(const float *q, int64_t qh, int64_t qt, const float
     }
     return 0;
 }
+
+extern "C" int paged_prefill(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *chunks, const int64_t *tables,
+                             int64_t C, float *out, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, float scale, int threads) {
+    return prefill(q, qh, qt, k, v, chunks, tables, C, out, H, KVH, NB, BS, D, scale, threads);
+}
+
+#ifdef __F16C__
+extern "C" int paged_prefill_f16(const float *q, int64_t qh, int64_t qt, const void *k, const void *v, const int64_t *chunks, const int64_t *tables,
+                                 int64_t C, float *out, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, float scale, int threads) {
+    return prefill(q, qh, qt, (const Half *)k, (const Half *)v, chunks, tables, C, out, H, KVH, NB, BS, D, scale, threads);
+}
+#endif
