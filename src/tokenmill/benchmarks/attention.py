@@ -4,8 +4,9 @@
 
 Each sequence's blocks are scattered over a pool of `--layers` layers (SmolLM2's shape by default:
 3 kv heads, 3 query heads each, head size 64, 16-token blocks), and one timed step runs every layer
-once, as a decode step does, so keys and values come from memory rather than from cache. Reports
-ms per step for each backend, best and median of `--repeat`, and the largest difference between them.
+once, as a decode step does, so keys and values come from memory rather than from cache. The same
+step runs on the pool as float16 too (`--kv-cache-dtype float16`), where the kernels take it. Reports
+ms per step for each, best and median of `--repeat` steps taken in turn, and how far their outputs are apart.
 """
 
 from __future__ import annotations
@@ -40,18 +41,14 @@ def layout(args: argparse.Namespace) -> tuple[torch.Tensor, StepContext]:
     return pool, step
 
 
-def time_step(backend, query: torch.Tensor, pool: torch.Tensor, step: StepContext, repeat: int) -> tuple[list[float], torch.Tensor]:
-    """ms per step (every layer once) over `repeat` steps after one untimed, and the last layer's output."""
+def time_step(backend, query: torch.Tensor, pool: torch.Tensor, step: StepContext) -> tuple[float, torch.Tensor]:
+    """ms for one step (every layer once), and the last layer's output."""
     scale = query.shape[-1] ** -0.5
-    out = backend._decode(query, pool[0], step, scale)
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for layer in range(pool.shape[0]):
-            step.memo.clear()
-            out = backend._decode(query, pool[layer], step, scale)
-        times.append((time.perf_counter() - start) * 1000)
-    return times, out
+    start = time.perf_counter()
+    for layer in range(pool.shape[0]):
+        step.memo.clear()
+        out = backend._decode(query, pool[layer], step, scale)
+    return (time.perf_counter() - start) * 1000, out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,18 +59,26 @@ def run(args: argparse.Namespace) -> int:
             return 1
         pool, step = layout(args)
         query = torch.randn(args.kv_heads * args.group, args.sequences, args.head_dim, generator=torch.Generator().manual_seed(args.seed + 1))
-        rows = {}
-        for name, backend in (("torch ops", TorchAttention()), ("compiled kernel", NativeAttention(library))):
-            rows[name] = time_step(backend, query, pool, step, args.repeat)
+        runs = {"torch ops": (TorchAttention(), pool), "compiled kernel": (NativeAttention(library), pool)}
+        if hasattr(library, "paged_decode_f16"):
+            runs["compiled kernel, float16 pool"] = (NativeAttention(library), pool.half())
+        outs = {name: time_step(backend, query, kv, step)[1] for name, (backend, kv) in runs.items()}  # untimed first steps
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.repeat):  # in turn, so a drifting machine weighs on each alike
+            for name, (backend, kv) in runs.items():
+                times[name].append(time_step(backend, query, kv, step)[0])
     print(
         f"{args.sequences} sequences of {args.min_len}-{args.max_len} keys, {args.layers} layers, {args.kv_heads} kv heads x {args.group} queries,"
         f" head size {args.head_dim}, {torch.get_num_threads()} threads"
     )
     print("| backend | best ms/step | median ms/step |\n|---|---|---|")
-    for name, (times, _) in rows.items():
-        print(f"| {name} | {min(times):.1f} | {statistics.median(times):.1f} |")
-    diff = (rows["torch ops"][1] - rows["compiled kernel"][1]).abs().max().item()
-    print(f"largest difference between them: {diff:.2e}")
+    for name, ms in times.items():
+        print(f"| {name} | {min(ms):.1f} | {statistics.median(ms):.1f} |")
+    if "compiled kernel, float16 pool" in outs:
+        diff = (outs["compiled kernel, float16 pool"] - outs["compiled kernel"]).abs().max().item()
+        print(f"largest difference the float16 pool makes to the kernel's output: {diff:.2e}")
+    diff = (outs["torch ops"] - outs["compiled kernel"]).abs().max().item()
+    print(f"largest difference of the torch ops and the kernel (float32 pool) between them: {diff:.2e}")
     return 0
 
 
