@@ -160,13 +160,15 @@ static inline v16 tree16(const v16 *w) {
 // stalled its own loads: no faster than not prefetching at all. SmolLM2's 30 layers, 64 sequences, blocks
 // shuffled, 2 cores: reading alone 32-39 ms, computing alone 23, the kernel with whole blocks 57-62; fetching
 // as it goes, alternated: 61.9 -> 54.4 ms on 2 MiB pages, 100.2 -> 97.5 on 4 KiB ones at a slower hour.
-// Half keys and values take half the lines: N stays the float count, so the fetches keep pace with the reads.
+// E: the pool's element; half keys and values take half the lines, so N stays the float count and the fetches keep
+// pace with the reads (for float the arithmetic folds away at compile time).
+template <class E>
 struct Stream {
+    static constexpr int64_t bytes = sizeof(E);
     const char *k = nullptr, *v = nullptr;
     const int64_t *tables = nullptr, *lens = nullptr;
     int64_t KVH = 0, NB = 0, BS = 0, D = 0, NBT = 0;
     int64_t end = 0, limit = 0;  // the thread's tasks end here; the last task to fetch for now
-    int64_t bytes = 4;  // of an element
     int64_t t = 0, blk = 0, line = 0, blocks = 0;  // the next line: task, its block, the line in it
     bool values = false;
     const char *base = nullptr;  // the block being fetched; null: nothing left
@@ -183,7 +185,8 @@ struct Stream {
     template <int N>
     inline void fetch() {  // the next N lines of float elements (fewer at a block's end)
         if (base == nullptr || t > limit) return;
-        const int64_t lines = BS * D * bytes / 64, n = (N * bytes + 3) / 4;
+        constexpr int64_t n = (N * bytes + 3) / 4;
+        const int64_t lines = BS * D * bytes / 64;
         for (int64_t i = line; i < line + n && i < lines; i++) __builtin_prefetch(base + i * 64, 0, 3);
         if ((line += n) < lines) return;
         line = 0;
@@ -199,12 +202,12 @@ struct Stream {
 // The keys' partial sums are made KEYS at a time (all 16 with AVX-512; 4 with AVX2, whose 16 registers
 // hold 4 keys' sums with room to spare), then the tree; the same operations, so the same bits.
 template <int C, class E>
-static inline v16 scores16(const v16 *qg, const E *const *key, int64_t chunks, float scale, Stream &stream) {
+static inline v16 scores16(const v16 *qg, const E *const *key, int64_t chunks, float scale, Stream<E> &stream) {
     constexpr int KEYS = WIDE ? 16 : 4;
     const int64_t n = C ? C : chunks;
     v16 w[8];
     for (int i = 0; i < 16; i += KEYS) {
-        stream.fetch<(C ? C : 4) * KEYS / 2>();  // G x C / 2 lines a key; the keys and values take 2 C
+        stream.template fetch<(C ? C : 4) * KEYS / 2>();  // G x C / 2 lines a key; the keys and values take 2 C
         v16 acc[KEYS];
         for (int j = 0; j < KEYS; j++) {
             acc[j] = qg[0] * load16(key[i + j]);
@@ -238,7 +241,7 @@ static void softmax(float *sc, int64_t len) {
 // Chunks [c0, c0 + CP) of out's rows: one pass over the keys with GN x CP sums in registers.
 template <int GN, int CN, int CP, class E>
 static void sum_values_pass(const float *scores, int64_t stride, const E *values, const int64_t *table, int64_t len, int64_t BS, float *out,
-                            int c0, Stream *stream) {
+                            int c0, Stream<E> *stream) {
     const int64_t D = CN * 16, block = BS * D;
     v16 acc[GN][CP];
     for (int g = 0; g < GN; g++)
@@ -247,7 +250,7 @@ static void sum_values_pass(const float *scores, int64_t stride, const E *values
         const E *block_values = values + table[l0 / BS] * block;
         for (int64_t l = l0; l < l0 + BS && l < len; l++) {
             const E *val = block_values + (l - l0) * D + 16 * c0;
-            if (stream) stream->fetch<2 * CP>();  // CN / CP passes: 2 CN lines a key in all
+            if (stream) stream->template fetch<2 * CP>();  // CN / CP passes: 2 CN lines a key in all
             for (int g = 0; g < GN; g++) {
                 const float p = scores[g * stride + l];
                 for (int c = 0; c < CP; c++) acc[g][c] += p * load16(val + 16 * c);
@@ -263,7 +266,7 @@ static void sum_values_pass(const float *scores, int64_t stride, const E *values
 // (12 of its 16 registers). Each output lane adds its keys in order in every pass, so the bits are the same.
 template <int GN, int CN, class E>
 static void sum_values(const float *scores, int64_t stride, const E *values, const int64_t *table, int64_t len, int64_t BS, float *out,
-                       Stream *stream = nullptr) {
+                       Stream<E> *stream = nullptr) {
     constexpr int fit = GN == 1 ? 4 : GN <= 3 ? 2 : 1, CP = WIDE || CN < fit ? CN : fit;  // CP divides CN (both powers of 2)
     for (int c0 = 0; c0 < CN; c0 += CP) sum_values_pass<GN, CN, CP, E>(scores, stride, values, table, len, BS, out, c0, stream);
 }
@@ -278,7 +281,7 @@ struct Shape {
 // queries and the output sums in registers; every shape runs the same operations in the same order.
 template <int GN, int CN, class E>
 static void attend(const float *q, const E *k, const E *v, const int64_t *table, int64_t len, float *out, const Shape &s, int64_t kvh,
-                   float scale, float *scores, int64_t stride, Stream &stream) {
+                   float scale, float *scores, int64_t stride, Stream<E> &stream) {
     const int64_t G = GN ? GN : s.H / s.KVH, C = CN ? CN : s.D / 16, D = C * 16, BS = s.BS, block = BS * D;
     const E *keys = k + kvh * s.NB * block, *values = v + kvh * s.NB * block;
     for (int64_t l0 = 0; l0 < len; l0 += 16) {  // 16 keys at a time: their 16 sums come out of one tree, lane j key l0 + j
@@ -297,7 +300,7 @@ static void attend(const float *q, const E *k, const E *v, const int64_t *table,
     v16 *o = (v16 *)out;
     memset(out, 0, sizeof(float) * G * D);
     for (int64_t l = 0; l < len; l++) {
-        stream.fetch<8>();  // the keys and values take 2 C lines a key: 8 at the common C = 4
+        stream.template fetch<8>();  // the keys and values take 2 C lines a key: 8 at the common C = 4
         const E *val = values + table[l / BS] * block + (l % BS) * D;
         for (int64_t g = 0; g < G; g++) {
             const float p = scores[g * stride + l];
@@ -308,7 +311,7 @@ static void attend(const float *q, const E *k, const E *v, const int64_t *table,
 
 template <class E>
 using Attend = void (*)(const float *, const E *, const E *, const int64_t *, int64_t, float *, const Shape &, int64_t, float, float *, int64_t,
-                        Stream &);
+                        Stream<E> &);
 
 // kernel<G, CN, E> for G query heads a kv head (1 to 8), else `otherwise`: one instance of a kernel per group size.
 #define BY_GROUP(kernel, G, CN, E, otherwise) \
@@ -361,9 +364,9 @@ static int decode(const float *q, int64_t qh, int64_t qt, const E *k, const E *v
         const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
         float *scores = (float *)aligned_alloc(64, sizeof(float) * G * stride);
         const int64_t first = split(lens, KVH, B, i, n), end = split(lens, KVH, B, i + 1, n);
-        Stream stream{(const char *)k, (const char *)v, tables, lens, KVH, NB, BS, D, NBT, end, first, sizeof(E)};
+        Stream<E> stream{(const char *)k, (const char *)v, tables, lens, KVH, NB, BS, D, NBT, end, first};
         stream.start(first);
-        for (int j = 0; j < 16; j++) stream.fetch<4>();  // a head start of 64 lines
+        for (int j = 0; j < 16; j++) stream.template fetch<4>();  // a head start of 64 lines
         for (int64_t t = first; t < end; t++) {
             const int64_t b = t / KVH, kvh = t % KVH;
             stream.limit = t + 1;
