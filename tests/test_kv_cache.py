@@ -95,3 +95,42 @@ def test_prefix_caching_off_finds_nothing():
     m = BlockManager(num_blocks=4, block_size=2, prefix_caching=False)
     filled(m, [1, 2, 3, 4])
     assert m.reuse_prefix(BlockTable(), [1, 2, 3, 4, 5], limit=4) == 0
+
+
+def test_a_table_grows_into_its_spares_so_its_blocks_stay_one_run():
+    m = BlockManager(num_blocks=256, block_size=4)
+    a, b = BlockTable(), BlockTable()
+    for table in (a, b):  # 2 blocks of prompt, 8 spares (SPARE_BLOCKS) for the 40 positions they may reach
+        assert m.allocate(table, 8, 0, sure_to=8, may_reach=40) == [] and len(table.blocks) == 2 and len(table.spares) == 8
+    assert m.num_free == 256 - 4  # spares count as free
+    for n in range(9, 41):  # both grow a position at a time, turn by turn
+        for table in (a, b):
+            assert m.allocate(table, n, n - 1, sure_to=8, may_reach=40) == []
+    for table in (a, b):
+        assert table.blocks == list(range(table.blocks[0], table.blocks[0] + 10)) and table.spares == []
+    m.free(a)
+    m.free(b)
+    assert m.num_free == 256
+
+
+def test_a_prompt_holds_spares_for_the_rest_of_itself_and_none_past_what_it_may_reach():
+    m = BlockManager(num_blocks=256, block_size=4)
+    chunked, short = BlockTable(), BlockTable()
+    assert m.allocate(chunked, 8, 0, sure_to=40, may_reach=100) == []  # a 40-token prompt's first chunk
+    assert len(chunked.blocks) == 2 and len(chunked.spares) == 8 + 8  # the prompt's 8 other blocks, 8 more
+    assert m.allocate(short, 8, 0, sure_to=8, may_reach=9) == [] and len(short.spares) == 1
+
+
+def test_spares_are_given_back_before_an_allocation_would_fail():
+    m = BlockManager(num_blocks=16, block_size=4)
+    a = BlockTable()
+    assert m.allocate(a, 4, 0, sure_to=4, may_reach=64) == []
+    assert len(a.spares) == 16 // 8  # all spares together hold at most an eighth of the pool (SPARE_SHARE)
+    b = BlockTable()
+    assert m.allocate(b, 60, 0) == [] and len(b.blocks) == 15  # every block but a's one: a's spares too
+    assert a.spares == [] and m.num_free == 0
+    assert m.allocate(a, 5, 4) is None and a.blocks == a.blocks[:1]  # nothing left: changes nothing
+    m.free(a)
+    m.free(b)
+    c = BlockTable()
+    assert m.num_free == 16 and m.allocate(c, 64, 0) == [] and sorted(c.blocks) == list(range(16))

@@ -83,3 +83,15 @@ def test_while_sequences_decode_each_prompt_advances_a_slice_and_alone_it_takes_
     for name in ("long", "other"):
         s.add(sequence(1000, name, first_token=2000))
     assert run(s) == {"short": 1, "long": 16, "other": 16}
+
+
+def test_sequences_decoding_side_by_side_keep_their_blocks_in_one_run():
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockManager(256, 4))
+    seqs = [sequence(8, name) for name in "abc"]
+    for seq in seqs:
+        s.add(seq)
+    for _ in range(30):  # 8 prompt positions and 29 generated: 10 blocks each, taken turn by turn
+        run(s)
+    for seq in seqs:
+        blocks = seq.table.blocks
+        assert len(blocks) == 10 and blocks == list(range(blocks[0], blocks[0] + 10))

@@ -127,7 +127,7 @@ class Scheduler:
     def _grow(self, seq: Sequence, n: int, plan: Plan) -> bool:
         """Blocks for n more tokens of a running sequence, preempting later ones if need be."""
         while True:
-            copies = self.blocks.allocate(seq.table, seq.num_computed + n, seq.num_computed)
+            copies = self._allocate(seq, n)
             if copies is not None:
                 plan.copies += copies
                 return True
@@ -135,6 +135,11 @@ class Scheduler:
             self._preempt(victim)
             if victim is seq:
                 return False
+
+    def _allocate(self, seq: Sequence, n: int) -> list[tuple[int, int]] | None:
+        """Blocks for the sequence's next n tokens (block copies to make), or None when they run out."""
+        longest = seq.prompt_len + seq.params.max_tokens - 1  # the last token is sampled, never computed
+        return self.blocks.allocate(seq.table, seq.num_computed + n, seq.num_computed, sure_to=seq.prompt_len, may_reach=longest)
 
     def _idle_holder(self) -> Sequence | None:
         """The last waiting sequence that holds blocks (forked candidates do): the cheapest to take."""
@@ -147,10 +152,10 @@ class Scheduler:
             limit = seq.prompt_len - 1  # the last prompt token is always computed, for its logits
             seq.num_computed = self.blocks.reuse_prefix(seq.table, seq.group.prompt.token_ids, limit)
         n = seq.next_run(budget)
-        copies = self.blocks.allocate(seq.table, seq.num_computed + n, seq.num_computed) if n else None
+        copies = self._allocate(seq, n) if n else None
         while copies is None and not self.running and (holder := self._idle_holder()) is not None and holder is not seq:
             self._preempt(holder)  # nothing runs: what waiting ones hold is all there is
-            copies = self.blocks.allocate(seq.table, seq.num_computed + n, seq.num_computed)
+            copies = self._allocate(seq, n)
         if copies is None:
             if fresh:  # give back the prefix it found, so the blocks stay evictable while it waits
                 self.blocks.free(seq.table)
