@@ -7,8 +7,8 @@ A block id is also a place in memory: in one layer, one kv head's blocks lie in 
 blocks in table order, and on a 2-core Zen 4 it reads 64 sequences of 256-384 tokens in 63-71 ms with
 every block elsewhere, 43-46 ms with each sequence's blocks in one run (`benchmarks.attention`): one
 4 KiB block at a time the memory is read at 14 GB/s, in 64 KiB runs at 29 (a plain read, 2 threads).
-So blocks taken together are handed out in id order, and a table holds a few spare blocks past its end
-(up to SPARE_BLOCKS, never past the tokens it may reach) to grow into: its generated tokens then
+So blocks taken together are handed out in id order, and a table holds spare blocks past its end (the
+rest of a prompt being prefilled and SPARE_BLOCKS more, never past the tokens it may reach) to grow into: its generated tokens then
 continue the run instead of landing wherever the next free block is. Spares count as free: any
 allocation that would otherwise fail takes them back first, so they never cause a preemption.
 """
@@ -112,10 +112,12 @@ class BlockManager:
         if grow + len(shared) > self.num_free:
             return None
         own = min(grow, len(table.spares))  # its own spares first: they continue its run
-        table.blocks += table.spares[:own]
-        self._set_spares(table, table.spares[own:])
+        if own:
+            table.blocks += table.spares[:own]
+            self._set_spares(table, table.spares[own:])
         needed = grow - own
-        self._reclaim(needed + len(shared))
+        if needed + len(shared) > len(self._free):
+            self._reclaim(needed + len(shared))
         copies = []
         for i in shared:
             fresh = self._take()
