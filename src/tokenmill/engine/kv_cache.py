@@ -8,9 +8,10 @@ blocks in table order, and on a 2-core Zen 4 it reads 64 sequences of 256-384 to
 every block elsewhere, 43-46 ms with each sequence's blocks in one run (`benchmarks.attention`): one
 4 KiB block at a time the memory is read at 14 GB/s, in 64 KiB runs at 29 (a plain read, 2 threads).
 So blocks taken together are handed out in id order, and a table holds spare blocks past its end (the
-rest of a prompt being prefilled and SPARE_BLOCKS more, never past the tokens it may reach) to grow into: its generated tokens then
-continue the run instead of landing wherever the next free block is. Spares count as free: any
-allocation that would otherwise fail takes them back first, so they never cause a preemption.
+rest of a prompt being prefilled and SPARE_BLOCKS more, never past the tokens it may reach) to grow
+into: its generated tokens then continue the run instead of landing wherever the next free block is.
+Spares count as free: any allocation that would otherwise fail takes them back first, so they never
+cause a preemption.
 """
 
 from __future__ import annotations
