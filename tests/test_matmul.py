@@ -42,11 +42,19 @@ def test_every_row_has_the_same_bits_at_any_row_count_and_thread_count(kernel, o
 def test_it_computes_the_linear(kernel, out_features, in_features, bias):
     """Within float32 rounding of a float64 product; a sum in order, fused, so no worse than torch's own."""
     gen = torch.Generator().manual_seed(1)
-    lin = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.random.fork_rng():  # the weights seeded too (not by x's seed: the two draws would be alike); unseeded, ~1
+        torch.manual_seed(0)  # draw in 10 put K = 1536 past 4x torch's error (an in-order sum's error grows faster with K)
+        lin = torch.nn.Linear(in_features, out_features, bias=bias)
     x = torch.randn(40, in_features, generator=gen)
     want = torch.nn.functional.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
-    got = PackedLinear(lin.weight, lin.bias, kernel)(x)
-    assert (got.double() - want).abs().max() <= (lin(x).double() - want).abs().max() * 4 + 1e-6
+    got = PackedLinear(lin.weight, lin.bias, kernel)(x).double()
+    assert (got - want).abs().max() <= (lin(x).double() - want).abs().max() * 4 + 1e-6
+    # and within the bound every in-order chain of K fused multiply-adds keeps, whatever the draw: gamma_K sum |x w|
+    # (+ one rounding of the bias's add)
+    unit = 2.0**-24
+    gamma = in_features * unit / (1 - in_features * unit)
+    bound = gamma * (x.double().abs() @ lin.weight.double().abs().T) + (2 * unit * want.abs() if bias else 0)
+    assert ((got - want).abs() <= bound).all()
 
 
 def test_a_non_contiguous_input_is_read_right(kernel):
