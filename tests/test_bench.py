@@ -164,6 +164,30 @@ def test_the_kernel_ab_replays_both_kinds_of_step_with_each_build(library, llama
     assert all(float(row[3]) > 0 and float(row[4]) > 0 for row in rows)
 
 
+def test_the_kernel_ab_repacks_the_weights_for_a_matmul_of_another_panel_width(llama_dir, tmp_path, capsys):
+    from importlib import resources
+
+    from tokenmill.benchmarks import kernel_ab
+    from tokenmill.engine import native
+
+    shipped = resources.files("tokenmill.engine").joinpath("csrc/matmul.cpp").read_text()
+    tiles = {"MR = 8, NV = 3;": "MR = 8, NV = 2;", "MR = 6, NV = 2;": "MR = 4, NV = 3;"}  # AVX-512's and AVX2's: same bits
+    assert all(tile in shipped for tile in tiles)
+    other = shipped
+    for tile, narrower in tiles.items():
+        other = other.replace(tile, narrower)
+    (tmp_path / "a.cpp").write_text(shipped)
+    (tmp_path / "b.cpp").write_text(other)
+    a, b = (native.load("matmul", tmp_path, source) for source in (shipped, other))
+    if a is None or a.matmul_panel_width() == 0:
+        pytest.skip("no C++ compiler, or a CPU without vector FMA")
+    assert a.matmul_panel_width() != b.matmul_panel_width()
+    args = ["--model", str(llama_dir), "--library", "matmul", "--a", str(tmp_path / "a.cpp"), "--b", str(tmp_path / "b.cpp"), "--kernel-cache", str(tmp_path)]
+    assert kernel_ab.main([*args, "--concurrency", "2", "--rounds", "2", "--input-len", "8", "--output-len", "4"]) == 0  # the bits held
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| c2")]
+    assert sorted(row[1] for row in rows) == ["decode only", "prompt rows"]
+
+
 def test_the_kernel_ab_replays_the_layers_through_python_and_in_one_call(llama_dir, capsys):
     from tokenmill.benchmarks import kernel_ab
 

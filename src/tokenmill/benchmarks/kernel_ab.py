@@ -8,8 +8,9 @@ burst of prompts, the next decode-only step and the next step with prompt rows a
 `--rounds` times, A and B in turn (ABBA), with the same inputs over the same pool, and every run's logits
 must equal the engine's own. On a machine whose speed drifts by tens of percent within minutes, only
 alternated runs of one forward show a change of a few percent. Llama-family models on the CPU (the
-forward that calls the compiled kernels). `--library layers` compares no sources: A runs every layer
-through the Python loop, B in one compiled call (engine/native_layers.py).
+forward that calls the compiled kernels). For `--library matmul` the weights are packed once for each
+version, so two builds whose panels differ in width compare too. `--library layers` compares no sources:
+A runs every layer through the Python loop, B in one compiled call (engine/native_layers.py).
 """
 
 from __future__ import annotations
@@ -91,6 +92,40 @@ def library_swap(runner: Any, libraries: list[Any]) -> Any:
     return use
 
 
+def matmul_versions(forward: Any, shipped: Any, libraries: list[Any]) -> Any:
+    """use(k): every packed linear of the forward (packed by `shipped`), and its layers' one compiled call, on libraries[k]
+    with the weights packed for it: the versions may pack panels of different widths (a copy of the weights for each)."""
+    import torch
+
+    from tokenmill.engine.linear import _pack
+    from tokenmill.engine.llama_forward import SMALL_ROWS
+    from tokenmill.engine.native_layers import NativeLayers
+
+    linears = [p.packed for layer in forward.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [forward.lm_head.packed]
+    weights = [_unpack(lin.packed, lin.out_features, lin.in_features, shipped.matmul_panel_width()) for lin in linears]
+    attention, kv = forward.native.attention, torch.float16 if forward.native.kv_half else torch.float32
+    versions = []
+    for lib in libraries:
+        for lin, weight in zip(linears, weights, strict=True):
+            lin.kernel, lin.packed = lib, _pack(lib, weight, lib.matmul_panel_width())
+        versions.append(([lin.packed for lin in linears], NativeLayers.build(forward, attention, SMALL_ROWS, kv)))
+
+    def use(k: int) -> None:
+        packs, native = versions[k]
+        for lin, packed in zip(linears, packs, strict=True):
+            lin.kernel, lin.packed = libraries[k], packed
+        forward.native = native
+
+    use(0)
+    return use
+
+
+def _unpack(packed: Any, n: int, k: int, width: int) -> Any:
+    """A weight [n, k] back from the panels [ceil(n / width), k, width] the compiled matmul packed it in."""
+    panels = -(-n // width)
+    return packed.view(panels, k, width).transpose(1, 2).reshape(panels * width, k)[:n].contiguous()
+
+
 def layers_switch(forward: Any) -> Any:
     """use(k): the forward runs its layers through the Python loop (0) or in one compiled call (1)."""
     native = forward.native
@@ -163,8 +198,12 @@ def run(args: argparse.Namespace) -> int:
     if shipped[args.library] is None:
         print(f"tokenmill: error: the engine runs without the {args.library} library here", file=sys.stderr)
         return 1
-    swap(engine.runner, shipped[args.library], libraries[0])
     print(f"{path}: {args.library}, A = {args.a}, B = {args.b}; {args.rounds} runs each of one forward, ABBA, median ms")
+    if args.library == "matmul" and engine.runner.lean.native is not None:  # the weights packed for each version
+        use = matmul_versions(engine.runner.lean, shipped["matmul"], libraries)
+        swap(engine.runner, shipped[args.library], libraries[0])  # any other reference to the shipped build
+        return _table(engine, use, args, vocab)
+    swap(engine.runner, shipped[args.library], libraries[0])
     return _table(engine, library_swap(engine.runner, libraries), args, vocab)
 
 

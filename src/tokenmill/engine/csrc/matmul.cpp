@@ -40,12 +40,13 @@ static const int LANES = 8, MR = 1, NV = 2;
 #endif
 
 static const int NR = NV * LANES;  // columns a panel holds
-// A task: CHUNK panels (4 x K x NR floats stay in L2: 147 KB at K = 576 on AVX2, 442 KB on AVX-512) by ROW_BLOCK rows. Measured on a
-// 2-core Zen 3 with SmolLM2's shapes: 2-8 panels and 48-120 rows are within noise of each other at 16-192 rows.
+// A task: CHUNK panels (4 x K x NR floats stay in L2: 147 KB at K = 576 on AVX2, 442 KB on AVX-512) by ROW_BLOCK
+// rows. Measured on a 2-core Zen 3 with SmolLM2's shapes: 2-8 panels and 48-120 rows are within noise of each other
+// at 16-192 rows; on Zen 4 with 3-vector panels, 2, 3 and 4 at 16 and 64 rows too.
 static const int64_t CHUNK = 4, ROW_BLOCK = 96;
 static const int ROW_PANELS = 4;  // panels a lone row walks at once (row_tile)
 
-// Columns a panel holds (16 or 32), or 0 where this build has no kernel.
+// Columns a panel holds (16 on AVX2, 48 on AVX-512), or 0 where this build has no kernel.
 extern "C" int matmul_panel_width() {
 #ifdef TOKENMILL_NO_MATMUL
     return 0;
