@@ -78,7 +78,7 @@ struct Ahead {
     }
 };
 
-// One panel's sums for one row, lo and hi its two vectors -> row[0, cols), + bias[0, cols) where given.
+// One panel's sums for one row, its NV vectors v -> row[0, cols), + bias[0, cols) where given.
 static inline void put(const vec *v, const float *bias, float *row, int64_t cols) {
     alignas(64) float out[NR];
     for (int j = 0; j < NV; j++) vstore(out + j * LANES, v[j]);
@@ -111,7 +111,7 @@ static inline void tile(const float *x, const float *panel, const float *bias, f
     for (int r = 0; r < R; r++) put(acc[r], bias, y + r * N, cols);
 }
 
-// One row times PW panels at once: 2 PW independent FMA chains, PW weight streams (one row alone is bound
+// One row times PW panels at once: NV x PW independent FMA chains, PW weight streams (one row alone is bound
 // by the chains' latency and the streams, not by arithmetic). Each output's chain is the same as tile<1>'s.
 template <int PW>
 static inline void row_tile(const float *x, const float *panel, const float *bias, float *y, int64_t K, int64_t N, int64_t n0) {
