@@ -97,12 +97,12 @@ def matmul_versions(forward: Any, shipped: Any, libraries: list[Any]) -> Any:
     with the weights packed for it: the versions may pack panels of different widths (a copy of the weights for each)."""
     import torch
 
-    from tokenmill.engine.linear import _pack
+    from tokenmill.engine.linear import _pack, unpack
     from tokenmill.engine.llama_forward import SMALL_ROWS
     from tokenmill.engine.native_layers import NativeLayers
 
     linears = [p.packed for layer in forward.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [forward.lm_head.packed]
-    weights = [_unpack(lin.packed, lin.out_features, lin.in_features, shipped.matmul_panel_width()) for lin in linears]
+    weights = [unpack(lin.packed, lin.out_features, lin.in_features, shipped.matmul_panel_width()) for lin in linears]
     attention, kv = forward.native.attention, torch.float16 if forward.native.kv_half else torch.float32
     versions = []
     for lib in libraries:
@@ -118,12 +118,6 @@ def matmul_versions(forward: Any, shipped: Any, libraries: list[Any]) -> Any:
 
     use(0)
     return use
-
-
-def _unpack(packed: Any, n: int, k: int, width: int) -> Any:
-    """A weight [n, k] back from the panels [ceil(n / width), k, width] the compiled matmul packed it in."""
-    panels = -(-n // width)
-    return packed.view(panels, k, width).transpose(1, 2).reshape(panels * width, k)[:n].contiguous()
 
 
 def layers_switch(forward: Any) -> Any:
@@ -199,12 +193,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"tokenmill: error: the engine runs without the {args.library} library here", file=sys.stderr)
         return 1
     print(f"{path}: {args.library}, A = {args.a}, B = {args.b}; {args.rounds} runs each of one forward, ABBA, median ms")
-    if args.library == "matmul" and engine.runner.lean.native is not None:  # the weights packed for each version
-        use = matmul_versions(engine.runner.lean, shipped["matmul"], libraries)
-        swap(engine.runner, shipped[args.library], libraries[0])  # any other reference to the shipped build
-        return _table(engine, use, args, vocab)
+    repacked = None  # for the matmul, the weights packed for each version (before the swap: they are read back by the shipped build's width)
+    if args.library == "matmul" and engine.runner.lean.native is not None:
+        repacked = matmul_versions(engine.runner.lean, shipped["matmul"], libraries)
     swap(engine.runner, shipped[args.library], libraries[0])
-    return _table(engine, library_swap(engine.runner, libraries), args, vocab)
+    return _table(engine, repacked or library_swap(engine.runner, libraries), args, vocab)
 
 
 def _table(engine: Any, use: Any, args: argparse.Namespace, vocab: int) -> int:

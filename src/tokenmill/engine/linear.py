@@ -45,3 +45,9 @@ def _pack(kernel: Any, weight: torch.Tensor, width: int) -> torch.Tensor:
     packed = buffer[offset : offset + size]
     kernel.matmul_pack(weight.data_ptr(), packed.data_ptr(), n, k)
     return packed
+
+
+def unpack(packed: torch.Tensor, n: int, k: int, width: int) -> torch.Tensor:
+    """_pack's inverse: the weight [n, k] back from panels [ceil(n / width), k, width] (a benchmark repacks it for another build)."""
+    panels = -(-n // width)
+    return packed.view(panels, k, width).transpose(1, 2).reshape(panels * width, k)[:n].contiguous()
