@@ -45,6 +45,16 @@ static const int NR = NV * LANES;  // columns a panel holds
 // at 16-192 rows; on Zen 4 with 3-vector panels, 2, 3 and 4 at 16 and 64 rows too.
 static const int64_t CHUNK = 4, ROW_BLOCK = 96;
 static const int ROW_PANELS = 4;  // panels a lone row walks at once (row_tile)
+// Fewest rows at which a row block fetches its next chunk ahead (Ahead). On Zen 4 with 8 x 3 tiles, fetching at
+// up to 16 rows (two tiles or fewer) cost more than it hid: the whole chunk's fetches crowd into so few tiles that
+// they hold up the tiles' own loads, where the hardware's prefetcher alone kept up. SmolLM2's 30 layers' linears
+// and lm_head, weights from memory, alternated: 2 / 8 / 16 rows 0.91-0.93 / 0.81-0.89 / 0.95 the time without
+// them, 24 and 32 rows 1.01-1.03 (so from 17 rows on they stay). AVX2 keeps them from 2 rows, as measured on Zen 3.
+#if defined(__AVX512F__)
+static const int64_t AHEAD_ROWS = 2 * MR + 1;
+#else
+static const int64_t AHEAD_ROWS = 2;
+#endif
 
 // Columns a panel holds (16 on AVX2, 48 on AVX-512), or 0 where this build has no kernel.
 extern "C" int matmul_panel_width() {
@@ -69,7 +79,8 @@ extern "C" void matmul_pack(const float *w, float *packed, int64_t N, int64_t K)
 #ifndef TOKENMILL_NO_MATMUL
 // The thread's next chunk of panels, fetched a few lines every 8 k of the tiles that run before it: otherwise a
 // chunk's first tile waits on memory for the whole chunk, which the other tiles then read from L2. That wait
-// weighs most where a row block has few tiles: SmolLM2's layers alone, 8-64 rows, 5-19% faster. Same bits.
+// weighs most where a row block has few tiles: SmolLM2's layers alone, 8-64 rows, 5-19% faster on Zen 3
+// (on Zen 4 only from 17 rows: AHEAD_ROWS). Same bits.
 struct Ahead {
     const float *next, *end;
     int64_t lines;  // a fetch's lines: enough that the tiles of one row block cover the chunk
@@ -174,9 +185,9 @@ extern "C" int matmul(const float *x, const float *packed, const float *bias, fl
         // block and an odd number of chunks (SmolLM2's q/k/v, o and down at up to 96 rows) left a thread idle
         const int64_t t = omp_get_thread_num(), n = omp_get_num_threads(), first = panels * t / n, last = panels * (t + 1) / n;
         // fetch calls in one row block's tiles. None for one row (row_tile streams its 4 panels; fetching beside
-        // them made SmolLM2's 1-row step 27% slower) or from two row blocks on (the first tile's wait is shared,
-        // and x's 96 rows, this chunk and the next would overfill L2)
-        const int64_t fetches = M > 1 && M <= ROW_BLOCK ? (M + MR - 1) / MR * CHUNK * ((K + 7) / 8) : 0;
+        // them made SmolLM2's 1-row step 27% slower), below AHEAD_ROWS, or from two row blocks on (the first tile's
+        // wait is shared, and x's 96 rows, this chunk and the next would overfill L2)
+        const int64_t fetches = M >= AHEAD_ROWS && M <= ROW_BLOCK ? (M + MR - 1) / MR * CHUNK * ((K + 7) / 8) : 0;
         for (int64_t c = first; c < last; c += CHUNK) {  // chunk outer: the thread's row blocks reuse its chunk from L2
             const int64_t p1 = c + CHUNK < last ? c + CHUNK : last, p2 = p1 + CHUNK < last ? p1 + CHUNK : last;
             Ahead ahead{packed + p1 * K * NR, packed + p2 * K * NR, fetches ? ((p2 - p1) * K * NR / 16 + fetches - 1) / fetches : 0};
