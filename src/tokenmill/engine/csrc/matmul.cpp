@@ -40,10 +40,11 @@ static const int LANES = 8, MR = 1, NV = 2;
 #endif
 
 static const int NR = NV * LANES;  // columns a panel holds
-// A task: CHUNK panels (4 x K x NR floats stay in L2: 147 KB at K = 576 on AVX2, 442 KB on AVX-512) by ROW_BLOCK
+// A task: CHUNK panels (2 x K x NR floats stay in L2: 74 KB at K = 576 on AVX2, 221 KB on AVX-512) by ROW_BLOCK
 // rows. Measured on a 2-core Zen 3 with SmolLM2's shapes: 2-8 panels and 48-120 rows are within noise of each other
-// at 16-192 rows; on Zen 4 with 3-vector panels, 2, 3 and 4 at 16 and 64 rows too.
-static const int64_t CHUNK = 4, ROW_BLOCK = 96;
+// at 16-192 rows. On Zen 4 with 3-vector panels and no fetching ahead below 17 rows, 2 panels against 4 (SmolLM2's
+// linears, weights from memory, alternated): 16 / 32 / 64 / 457 rows 0.975 / 0.975 / 0.985-0.988 / 0.987-0.998 the time.
+static const int64_t CHUNK = 2, ROW_BLOCK = 96;
 static const int ROW_PANELS = 4;  // panels a lone row walks at once (row_tile)
 // Fewest rows at which a row block fetches its next chunk ahead (Ahead). On Zen 4 with 8 x 3 tiles, fetching at
 // up to 16 rows (two tiles or fewer) cost more than it hid: the whole chunk's fetches crowd into so few tiles that
