@@ -49,8 +49,8 @@ static const int ROW_PANELS = 4;  // panels a lone row walks at once (row_tile)
 // Fewest rows at which a row block fetches its next chunk ahead (Ahead). On Zen 4 with 8 x 3 tiles, fetching at
 // up to 16 rows (two tiles or fewer) cost more than it hid: the whole chunk's fetches crowd into so few tiles that
 // they hold up the tiles' own loads, where the hardware's prefetcher alone kept up. SmolLM2's 30 layers' linears
-// and lm_head, weights from memory, alternated: 2 / 8 / 16 rows 0.91-0.93 / 0.81-0.89 / 0.95 the time without
-// them, 24 and 32 rows 1.01-1.03 (so from 17 rows on they stay). AVX2 keeps them from 2 rows, as measured on Zen 3.
+// and lm_head, weights from memory, alternated: 2 / 8 / 16 rows 0.91 / 0.81 / 0.95 the time without them, 24
+// and 32 rows 1.02-1.03 (so from 17 rows on they stay). AVX2 keeps them from 2 rows, as measured on Zen 3.
 #if defined(__AVX512F__)
 static const int64_t AHEAD_ROWS = 2 * MR + 1;
 #else
