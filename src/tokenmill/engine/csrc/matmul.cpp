@@ -90,8 +90,14 @@ struct Ahead {
     }
 };
 
-// One panel's sums for one row, its NV vectors v -> row[0, cols), + bias[0, cols) where given.
+// One panel's sums for one row, its NV vectors v -> row[0, cols), + bias[0, cols) where given. A whole panel
+// without bias is stored straight from the registers: the copy through out[] was a libc memcpy call a row and
+// panel, ~3% of SmolLM2's 16-row decode step (perf). Same bits either way.
 static inline void put(const vec *v, const float *bias, float *row, int64_t cols) {
+    if (cols == NR && bias == nullptr) {
+        for (int j = 0; j < NV; j++) vstore(row + j * LANES, v[j]);
+        return;
+    }
     alignas(64) float out[NR];
     for (int j = 0; j < NV; j++) vstore(out + j * LANES, v[j]);
     if (bias != nullptr)
