@@ -45,7 +45,11 @@ static const int NR = NV * LANES;  // columns a panel holds
 // at 16-192 rows. On Zen 4 with 3-vector panels and no fetching ahead below 17 rows, 2 panels against 4 (SmolLM2's
 // linears, weights from memory, alternated): 16 / 32 / 64 / 457 rows 0.975 / 0.975 / 0.985-0.988 / 0.987-0.998 the time.
 static const int64_t CHUNK = 2, ROW_BLOCK = 96;
-static const int ROW_PANELS = 4;  // panels a lone row walks at once (row_tile)
+// Panels a lone row walks at once (row_tile), within one chunk: at 4, once chunks were 2 panels (462b741) no row
+// ever took row_tile. 2 against tile<1> panel by panel, SmolLM2's 1-row step in kernel_ab: 0.92-0.94x the time;
+// against 4 panels in chunks of 4 for one row: 0.96x.
+static const int ROW_PANELS = 2;
+static_assert(ROW_PANELS <= CHUNK, "row_tile runs inside one chunk");
 // Fewest rows at which a row block fetches its next chunk ahead (Ahead). On Zen 4 with 8 x 3 tiles, fetching at
 // up to 16 rows (two tiles or fewer) cost more than it hid: the whole chunk's fetches crowd into so few tiles that
 // they hold up the tiles' own loads, where the hardware's prefetcher alone kept up. SmolLM2's 30 layers' linears
