@@ -195,7 +195,7 @@ extern "C" int matmul(const float *x, const float *packed, const float *bias, fl
         // each thread an equal share of the panels, every row: with (chunk, row block) tasks a step of one row
         // block and an odd number of chunks (SmolLM2's q/k/v, o and down at up to 96 rows) left a thread idle
         const int64_t t = omp_get_thread_num(), n = omp_get_num_threads(), first = panels * t / n, last = panels * (t + 1) / n;
-        // fetch calls in one row block's tiles. None for one row (row_tile streams its 4 panels; fetching beside
+        // fetch calls in one row block's tiles. None for one row (row_tile streams its panels; fetching beside
         // them made SmolLM2's 1-row step 27% slower), below AHEAD_ROWS, or from two row blocks on (the first tile's
         // wait is shared, and x's 96 rows, this chunk and the next would overfill L2)
         const int64_t fetches = M >= AHEAD_ROWS && M <= ROW_BLOCK ? (M + MR - 1) / MR * CHUNK * ((K + 7) / 8) : 0;
