@@ -5,6 +5,7 @@ import torch
 
 from tests.test_batching import engine_for
 from tokenmill.engine import native
+from tokenmill.engine.host_memory import HugePageArena
 from tokenmill.engine.linear import PackedLinear
 
 
@@ -78,3 +79,24 @@ def test_the_engine_runs_its_linears_through_the_kernel(llama_dir, kernel):
     stock = engine_for(llama_dir, model_impl="transformers").runner.model
     forward = stock.model.layers[0].self_attn.o_proj.forward
     assert isinstance(forward.args[0], PackedLinear) and forward.args[0].kernel is not None
+
+
+def test_weights_packed_into_the_huge_page_arena_give_the_same_bits(kernel):
+    arena = HugePageArena(block=1 << 20)  # small buffers, so the test also crosses into a second one
+    pieces = []
+    for out_features, in_features, bias in SHAPES + [(600, 512, False)]:  # the last needs more than one buffer holds
+        lin = torch.nn.Linear(in_features, out_features, bias=bias)
+        x = torch.randn(7, in_features)
+        packed = PackedLinear(lin.weight, lin.bias, kernel, arena)
+        assert packed.packed.data_ptr() % 64 == 0
+        assert torch.equal(packed(x), PackedLinear(lin.weight, lin.bias, kernel)(x))
+        pieces.append((packed.packed.data_ptr(), packed.packed.data_ptr() + 4 * packed.packed.numel()))
+    pieces.sort()
+    assert all(end <= start for (_, end), (start, _) in zip(pieces, pieces[1:], strict=False))  # no two share memory
+
+
+def test_the_llama_forward_packs_every_weight_into_one_arena(llama_dir, kernel):
+    lean = engine_for(llama_dir).runner.lean
+    projections = [p for layer in lean.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [lean.lm_head]
+    bases = {p.packed.packed.untyped_storage().data_ptr() for p in projections}
+    assert len(bases) == 1  # the tiny llama's weights fit one 64 MiB buffer: carved from it, none on its own

@@ -12,16 +12,22 @@ from typing import Any
 
 import torch
 
+from tokenmill.engine.host_memory import HugePageArena
+
 
 class PackedLinear:
     """weight [out, in] (+ bias [out]) packed for `kernel` (the compiled matmul library), or for oneDNN where it is None."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: Any = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: Any = None, arena: HugePageArena | None = None):
+        """arena: where the compiled kernel's panels go (2 MiB pages), or None: a buffer of their own."""
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().contiguous()
         width = kernel.matmul_panel_width() if kernel is not None else 0
         self.kernel = kernel if width > 0 else None  # 0: this CPU has no vector FMA, oneDNN it is
-        self.packed = _pack(kernel, weight.detach().contiguous(), width) if width else torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=16)
+        if width:
+            self.packed = _pack(kernel, weight.detach().contiguous(), width, arena)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out]."""
@@ -36,13 +42,16 @@ class PackedLinear:
         return out
 
 
-def _pack(kernel: Any, weight: torch.Tensor, width: int) -> torch.Tensor:
+def _pack(kernel: Any, weight: torch.Tensor, width: int, arena: HugePageArena | None = None) -> torch.Tensor:
     """weight [N, K] -> panels [ceil(N / width), K, width] (zero columns past N), 64-byte aligned for the kernel's loads."""
     n, k = weight.shape
     size = -(-n // width) * k * width
-    buffer = torch.empty(size + 16)  # 16 floats of slack: the view below starts on a 64-byte boundary
-    offset = (-buffer.data_ptr() // 4) % 16
-    packed = buffer[offset : offset + size]
+    if arena is not None:
+        packed = arena.take(size)
+    else:
+        buffer = torch.empty(size + 16)  # 16 floats of slack: the view below starts on a 64-byte boundary
+        offset = (-buffer.data_ptr() // 4) % 16
+        packed = buffer[offset : offset + size]
     kernel.matmul_pack(weight.data_ptr(), packed.data_ptr(), n, k)
     return packed
 

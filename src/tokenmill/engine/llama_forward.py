@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenmill.engine.attention import StepContext
+from tokenmill.engine.host_memory import HugePageArena
 from tokenmill.engine.linear import PackedLinear
 from tokenmill.engine.native_layers import NativeLayers
 
@@ -40,11 +41,11 @@ class Projection:
     invariance, takes steps of 1-4 rows (SMALL_ROWS).
     """
 
-    def __init__(self, linears: list[torch.nn.Linear], packed: bool, small: Any = None, matmul: Any = None):
+    def __init__(self, linears: list[torch.nn.Linear], packed: bool, small: Any = None, matmul: Any = None, arena: HugePageArena | None = None):
         self.weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
         biases = [lin.bias for lin in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        self.packed = PackedLinear(self.weight, self.bias, matmul) if packed else None
+        self.packed = PackedLinear(self.weight, self.bias, matmul, arena) if packed else None
         self.small = small if packed and self.weight.is_contiguous() else None
         if packed and self.small is None:
             del self.weight  # the packed copy replaces it (the modules keep the originals)
@@ -117,11 +118,20 @@ class Layer:
     """One decoder layer's weights, gathered out of its transformers modules."""
 
     def __init__(
-        self, layer: Any, packed: bool, kernel: Any = None, lanes: int = 0, small: Any = None, matmul: Any = None, kv_dtype: torch.dtype = torch.float32
+        self,
+        layer: Any,
+        packed: bool,
+        kernel: Any = None,
+        lanes: int = 0,
+        small: Any = None,
+        matmul: Any = None,
+        kv_dtype: torch.dtype = torch.float32,
+        arena: HugePageArena | None = None,
     ):
         """kernel: the compiled llama ops (RoPE with the K/V write; the norms where lanes is not 0), or None: torch ops;
         small: the same library where steps of a few rows may take its small_matmul; matmul: the compiled matmul, or None;
-        kv_dtype: the pool's element type, which picks the compiled K/V write (none for a pool it has none for)."""
+        kv_dtype: the pool's element type, which picks the compiled K/V write (none for a pool it has none for);
+        arena: where the compiled matmul's packed weights go, or None."""
         attn, mlp = layer.self_attn, layer.mlp
         self.store = rope_store_for(kernel, kv_dtype)  # RoPE and the K/V write in one compiled call, or None: torch ops
         self.index = attn.layer_idx
@@ -130,11 +140,11 @@ class Layer:
         self.widths = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.heads = attn.q_proj.out_features // attn.head_dim
         self.norm1 = RMSNorm(layer.input_layernorm, kernel, lanes)
-        self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed, small, matmul)
-        self.o = Projection([attn.o_proj], packed, small, matmul)
+        self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed, small, matmul, arena)
+        self.o = Projection([attn.o_proj], packed, small, matmul, arena)
         self.norm2 = RMSNorm(layer.post_attention_layernorm, kernel, lanes)
-        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], packed, small, matmul)
-        self.down = Projection([mlp.down_proj], packed, small, matmul)
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], packed, small, matmul, arena)
+        self.down = Projection([mlp.down_proj], packed, small, matmul, arena)
 
     def __call__(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, step: StepContext) -> torch.Tensor:
         """x [T, hidden] the residual stream, delta [T, hidden] the last layer's output (None at the first), both added
@@ -203,9 +213,10 @@ class LlamaForward:
         # the compiled norm only where it gives torch's bits on this machine (else torch ops, RoPE still compiled)
         self.norm_lanes = norm_lanes(kernel, self.embed.shape[1], inner.norm.variance_epsilon) if kernel is not None else 0
         small = kernel if packed and not invariant else None
-        self.layers = [Layer(layer, packed, kernel, self.norm_lanes, small, matmul, kv_dtype) for layer in inner.layers]
+        arena = HugePageArena() if packed and matmul is not None else None  # every packed weight on 2 MiB pages, one after another
+        self.layers = [Layer(layer, packed, kernel, self.norm_lanes, small, matmul, kv_dtype, arena) for layer in inner.layers]
         self.norm = RMSNorm(inner.norm, kernel, self.norm_lanes)
-        self.lm_head = Projection([model.lm_head], packed, small, matmul)
+        self.lm_head = Projection([model.lm_head], packed, small, matmul, arena)
         # every layer in one compiled call, where each part has a compiled kernel with the same bits
         self.native = NativeLayers.build(self, attention, SMALL_ROWS, kv_dtype) if attention is not None else None
 
