@@ -83,15 +83,15 @@ def test_the_engine_runs_its_linears_through_the_kernel(llama_dir, kernel):
 
 def test_weights_packed_into_the_huge_page_arena_give_the_same_bits(kernel):
     arena = HugePageArena(block=1 << 20)  # small buffers, so the test also crosses into a second one
-    pieces = []
+    kept = []  # alive to the end: a freed piece's memory may be handed out again
     for out_features, in_features, bias in SHAPES + [(600, 512, False)]:  # the last needs more than one buffer holds
         lin = torch.nn.Linear(in_features, out_features, bias=bias)
         x = torch.randn(7, in_features)
         packed = PackedLinear(lin.weight, lin.bias, kernel, arena)
         assert packed.packed.data_ptr() % 64 == 0
         assert torch.equal(packed(x), PackedLinear(lin.weight, lin.bias, kernel)(x))
-        pieces.append((packed.packed.data_ptr(), packed.packed.data_ptr() + 4 * packed.packed.numel()))
-    pieces.sort()
+        kept.append(packed.packed)
+    pieces = sorted((p.data_ptr(), p.data_ptr() + 4 * p.numel()) for p in kept)
     assert all(end <= start for (_, end), (start, _) in zip(pieces, pieces[1:], strict=False))  # no two share memory
 
 
