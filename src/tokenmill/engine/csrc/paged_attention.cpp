@@ -7,8 +7,10 @@
 //
 // paged_prefill: prompt positions, chunk by chunk. Each position's query heads attend over keys 0..position
 // by a recipe fixed by the position alone (keys 16 at a time in the lanes, each lane's dot product one
-// multiply-add per element in order), so a position's bits do not depend on its chunk, the batch or the
-// threads. The two recipes round differently, which is why generated positions are never recomputed as prompt.
+// multiply-add per element in order), so a position's bits do not depend on its chunk, the batch, the
+// threads, or on whether it runs alone or paired with the next position (AVX-512 takes two at a time where
+// their sums fit in registers, loading each key and value vector once for both). The two recipes round
+// differently, which is why generated positions are never recomputed as prompt.
 //
 // Keys and values are float32, or IEEE half (`Half`, --kv-cache-dtype float16: the _f16 entry points, built where
 // the CPU converts half in hardware). A half is read into a float lane exactly, and every recipe then runs the
