@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,6 +214,23 @@ def test_the_kernel_ab_refuses_a_build_with_other_bits(llama_dir, tmp_path):
     args = ["--model", str(llama_dir), "--library", "matmul", "--a", str(shipped), "--b", str(other), "--kernel-cache", str(tmp_path)]
     with pytest.raises(AssertionError, match="other logits"):
         kernel_ab.main([*args, "--concurrency", "2", "--rounds", "2", "--input-len", "8", "--output-len", "4"])
+
+
+def test_the_kernel_ab_run_as_a_module_swaps_the_attention_kernels_it_replays(llama_dir, tmp_path):
+    """Run as `python -m`, its own classes live in __main__: the swap must still reach the forward its capture holds."""
+    from importlib import resources
+
+    if not shutil.which("g++"):
+        pytest.skip("no C++ compiler: no compiled attention")
+    shipped = resources.files("tokenmill.engine").joinpath("csrc/paged_attention.cpp")
+    exact = "return tree16(w) * scale;"
+    assert exact in shipped.read_text()  # the decode kernel's scores: the variant moves their last bits
+    other = tmp_path / "other.cpp"
+    other.write_text(shipped.read_text().replace(exact, "return tree16(w) * (scale * 1.0000001f);"))
+    args = ["--model", str(llama_dir), "--library", "paged_attention", "--a", str(shipped), "--b", str(other), "--kernel-cache", str(tmp_path)]
+    args += ["--concurrency", "2", "--rounds", "2", "--input-len", "8", "--output-len", "4"]
+    done = subprocess.run([sys.executable, "-m", "tokenmill.benchmarks.kernel_ab", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "other logits" in done.stderr, done.stdout + done.stderr[-2000:]
 
 
 def test_bench_ceiling_times_every_matmul(llama_dir, tmp_path, capsys):

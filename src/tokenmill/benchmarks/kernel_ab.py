@@ -37,7 +37,8 @@ def swap(root: Any, old: Any, new: Any, seen: set[int] | None = None) -> None:
     seen.add(id(root))
     if isinstance(root, list):
         children, put = list(enumerate(root)), root.__setitem__
-    elif type(root).__module__.startswith("tokenmill."):  # not torch modules, tensors or libraries
+    elif type(root).__module__.startswith("tokenmill.") or type(root).__module__ == __name__:  # not torch modules, tensors or libraries
+        # (__name__: run as `python -m`, this module's Capture, which holds the forward during a replay, is __main__'s)
         children, put = list(getattr(root, "__dict__", {}).items()), lambda key, value: setattr(root, key, value)
     else:
         return
