@@ -100,3 +100,34 @@ def test_the_llama_forward_packs_every_weight_into_one_arena(llama_dir, kernel):
     projections = [p for layer in lean.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [lean.lm_head]
     bases = {p.packed.packed.untyped_storage().data_ptr() for p in projections}
     assert len(bases) == 1  # the tiny llama's weights fit one 64 MiB buffer: carved from it, none on its own
+
+
+def test_the_mlp_projection_with_its_silu_has_the_bits_of_the_matmul_then_torchs_silu(kernel):
+    """matmul_silu: silu(gate) * up straight from the tiles, bit for bit the packed matmul into [M, 2I] then F.silu(g).mul_(u),
+    with torch's ranges split inside rows (I = 10 panels, 69 rows: pieces of 5 panels, each with a scalar tail), biases,
+    a lone row, and 1-3 threads."""
+    from tokenmill.engine.native_layers import torch_exp
+
+    lanes, exp = torch_exp()
+    if not lanes:
+        pytest.skip(f"torch runs {torch.backends.cpu.get_cpu_capability()} here: no Sleef exp to match")
+    width, gen = kernel.matmul_panel_width(), torch.Generator().manual_seed(5)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for inter, hidden, bias in ((2 * width, 64, False), (10 * width, 96, True), (1536, 576, False)):
+                lin = torch.nn.Linear(hidden, 2 * inter, bias=bias)
+                packed = PackedLinear(lin.weight, lin.bias, kernel)
+                for rows in (1, 2, 8, 9, 16, 45, 69, 130):
+                    x = torch.randn(rows, hidden, generator=gen) * 2
+                    want = packed(x)
+                    want = torch.nn.functional.silu(want[:, :inter]).mul_(want[:, inter:])
+                    got = torch.full((rows, inter), float("nan"))
+                    b = 0 if lin.bias is None else packed.bias.data_ptr()
+                    assert kernel.matmul_silu(x.data_ptr(), packed.packed.data_ptr(), b, got.data_ptr(), rows, inter, hidden, threads, lanes, exp, threads) == 0
+                    assert torch.equal(got, want), (threads, inter, rows)
+    finally:
+        torch.set_num_threads(before)
+    assert kernel.matmul_silu(0, 0, 0, 0, 0, width + 1, 8, 1, lanes, exp, 1) == -1  # an MLP width of part of a panel
+    assert kernel.matmul_silu(0, 0, 0, 0, 0, width, 8, 1, 12, exp, 1) == -1  # a vector width it has no loop for

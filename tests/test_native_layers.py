@@ -74,3 +74,21 @@ def test_the_last_layer_runs_the_kept_rows_only_with_every_rows_bits(llama_dir):
 def test_no_one_call_without_the_compiled_attention(llama_dir):
     """attention torch: the Python loop (each part takes its torch ops)."""
     assert engine_for(llama_dir, attention="torch").runner.lean.native is None
+
+
+@compiler
+def test_an_mlp_of_whole_panels_takes_the_fused_silu_with_the_python_loops_bits(tmp_path):
+    """An MLP width of 96 (2 of AVX-512's 48-column panels, 6 of AVX2's 16): the one call projects gate/up and applies
+    silu in one pass (matmul_silu), and gives the Python loop's tokens and logprobs; 128 (the other tiny models) keeps the
+    separate silu on AVX-512."""
+    from tests.conftest import build_model
+
+    path = build_model("llama", tmp_path / "llama96", inter=96)
+    engines = [engine_for(path, max_num_batched_tokens=64) for _ in range(2)]
+    native_loop = engines[0].runner.lean.native
+    if native_loop is None:
+        pytest.skip(f"no compiled silu with torch's bits here (torch runs {torch.backends.cpu.get_cpu_capability()})")
+    assert native_loop.fused
+    engines[1].runner.lean.native = None
+    requests = mixed_requests(12, engines[0].tokenizer.vocab_size, seed=7)
+    assert together(engines[0], requests) == together(engines[1], requests)

@@ -47,10 +47,13 @@ SIGNATURES: dict[str, dict[str, tuple[list, type | None]]] = {
         "matmul": ([_P] * 4 + [_N] * 3 + [_T], ctypes.c_int),
         "matmul_pack": ([_P] * 2 + [_N] * 2, None),
         "matmul_panel_width": ([], ctypes.c_int),
+        "matmul_silu": ([_P] * 4 + [_N] * 3 + [_T, ctypes.c_int, _P, _T], ctypes.c_int),
     },
 }
 # built only where the CPU converts IEEE half in hardware (F16C): a half KV pool elsewhere runs in torch ops
 HALF = {"paged_decode_f16", "paged_prefill_f16", "rope_store_f16"}
+# absent from a build of an older source (benchmarks.kernel_ab's A side): its callers fall back where it is missing
+LATER = {"matmul_silu"}
 # -ffp-contract=off: no fused multiply-add, so every product and sum of the llama ops rounds as transformers' ops do
 EXTRA_FLAGS = {"llama_ops": ["-ffp-contract=off"]}
 
@@ -84,7 +87,7 @@ def load(name: str, cache: Path, source: str | None = None) -> ctypes.CDLL | Non
         log.warning("loading the %s kernel failed (%s): it runs in torch ops", name, exc)
         return None
     for function, (argtypes, restype) in SIGNATURES[name].items():
-        if function in HALF and not hasattr(lib, function):
+        if function in HALF | LATER and not hasattr(lib, function):
             continue
         getattr(lib, function).argtypes, getattr(lib, function).restype = argtypes, restype
     return lib

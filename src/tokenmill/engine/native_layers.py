@@ -5,7 +5,9 @@ allocations, torch's silu and mul); at one sequence that was ~3.4 ms of a 26 ms 
 second thread idle throughout. `NativeLayers` hands the same kernels, in the same order and on the same
 buffers' bits, to one C loop: the forward's numbers do not change (tests/test_native_layers.py). It
 runs only where every part has a compiled kernel that gives the Python loop's bits: the packed
-matmul, the compiled norm, RoPE and silu, and both attention kernels for this head size.
+matmul, the compiled norm, RoPE and silu, and both attention kernels for this head size. Where the MLP's
+width is whole panels of the matmul and the matmul's `matmul_silu` gives the same bits (checked on the
+model's own weight at build), the gate/up projection and silu run as one pass.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class Model(ctypes.Structure):
     _fields_ = [
         *[(name, _N) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "inter")],
         ("eps", _F), ("scaling", _F), ("norm_lanes", _I), ("silu_lanes", _I), ("small_rows", _I),
-        ("weights", ctypes.POINTER(LayerWeights)), ("matmul", _P), ("decode", _P), ("prefill", _P), ("exp", _P),
+        ("weights", ctypes.POINTER(LayerWeights)), ("matmul", _P), ("decode", _P), ("prefill", _P), ("exp", _P), ("matmul_silu", _P),
     ]  # fmt: skip
 
 
@@ -77,6 +79,27 @@ def silu_lanes(kernel: Any) -> tuple[int, int]:
     return lanes, exp
 
 
+def fused_silu(gate_up: Any, lanes: int, exp: int) -> bool:
+    """Whether the compiled matmul_silu gives the bits of gate_up's packed matmul then torch's silu(gate) * up, at this
+    model's own gate/up weight (it takes MLP widths of whole panels only) and at row counts that split torch's ranges."""
+    packed, inter, hidden = gate_up.packed, gate_up.out_features // 2, gate_up.in_features
+    kernel, threads = gate_up.kernel, torch.get_num_threads()
+    if not hasattr(kernel, "matmul_silu") or kernel.matmul_silu(0, 0, 0, 0, 0, inter, hidden, threads, lanes, exp, threads) != 0:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 7, 16, 45):
+        x = torch.randn(rows, hidden, generator=gen)
+        want = gate_up(x)
+        want = F.silu(want[:, :inter]).mul_(want[:, inter:])
+        got = torch.empty(rows, inter)
+        bias = 0 if gate_up.bias is None else gate_up.bias.data_ptr()
+        if kernel.matmul_silu(x.data_ptr(), packed.data_ptr(), bias, got.data_ptr(), rows, inter, hidden, threads, lanes, exp, threads) != 0:
+            return False
+        if not torch.equal(got, want):
+            return False
+    return True
+
+
 class NativeLayers:
     """A LlamaForward's layers as one `llama_layers` call; build() gives None where a part has no compiled kernel."""
 
@@ -97,8 +120,10 @@ class NativeLayers:
         self.widths.update(gate_up=2 * inter, act=inter)
         self.model = Model(
             len(forward.layers), hidden, first.heads, first.widths[1] // d, d, inter,
-            first.norm1.eps, first.scaling, forward.norm_lanes, lanes, small_rows if first.qkv.small is not None else 0, self.weights, 0, 0, 0, exp,
+            first.norm1.eps, first.scaling, forward.norm_lanes, lanes, small_rows if first.qkv.small is not None else 0, self.weights, 0, 0, 0, exp, 0,
         )  # fmt: skip
+        # the MLP's projection and activation in one pass where the matmul library's matmul_silu gives their bits
+        self.fused = fused_silu(first.gate_up.packed, lanes, exp)
         self._buffers: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -150,6 +175,7 @@ class NativeLayers:
         # looked up at each call, not kept: benchmarks.kernel_ab swaps the libraries between calls
         self.model.matmul, self.model.decode = _address(self.matmul.matmul), _address(getattr(self.attention, "paged_decode" + self.suffix))
         self.model.prefill = _address(getattr(self.attention, "paged_prefill" + self.suffix))
+        self.model.matmul_silu = _address(self.matmul.matmul_silu) if self.fused else 0
         done = self.kernel.llama_layers(ctypes.byref(self.model), ctypes.byref(args))
         if done != 0:
             raise RuntimeError(f"llama_layers: a kernel refused the step ({done})")

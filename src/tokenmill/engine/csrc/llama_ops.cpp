@@ -9,7 +9,8 @@
 // squares taken in the order of torch's CPU sum (its cascade over W-lane vectors), so the bits are torch's.
 // The loader checks that against torch on this machine before using it.
 //
-// silu_mul: the MLP's silu(gate) * up, with torch's own exp (Sleef's, found in libtorch_cpu) where torch uses it.
+// silu_mul: the MLP's silu(gate) * up, with torch's own exp (Sleef's, found in libtorch_cpu) where torch uses it
+// (llama_layers takes matmul.cpp's matmul_silu instead where it is given: the projection and this in one pass).
 //
 // llama_layers: every decoder layer of one step in a single call, the kernels above and the matmul and
 // attention kernels (given as function pointers) in the order LlamaForward calls them: the ~100 us of
@@ -234,6 +235,9 @@ extern "C" int silu_mul(const float *gate_up, float *out, int64_t T, int64_t I, 
 
 // The matmul and attention kernels llama_layers calls (matmul.cpp's matmul, paged_attention.cpp's kernels).
 typedef int (*Matmul)(const float *x, const float *packed, const float *bias, float *y, int64_t M, int64_t N, int64_t K, int threads);
+// matmul.cpp's matmul_silu: the MLP's gate/up projection and silu(gate) * up in one pass, the bits of Matmul then silu_mul.
+typedef int (*MatmulSilu)(const float *x, const float *packed, const float *bias, float *act, int64_t M, int64_t I, int64_t K, int threads,
+                          int lanes, const void *exp, int torch_threads);
 // k and v are float, or half where the step's pool is (the _f16 kernels).
 typedef int (*Decode)(const float *q, int64_t qh, int64_t qt, const void *k, const void *v, const int64_t *tables, const int64_t *lens,
                       float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads);
@@ -257,6 +261,7 @@ struct Model {
     Decode decode;
     Prefill prefill;
     const void *exp;  // torch's vector exp, for silu_mul
+    MatmulSilu matmul_silu;  // or null: the packed gate/up projection, then silu_mul
 };
 
 // One step (engine/native_layers.py's Step mirrors it). Buffers are [rows, width] row-major.
@@ -335,8 +340,12 @@ extern "C" int llama_layers(const Model *m, const Step *s) {
         }
         if (project(m, s->attn, w.o, w.o_plain, w.o_bias, s->projected, R, m->hidden, HD, threads, T)) return -1;
         add_rms_norm(s->x, s->projected, w.norm2, s->normed, R, m->hidden, m->eps, m->norm_lanes, threads);
-        if (project(m, s->normed, w.gate_up, w.gate_up_plain, w.gate_up_bias, s->gate_up, R, 2 * I, m->hidden, threads, T)) return -1;
-        if (silu_mul(s->gate_up, s->act, R, I, m->silu_lanes, m->exp, s->torch_threads, threads)) return -4;
+        if (m->matmul_silu != nullptr && !(T <= m->small_rows && w.gate_up_plain != nullptr)) {  // the steps project() gives the packed matmul
+            if (m->matmul_silu(s->normed, w.gate_up, w.gate_up_bias, s->act, R, I, m->hidden, threads, m->silu_lanes, m->exp, s->torch_threads)) return -1;
+        } else {
+            if (project(m, s->normed, w.gate_up, w.gate_up_plain, w.gate_up_bias, s->gate_up, R, 2 * I, m->hidden, threads, T)) return -1;
+            if (silu_mul(s->gate_up, s->act, R, I, m->silu_lanes, m->exp, s->torch_threads, threads)) return -4;
+        }
         if (project(m, s->act, w.down, w.down_plain, w.down_bias, s->delta, R, m->hidden, I, threads, T)) return -1;
     }
     return 0;
