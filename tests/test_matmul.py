@@ -40,8 +40,8 @@ def test_every_row_has_the_same_bits_at_any_row_count_and_thread_count(kernel, o
 
 
 @pytest.mark.parametrize(("out_features", "in_features", "bias"), SHAPES)
-def test_from_192_rows_the_threads_split_rows_with_the_same_bits(kernel, out_features, in_features, bias):
-    """At 192 rows and more each thread takes its rows and every panel (ROW_SPLIT): each row as it is alone, at 1-3 threads."""
+def test_from_64_rows_the_threads_split_rows_with_the_same_bits(kernel, out_features, in_features, bias):
+    """At 64 rows and more each thread takes its rows and every panel (ROW_SPLIT): each row as it is alone, at 1-3 threads."""
     gen = torch.Generator().manual_seed(out_features + 1)
     lin = torch.nn.Linear(in_features, out_features, bias=bias)
     packed = PackedLinear(lin.weight, lin.bias, kernel)
@@ -51,7 +51,7 @@ def test_from_192_rows_the_threads_split_rows_with_the_same_bits(kernel, out_fea
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            for rows in (191, 192, 193, 257, 401):
+            for rows in (63, 64, 65, 97, 193, 257, 401):
                 assert torch.equal(packed(x[:rows]), alone[:rows]), (count, rows)
     finally:
         torch.set_num_threads(threads)
@@ -137,7 +137,7 @@ def test_the_mlp_projection_with_its_silu_has_the_bits_of_the_matmul_then_torchs
             for inter, hidden, bias in ((2 * width, 64, False), (10 * width, 96, True), (1536, 576, False)):
                 lin = torch.nn.Linear(hidden, 2 * inter, bias=bias)
                 packed = PackedLinear(lin.weight, lin.bias, kernel)
-                for rows in (1, 2, 8, 9, 16, 45, 69, 130, 193, 250):  # from 192 rows the threads split rows
+                for rows in (1, 2, 8, 9, 16, 45, 69, 130, 250):  # from 64 rows the threads split rows
                     x = torch.randn(rows, hidden, generator=gen) * 2
                     want = packed(x)
                     want = torch.nn.functional.silu(want[:, :inter]).mul_(want[:, inter:])

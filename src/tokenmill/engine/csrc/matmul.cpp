@@ -210,8 +210,10 @@ static void block(const float *x, const float *packed, const float *bias, float 
 // From this many rows on, each thread takes its share of the rows (and every panel) instead of its share of the panels
 // (and every row): the rows libgomp's static schedule gives it, as the row-wise llama ops take theirs, so a step's
 // outputs stay in the core that goes on with them. Both threads then read every weight, which at this many rows
-// costs little beside the arithmetic. kernel_ab on SmolLM2 (Zen 4): steps of 256-457 prompt rows 0.977-0.983x the time.
-static const int64_t ROW_SPLIT = 192;
+// costs little beside the arithmetic. kernel_ab on SmolLM2 (Zen 4), same bits: steps of 256-457 prompt rows 0.977-0.983x
+// the time (three runs), a 64-row decode step 0.966-0.980x; at 48 rows no change, at 16 rows 1.35x (too few rows to pay
+// for reading the weights twice).
+static const int64_t ROW_SPLIT = 64;
 struct Share {
     int64_t first, last, r0, r1;  // panels (or pairs) [first, last), rows [r0, r1)
 };
