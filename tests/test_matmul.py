@@ -121,9 +121,9 @@ def test_the_llama_forward_packs_every_weight_into_one_arena(llama_dir, kernel):
 
 
 def test_the_mlp_projection_with_its_silu_has_the_bits_of_the_matmul_then_torchs_silu(kernel):
-    """matmul_silu: silu(gate) * up straight from the tiles, bit for bit the packed matmul into [M, 2I] then F.silu(g).mul_(u),
-    with torch's ranges split inside rows (I = 10 panels, 69 rows: pieces of 5 panels, each with a scalar tail), biases,
-    a lone row, and 1-3 threads."""
+    """matmul_silu: silu(gate) * up straight from the tiles, bit for bit the packed matmul (gate and up packed as halves)
+    then F.silu(g).mul_(u), with torch's ranges split inside rows (I = 10 panels, 69 rows: pieces of 5 panels, each with a
+    scalar tail), halves of part of a panel, biases, a lone row, 1-3 threads, and rows split between the threads."""
     from tokenmill.engine.native_layers import torch_exp
 
     lanes, exp = torch_exp()
@@ -134,18 +134,36 @@ def test_the_mlp_projection_with_its_silu_has_the_bits_of_the_matmul_then_torchs
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            for inter, hidden, bias in ((2 * width, 64, False), (10 * width, 96, True), (1536, 576, False)):
+            for inter, hidden, bias in ((2 * width, 64, False), (10 * width, 96, True), (1536, 576, False), (37, 21, True), (3 * width + 5, 64, False)):
                 lin = torch.nn.Linear(hidden, 2 * inter, bias=bias)
-                packed = PackedLinear(lin.weight, lin.bias, kernel)
+                packed = PackedLinear(lin.weight, lin.bias, kernel, halves=True)
+                half = packed.width // 2
                 for rows in (1, 2, 8, 9, 16, 45, 69, 130, 250):  # from 64 rows the threads split rows
                     x = torch.randn(rows, hidden, generator=gen) * 2
-                    want = packed(x)
-                    want = torch.nn.functional.silu(want[:, :inter]).mul_(want[:, inter:])
+                    gate_up = packed(x)
+                    want = torch.nn.functional.silu(gate_up[:, :inter]).mul_(gate_up[:, half : half + inter])
                     got = torch.full((rows, inter), float("nan"))
                     b = 0 if lin.bias is None else packed.bias.data_ptr()
                     assert kernel.matmul_silu(x.data_ptr(), packed.packed.data_ptr(), b, got.data_ptr(), rows, inter, hidden, threads, lanes, exp, threads) == 0
                     assert torch.equal(got, want), (threads, inter, rows)
     finally:
         torch.set_num_threads(before)
-    assert kernel.matmul_silu(0, 0, 0, 0, 0, width + 1, 8, 1, lanes, exp, 1) == -1  # an MLP width of part of a panel
     assert kernel.matmul_silu(0, 0, 0, 0, 0, width, 8, 1, 12, exp, 1) == -1  # a vector width it has no loop for
+
+
+def test_halves_are_packed_apart_with_the_plain_packings_columns(kernel):
+    """PackedLinear(halves=True): gate and up each in whole panels; the output's two halves hold the plain packing's columns,
+    the padding columns are zero, and unpack gives the weight back."""
+    from tokenmill.engine.linear import unpack
+
+    width, gen = kernel.matmul_panel_width(), torch.Generator().manual_seed(6)
+    for inter in (width, 37, 2 * width + 3):
+        lin = torch.nn.Linear(24, 2 * inter, bias=True)
+        plain, halves = PackedLinear(lin.weight, lin.bias, kernel), PackedLinear(lin.weight, lin.bias, kernel, halves=True)
+        assert halves.width == 2 * -(-inter // width) * width and halves.out_features == 2 * inter
+        x = torch.randn(9, 24, generator=gen)
+        want, got, half = plain(x), halves(x), halves.width // 2
+        assert got.shape == (9, halves.width)
+        assert torch.equal(got[:, :inter], want[:, :inter]) and torch.equal(got[:, half : half + inter], want[:, inter:])
+        assert not got[:, inter:half].any() and not got[:, half + inter :].any()
+        assert torch.equal(unpack(halves.packed, 2 * inter, 24, width, halves=True), lin.weight.detach())

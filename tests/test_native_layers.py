@@ -77,13 +77,14 @@ def test_no_one_call_without_the_compiled_attention(llama_dir):
 
 
 @compiler
-def test_an_mlp_of_whole_panels_takes_the_fused_silu_with_the_python_loops_bits(tmp_path):
-    """An MLP width of 96 (2 of AVX-512's 48-column panels, 6 of AVX2's 16): the one call projects gate/up and applies
-    silu in one pass (matmul_silu), and gives the Python loop's tokens and logprobs; 128 (the other tiny models) keeps the
-    separate silu on AVX-512."""
+@pytest.mark.parametrize("inter", [96, 100])
+def test_the_mlp_projection_and_silu_in_one_pass_give_the_python_loops_bits(inter, tmp_path):
+    """MLP widths of whole panels (96: 2 of AVX-512's 48 columns, 6 of AVX2's 16) and of part of one (100, gate and up
+    packed apart): the one call projects gate/up and applies silu in one pass (matmul_silu), with the Python loop's tokens
+    and logprobs."""
     from tests.conftest import build_model
 
-    path = build_model("llama", tmp_path / "llama96", inter=96)
+    path = build_model("llama", tmp_path / f"llama{inter}", inter=inter)
     engines = [engine_for(path, max_num_batched_tokens=64) for _ in range(2)]
     native_loop = engines[0].runner.lean.native
     if native_loop is None:

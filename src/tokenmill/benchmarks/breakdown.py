@@ -123,12 +123,12 @@ def linears_alone(forward: Any, steps: list[tuple[int, int]]) -> float:
     projections = [p for layer in forward.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
     most = max(rows for rows, _ in steps)
     x = torch.randn(most, max(p.packed.in_features for p in projections))
-    out = torch.empty(most, max(p.packed.out_features for p in [*projections, forward.lm_head]))
+    out = torch.empty(most, max(p.packed.width for p in [*projections, forward.lm_head]))
     threads = torch.get_num_threads()
 
     def run(p: Any, rows: int, step_rows: int) -> None:
         bias = None if p.packed.bias is None else p.packed.bias.data_ptr()
-        shape = (rows, p.packed.out_features, p.packed.in_features, threads)
+        shape = (rows, p.packed.width, p.packed.in_features, threads)
         if p.small is not None and step_rows <= SMALL_ROWS:  # as the one call runs a few rows without batch invariance
             p.small.small_matmul(x.data_ptr(), p.weight.data_ptr(), bias, out.data_ptr(), *shape)
         else:

@@ -98,23 +98,25 @@ def matmul_versions(forward: Any, shipped: Any, libraries: list[Any]) -> Any:
     with the weights packed for it: the versions may pack panels of different widths (a copy of the weights for each)."""
     import torch
 
-    from tokenmill.engine.linear import _pack, unpack
+    from tokenmill.engine.linear import PackedLinear, unpack
     from tokenmill.engine.llama_forward import SMALL_ROWS
     from tokenmill.engine.native_layers import NativeLayers
 
-    linears = [p.packed for layer in forward.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [forward.lm_head.packed]
-    weights = [unpack(lin.packed, lin.out_features, lin.in_features, shipped.matmul_panel_width()) for lin in linears]
+    projections = [p for layer in forward.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [forward.lm_head]
+    halves = [p.packed.halves for p in projections]
+    width = shipped.matmul_panel_width()
+    weights = [unpack(p.packed.packed, p.packed.out_features, p.packed.in_features, width, h) for p, h in zip(projections, halves, strict=True)]
     attention, kv = forward.native.attention, torch.float16 if forward.native.kv_half else torch.float32
     versions = []
     for lib in libraries:
-        for lin, weight in zip(linears, weights, strict=True):
-            lin.kernel, lin.packed = lib, _pack(lib, weight, lib.matmul_panel_width())
-        versions.append(([lin.packed for lin in linears], NativeLayers.build(forward, attention, SMALL_ROWS, kv)))
+        for p, weight, h in zip(projections, weights, halves, strict=True):
+            p.packed = PackedLinear(weight, p.bias, lib, halves=h)  # p.bias: the unpadded one
+        versions.append(([p.packed for p in projections], NativeLayers.build(forward, attention, SMALL_ROWS, kv)))
 
     def use(k: int) -> None:
         packs, native = versions[k]
-        for lin, packed in zip(linears, packs, strict=True):
-            lin.kernel, lin.packed = libraries[k], packed
+        for p, packed in zip(projections, packs, strict=True):
+            p.packed = packed
         forward.native = native
 
     use(0)

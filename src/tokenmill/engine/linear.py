@@ -16,47 +16,66 @@ from tokenmill.engine.host_memory import HugePageArena
 
 
 class PackedLinear:
-    """weight [out, in] (+ bias [out]) packed for `kernel` (the compiled matmul library), or for oneDNN where it is None."""
+    """weight [out, in] (+ bias [out]) packed for `kernel` (the compiled matmul library), or for oneDNN where it is None.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: Any = None, arena: HugePageArena | None = None):
+    halves: the weight is two halves (the MLP's gate and up), each packed into whole panels of its own, so that the
+    compiled matmul_silu finds gate panel p and its up panel at the same place in each half; the kernel's output then
+    has `width` columns, the gate at [0, out / 2) and the up at [width / 2, width / 2 + out / 2) (the two coincide
+    with a plain packing where a half is whole panels).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kernel: Any = None, arena: HugePageArena | None = None, halves: bool = False):
         """arena: where the compiled kernel's panels go (2 MiB pages), or None: a buffer of their own."""
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().contiguous()
-        width = kernel.matmul_panel_width() if kernel is not None else 0
-        self.kernel = kernel if width > 0 else None  # 0: this CPU has no vector FMA, oneDNN it is
-        if width:
-            self.packed = _pack(kernel, weight.detach().contiguous(), width, arena)
+        panel = kernel.matmul_panel_width() if kernel is not None else 0
+        self.kernel = kernel if panel > 0 else None  # 0: this CPU has no vector FMA, oneDNN it is
+        self.halves = halves and panel > 0
+        self.width = 2 * -(-self.out_features // 2 // panel) * panel if self.halves else self.out_features  # columns the kernel writes
+        if self.halves and self.bias is not None and self.width != self.out_features:  # zeros under the padding columns
+            self.bias = torch.cat([part for half in self.bias.chunk(2) for part in (half, half.new_zeros(self.width // 2 - half.shape[0]))])
+        if panel:
+            self.packed = _pack(kernel, weight.detach().contiguous(), panel, arena, self.halves)
         else:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size=16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in] -> [T, out]."""
+        """x [T, in] -> [T, width] (width = out but for halves: see the class)."""
         if self.kernel is None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         x = x.contiguous()
-        out = x.new_empty(x.shape[0], self.out_features)
+        out = x.new_empty(x.shape[0], self.width)
         self.kernel.matmul(
             x.data_ptr(), self.packed.data_ptr(), None if self.bias is None else self.bias.data_ptr(), out.data_ptr(),
-            x.shape[0], self.out_features, self.in_features, torch.get_num_threads(),
+            x.shape[0], self.width, self.in_features, torch.get_num_threads(),
         )  # fmt: skip
         return out
 
 
-def _pack(kernel: Any, weight: torch.Tensor, width: int, arena: HugePageArena | None = None) -> torch.Tensor:
-    """weight [N, K] -> panels [ceil(N / width), K, width] (zero columns past N), 64-byte aligned for the kernel's loads."""
+def _pack(kernel: Any, weight: torch.Tensor, width: int, arena: HugePageArena | None = None, halves: bool = False) -> torch.Tensor:
+    """weight [N, K] -> panels [ceil(N / width), K, width] (zero columns past N), or each half's panels in turn (halves),
+    64-byte aligned for the kernel's loads."""
     n, k = weight.shape
-    size = -(-n // width) * k * width
+    parts = weight.chunk(2) if halves else (weight,)
+    panels = [-(-part.shape[0] // width) for part in parts]
+    size = sum(panels) * k * width
     if arena is not None:
         packed = arena.take(size)
     else:
         buffer = torch.empty(size + 16)  # 16 floats of slack: the view below starts on a 64-byte boundary
         offset = (-buffer.data_ptr() // 4) % 16
         packed = buffer[offset : offset + size]
-    kernel.matmul_pack(weight.data_ptr(), packed.data_ptr(), n, k)
+    start = 0
+    for part, count in zip(parts, panels, strict=True):
+        kernel.matmul_pack(part.contiguous().data_ptr(), packed[start:].data_ptr(), part.shape[0], k)
+        start += count * k * width
     return packed
 
 
-def unpack(packed: torch.Tensor, n: int, k: int, width: int) -> torch.Tensor:
-    """_pack's inverse: the weight [n, k] back from panels [ceil(n / width), k, width] (a benchmark repacks it for another build)."""
+def unpack(packed: torch.Tensor, n: int, k: int, width: int, halves: bool = False) -> torch.Tensor:
+    """_pack's inverse: the weight [n, k] back from its panels (a benchmark repacks it for another build)."""
+    if halves:
+        size = packed.numel() // 2
+        return torch.cat([unpack(packed[i * size : (i + 1) * size], n // 2, k, width) for i in (0, 1)])
     panels = -(-n // width)
     return packed.view(panels, k, width).transpose(1, 2).reshape(panels * width, k)[:n].contiguous()

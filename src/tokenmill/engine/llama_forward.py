@@ -41,11 +41,14 @@ class Projection:
     invariance, takes steps of 1-4 rows (SMALL_ROWS).
     """
 
-    def __init__(self, linears: list[torch.nn.Linear], packed: bool, small: Any = None, matmul: Any = None, arena: HugePageArena | None = None):
+    def __init__(
+        self, linears: list[torch.nn.Linear], packed: bool, small: Any = None, matmul: Any = None, arena: HugePageArena | None = None, halves: bool = False
+    ):
+        """halves: two linears of one size (gate, up) packed as PackedLinear's halves."""
         self.weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
         biases = [lin.bias for lin in linears]
         self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        self.packed = PackedLinear(self.weight, self.bias, matmul, arena) if packed else None
+        self.packed = PackedLinear(self.weight, self.bias, matmul, arena, halves) if packed else None
         self.small = small if packed and self.weight.is_contiguous() else None
         if packed and self.small is None:
             del self.weight  # the packed copy replaces it (the modules keep the originals)
@@ -143,7 +146,8 @@ class Layer:
         self.qkv = Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed, small, matmul, arena)
         self.o = Projection([attn.o_proj], packed, small, matmul, arena)
         self.norm2 = RMSNorm(layer.post_attention_layernorm, kernel, lanes)
-        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], packed, small, matmul, arena)
+        self.inter = mlp.gate_proj.out_features
+        self.gate_up = Projection([mlp.gate_proj, mlp.up_proj], packed, small, matmul, arena, halves=True)
         self.down = Projection([mlp.down_proj], packed, small, matmul, arena)
 
     def __call__(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, step: StepContext) -> torch.Tensor:
@@ -168,9 +172,9 @@ class Layer:
             value = qkv[:, q_width + k_width :].view(t, -1, d).transpose(0, 1)  # [KVH, T, D]
         assert step.backend is not None  # the runner always gives one
         out = step.backend(self.index, query, key, value, self.scaling, step)  # [T, H, D]
-        gate_up = self.gate_up(self.norm2(x, self.o(out.reshape(t, -1))))  # [T, 2 I]
-        half = gate_up.shape[1] // 2  # slices, not chunk(): two views for one op
-        return self.down(F.silu(gate_up[:, :half]).mul_(gate_up[:, half:]))  # in place: one [T, I] buffer fewer, the same bits
+        gate_up = self.gate_up(self.norm2(x, self.o(out.reshape(t, -1))))  # [T, 2 I], or padded halves [T, 2 I'] (PackedLinear)
+        half, inter = gate_up.shape[1] // 2, self.inter  # slices, not chunk(): two views for one op
+        return self.down(F.silu(gate_up[:, :inter]).mul_(gate_up[:, half : half + inter]))  # in place: one [T, I] buffer fewer, the same bits
 
 
 def rope_store_for(kernel: Any, kv_dtype: torch.dtype) -> Any:

@@ -5,9 +5,9 @@ allocations, torch's silu and mul); at one sequence that was ~3.4 ms of a 26 ms 
 second thread idle throughout. `NativeLayers` hands the same kernels, in the same order and on the same
 buffers' bits, to one C loop: the forward's numbers do not change (tests/test_native_layers.py). It
 runs only where every part has a compiled kernel that gives the Python loop's bits: the packed
-matmul, the compiled norm, RoPE and silu, and both attention kernels for this head size. Where the MLP's
-width is whole panels of the matmul and the matmul's `matmul_silu` gives the same bits (checked on the
-model's own weight at build), the gate/up projection and silu run as one pass.
+matmul, the compiled norm, RoPE and silu, and both attention kernels for this head size. Where the matmul's
+`matmul_silu` gives the same bits (checked on the model's own weight at build), the gate/up projection
+and silu run as one pass.
 """
 
 from __future__ import annotations
@@ -80,9 +80,11 @@ def silu_lanes(kernel: Any) -> tuple[int, int]:
 
 
 def fused_silu(gate_up: Any, lanes: int, exp: int) -> bool:
-    """Whether the compiled matmul_silu gives the bits of gate_up's packed matmul then torch's silu(gate) * up, at this
-    model's own gate/up weight (it takes MLP widths of whole panels only) and at row counts that split torch's ranges."""
-    packed, inter, hidden = gate_up.packed, gate_up.out_features // 2, gate_up.in_features
+    """Whether the compiled matmul_silu gives the bits of gate_up's packed matmul (its halves) then torch's silu(gate) * up,
+    at this model's own gate/up weight and at row counts that split torch's ranges."""
+    packed, inter, hidden, half = gate_up.packed, gate_up.out_features // 2, gate_up.in_features, gate_up.width // 2
+    if not gate_up.halves:
+        return False
     kernel, threads = gate_up.kernel, torch.get_num_threads()
     if not hasattr(kernel, "matmul_silu") or kernel.matmul_silu(0, 0, 0, 0, 0, inter, hidden, threads, lanes, exp, threads) != 0:
         return False
@@ -90,7 +92,7 @@ def fused_silu(gate_up: Any, lanes: int, exp: int) -> bool:
     for rows in (1, 7, 16, 45):
         x = torch.randn(rows, hidden, generator=gen)
         want = gate_up(x)
-        want = F.silu(want[:, :inter]).mul_(want[:, inter:])
+        want = F.silu(want[:, :inter]).mul_(want[:, half : half + inter])
         got = torch.empty(rows, inter)
         bias = 0 if gate_up.bias is None else gate_up.bias.data_ptr()
         if kernel.matmul_silu(x.data_ptr(), packed.data_ptr(), bias, got.data_ptr(), rows, inter, hidden, threads, lanes, exp, threads) != 0:
@@ -117,7 +119,7 @@ class NativeLayers:
         d, hidden, inter = first.head_dim, first.norm1.weight.shape[0], first.gate_up.packed.out_features // 2
         # each buffer's width (BUFFERS)
         self.widths = {"delta": hidden, "normed": hidden, "qkv": sum(first.widths), "attn": first.heads * d, "projected": hidden}
-        self.widths.update(gate_up=2 * inter, act=inter)
+        self.widths.update(gate_up=first.gate_up.packed.width, act=inter)
         self.model = Model(
             len(forward.layers), hidden, first.heads, first.widths[1] // d, d, inter,
             first.norm1.eps, first.scaling, forward.norm_lanes, lanes, small_rows if first.qkv.small is not None else 0, self.weights, 0, 0, 0, exp, 0,
@@ -150,7 +152,13 @@ class NativeLayers:
         if attention.paged_prefill(0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1.0, 1) != 0:
             return None
         lanes, exp = silu_lanes(forward.kernel)
-        return NativeLayers(forward, attention, lanes, exp, small_rows, kv_half) if lanes else None
+        if not lanes:
+            return None
+        layers = NativeLayers(forward, attention, lanes, exp, small_rows, kv_half)
+        gate_up = first.gate_up.packed
+        if not layers.fused and gate_up.width != gate_up.out_features:
+            return None  # gate and up padded apart, which only matmul_silu reads (llama_layers' own pass takes them whole)
+        return layers
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] the embedded step, updated in place; cos/sin [T, 1, D]; keep [K] the rows whose logits are wanted

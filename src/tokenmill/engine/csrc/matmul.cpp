@@ -244,22 +244,26 @@ struct Silu {
             *(loose *)(o + j) = s * *(const loose *)(u + j);
         }
     }
-    // Row t's columns [n0, n0 + NR): g, u its gate and up sums, o its place in y.
-    void apply(const float *g, const float *u, float *o, int64_t t, int64_t n0) const {
+    // Row t's columns [n0, n0 + NR) (those below I): g, u its gate and up sums, y its place in act.
+    void apply(const float *g, const float *u, float *y, int64_t t, int64_t n0) const {
+        const int64_t cols = std::min<int64_t>(NR, I - n0);
+        alignas(64) float part[NR];
+        float *o = cols == NR ? y : part;  // a whole panel straight into act: no copy a row and panel (put() says why)
 #if defined(__AVX512F__)
         if (lanes == 16) vectors<16>(g, u, o);
         else
 #endif
             vectors<8>(g, u, o);
-        if (!tails) return;
-        for (int64_t a = 0; a < I;) {  // torch's pieces of row t: each ends at the row's end or at its range's end
-            const int64_t b = std::min(I, ((t * I + a) / range + 1) * range - t * I), step = 2 * lanes;
-            for (int64_t i = std::max(n0, a + (b - a) / step * step); i < std::min(n0 + NR, b); i++) {
-                const float x = g[i - n0], s = x / (1.0f + expf(-x));
-                o[i - n0] = s * u[i - n0];
+        if (tails)
+            for (int64_t a = 0; a < I;) {  // torch's pieces of row t: each ends at the row's end or at its range's end
+                const int64_t b = std::min(I, ((t * I + a) / range + 1) * range - t * I), step = 2 * lanes;
+                for (int64_t i = std::max(n0, a + (b - a) / step * step); i < std::min(n0 + cols, b); i++) {
+                    const float x = g[i - n0], s = x / (1.0f + expf(-x));
+                    o[i - n0] = s * u[i - n0];
+                }
+                a = b;
             }
-            a = b;
-        }
+        if (o != y) memcpy(y, o, sizeof(float) * cols);
     }
 };
 
@@ -323,12 +327,13 @@ static void silu_block(const float *x, const float *gate, const float *up, const
 }
 #endif
 
-// act [M, I] = silu(x w_gate^T + b_gate) * (x w_up^T + b_up), bit for bit the matmul into gate_up [M, 2I] then torch's
-// F.silu(gate).mul_(up) at torch_threads threads: packed is matmul_pack's of the fused weight [2I, K] (gate rows, then
-// up rows), bias [2I] or null; lanes and exp: torch's vector exp and its width (8 or 16). Each thread takes a gate panel
-// and its up panel at a time, so gate_up is never written and the activation needs no pass of its own: a pass whose
-// gate came from one core's panels and up from the other's. Returns 0, or -1 where I is not whole panels, lanes is a
-// width this build has no loop for, or the build has no kernel; M = 0 only checks.
+// act [M, I] = silu(x w_gate^T + b_gate) * (x w_up^T + b_up), bit for bit the matmul into gate_up then torch's
+// F.silu(gate).mul_(up) at torch_threads threads: packed holds matmul_pack's panels of w_gate [I, K], then of w_up
+// (each half P = ceil(I / NR) panels, zero columns past I: engine/linear.py's halves), bias [2 P NR] (b_gate, then
+// b_up, each padded alike) or null; lanes and exp: torch's vector exp and its width (8 or 16). Each thread takes a gate
+// panel and its up panel at a time, so gate_up is never written and the activation needs no pass of its own: a pass
+// whose gate came from one core's panels and up from the other's. Returns 0, or -1 where lanes is a width this build
+// has no loop for, or the build has no kernel; M = 0 only checks.
 extern "C" int matmul_silu(const float *x, const float *packed, const float *bias, float *act, int64_t M, int64_t I, int64_t K, int threads, int lanes,
                            const void *exp, int torch_threads) {
 #ifdef TOKENMILL_NO_MATMUL
@@ -339,9 +344,9 @@ extern "C" int matmul_silu(const float *x, const float *packed, const float *bia
 #else
     const bool width_ok = lanes == 8;
 #endif
-    if (I <= 0 || I % NR != 0 || !width_ok || exp == nullptr) return -1;
+    if (I <= 0 || !width_ok || exp == nullptr) return -1;
     if (M <= 0) return 0;
-    const int64_t pairs = I / NR, n = M * I, grain = 32768;
+    const int64_t pairs = (I + NR - 1) / NR, n = M * I, grain = 32768;
     const int64_t ranges = n < grain ? 1 : std::max<int64_t>(1, std::min<int64_t>(torch_threads, (n + grain - 1) / grain));
     const int64_t range = (n + ranges - 1) / ranges;
     const Silu f{lanes, exp, I, range, !(I % (2 * lanes) == 0 && range % I == 0)};
@@ -353,7 +358,7 @@ extern "C" int matmul_silu(const float *x, const float *packed, const float *bia
         const int64_t first = sh.first, last = sh.last, r0 = sh.r0, r1 = sh.r1, rows = r1 - r0;
         const int64_t fetches = rows >= AHEAD_ROWS && rows <= ROW_BLOCK ? (rows + MR - 1) / MR * 2 * ((K + 7) / 8) : 0;
         for (int64_t p = first; p < last; p++) {  // a gate panel and its up panel: a chunk of 2 panels, as matmul's
-            const float *gate = packed + p * K * NR, *up = ups + p * K * NR, *gb = bias ? bias + p * NR : nullptr, *ub = bias ? bias + I + p * NR : nullptr;
+            const float *gate = packed + p * K * NR, *up = ups + p * K * NR, *gb = bias ? bias + p * NR : nullptr, *ub = bias ? bias + (pairs + p) * NR : nullptr;
             Ahead ahead{nullptr, nullptr, 0};
             if (p + 1 < last && fetches) ahead = Ahead{gate + K * NR, gate + 2 * K * NR, (2 * K * NR / 16 + fetches - 1) / fetches, up + K * NR, up + 2 * K * NR};
             for (int64_t m0 = r0; m0 < r1; m0 += ROW_BLOCK) silu_block(x, gate, up, gb, ub, act, m0, m0 + ROW_BLOCK < r1 ? m0 + ROW_BLOCK : r1, p * NR, K, f, ahead);
