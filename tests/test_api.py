@@ -98,6 +98,18 @@ def test_stream_options_without_include_usage_send_no_usage(llama, options):
     assert chunks[-1] == "[DONE]" and all("usage" not in c and c["choices"] for c in chunks[:-1])
 
 
+def test_a_stream_carrying_unicode_line_separators_keeps_each_event_on_one_line(llama):
+    """U+2028, U+2029 and U+0085 in a chunk's text are escaped in its JSON: clients that split lines as str.splitlines()
+    does (httpx's iter_lines) read every event whole, and the text comes back unchanged."""
+    prompt = "a\u2028b\u2029c\x85d"
+    body = {"model": llama.model, "prompt": prompt, "echo": True, "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", llama.url + "/v1/completions", json=body, timeout=60) as response:
+        lines = [line[len("data: ") :] for line in response.iter_lines() if line]
+    assert lines[-1] == "[DONE]" and all(line != "[DONE]" for line in lines[:-1])
+    chunks = [json.loads(line) for line in lines[:-1]]  # each line a whole event
+    assert streamed_text(chunks).startswith(prompt)
+
+
 def test_stream_include_usage(llama):
     # ignore_eos: sampled at temperature 1, the tiny model (~600 tokens, near uniform) draws its end token within 5 tokens about once in 120 runs
     body = {"model": llama.model, "prompt": "x", "max_tokens": 5, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}

@@ -434,6 +434,11 @@ async def _events(outputs: AsyncGenerator[RequestOutput, None], request_id: str,
     yield {"data": "[DONE]"}
 
 
+# Characters Python's str.splitlines() (and so httpx's iter_lines) ends a line at, which JSON leaves raw: escaped, a
+# generated U+2028 no longer cuts a client's data line in two (SSE itself ends lines only at CR and LF).
+LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _event(payload: dict) -> dict:
-    """One SSE data event holding a JSON object."""
-    return {"data": json.dumps(payload, ensure_ascii=False, separators=(",", ":"))}
+    """One SSE data event holding a JSON object, on one line for every client."""
+    return {"data": json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(LINE_BREAKERS)}
