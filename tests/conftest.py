@@ -59,13 +59,15 @@ def train_tokenizer(fim: bool, chat: bool = False):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
 
 
-def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0, chat: bool = False, tools: bool = False, inter: int = 128) -> Path:
+def build_model(
+    kind: str, path: Path, bos: bool = False, padding: int = 0, chat: bool = False, tools: bool = False, inter: int = 128, mlp_bias: bool = False
+) -> Path:
     """Save a random-weight llama (with FIM tokens), qwen2 or gpt2 (without) and its tokenizer.
 
     bos: the tokenizer puts <|endoftext|> before every text; padding: extra embedding rows past the
     tokenizer's vocabulary, as many real models have; chat: ChatML's special tokens and CHAT_TEMPLATE;
     tools: HERMES_TEMPLATE and <tool_call> / </tool_call> as tokens of their own (not special, as in Qwen2.5);
-    inter: the llama's MLP width.
+    inter, mlp_bias: the llama's MLP width, and biases on its MLP projections.
     """
     import torch
     from tokenizers import processors
@@ -85,6 +87,7 @@ def build_model(kind: str, path: Path, bos: bool = False, padding: int = 0, chat
             vocab_size=len(tokenizer) + padding,
             hidden_size=64,
             intermediate_size=inter,
+            mlp_bias=mlp_bias,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,

@@ -77,19 +77,22 @@ def test_no_one_call_without_the_compiled_attention(llama_dir):
 
 
 @compiler
-@pytest.mark.parametrize("inter", [96, 100])
-def test_the_mlp_projection_and_silu_in_one_pass_give_the_python_loops_bits(inter, tmp_path):
+@pytest.mark.parametrize(("inter", "bias"), [(96, False), (100, False), (100, True)])
+def test_the_mlp_projection_and_silu_in_one_pass_give_the_python_loops_bits(inter, bias, tmp_path):
     """MLP widths of whole panels (96: 2 of AVX-512's 48 columns, 6 of AVX2's 16) and of part of one (100, gate and up
-    packed apart): the one call projects gate/up and applies silu in one pass (matmul_silu), with the Python loop's tokens
-    and logprobs."""
+    packed apart, with and without biases): the one call projects gate/up and applies silu in one pass (matmul_silu),
+    with the Python loop's tokens and logprobs. Without batch invariance, steps of 1-4 rows would read the padded bias
+    whole: the Python loop runs there."""
     from tests.conftest import build_model
 
-    path = build_model("llama", tmp_path / f"llama{inter}", inter=inter)
+    path = build_model("llama", tmp_path / f"llama{inter}", inter=inter, mlp_bias=bias)
     engines = [engine_for(path, max_num_batched_tokens=64) for _ in range(2)]
     native_loop = engines[0].runner.lean.native
     if native_loop is None:
         pytest.skip(f"no compiled silu with torch's bits here (torch runs {torch.backends.cpu.get_cpu_capability()})")
     assert native_loop.fused
+    padded = engines[0].runner.lean.layers[0].gate_up.packed.width != 2 * inter
+    assert (engine_for(path, no_batch_invariance=True).runner.lean.native is None) == (padded and bias)
     engines[1].runner.lean.native = None
     requests = mixed_requests(12, engines[0].tokenizer.vocab_size, seed=7)
     assert together(engines[0], requests) == together(engines[1], requests)

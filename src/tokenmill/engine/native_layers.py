@@ -156,8 +156,10 @@ class NativeLayers:
             return None
         layers = NativeLayers(forward, attention, lanes, exp, small_rows, kv_half)
         gate_up = first.gate_up.packed
-        if not layers.fused and gate_up.width != gate_up.out_features:
-            return None  # gate and up padded apart, which only matmul_silu reads (llama_layers' own pass takes them whole)
+        if gate_up.width != gate_up.out_features and (not layers.fused or (layers.model.small_rows and gate_up.bias is not None)):
+            # gate and up padded apart, which only matmul_silu reads: llama_layers' own pass, and small_matmul's steps with
+            # the padded bias, take them whole
+            return None
         return layers
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StepContext, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
