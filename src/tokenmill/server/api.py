@@ -441,4 +441,5 @@ LINE_BREAKERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029":
 
 def _event(payload: dict) -> dict:
     """One SSE data event holding a JSON object, on one line for every client."""
-    return {"data": json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(LINE_BREAKERS)}
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return {"data": data if data.isascii() else data.translate(LINE_BREAKERS)}  # the scan only where there is anything to escape
