@@ -155,22 +155,30 @@ static inline void tile(const float *x, const float *panel, const float *bias, f
     for (int r = 0; r < R; r++) put(acc[r], bias, y + r * N, cols);
 }
 
-// One row times PW panels at once: NV x PW independent FMA chains, PW weight streams (one row alone is bound
-// by the chains' latency and the streams, not by arithmetic). Each output's chain is the same as tile<1>'s.
+// One row times PW panels (panels[q]) at once: acc[q][j], NV x PW independent FMA chains, PW weight streams (one row
+// alone is bound by the chains' latency and the streams, not by arithmetic). Each output's chain is the same as tile<1>'s.
 template <int PW>
-static inline void row_tile(const float *x, const float *panel, const float *bias, float *y, int64_t K, int64_t N, int64_t n0) {
-    vec acc[PW][NV];
+static inline void row_sums(const float *x, const float *const (&panels)[PW], int64_t K, vec (&acc)[PW][NV]) {
     for (int q = 0; q < PW; q++)
         for (int j = 0; j < NV; j++) acc[q][j] = vzero();
     for (int64_t k = 0; k < K; k++) {
         const vec a = vsplat(x[k]);
 #pragma GCC unroll 8
         for (int q = 0; q < PW; q++) {
-            const float *w = panel + q * K * NR + k * NR;
+            const float *w = panels[q] + k * NR;
 #pragma GCC unroll 4
             for (int j = 0; j < NV; j++) acc[q][j] = vfma(a, vload(w + j * LANES), acc[q][j]);
         }
     }
+}
+
+// One row times PW consecutive panels -> y's columns from n0.
+template <int PW>
+static inline void row_tile(const float *x, const float *panel, const float *bias, float *y, int64_t K, int64_t N, int64_t n0) {
+    const float *panels[PW];
+    for (int q = 0; q < PW; q++) panels[q] = panel + q * K * NR;
+    vec acc[PW][NV];
+    row_sums<PW>(x, panels, K, acc);
     for (int q = 0; q < PW; q++) {
         const int64_t n = n0 + q * NR;
         put(acc[q], bias ? bias + n : nullptr, y + n, N - n < NR ? N - n : NR);
@@ -285,22 +293,15 @@ static inline void silu_tile(const float *x, const float *gate, const float *up,
     for (int r = 0; r < R; r++) f.apply(g[r], u[r], y + r * f.I, t + r, n0);
 }
 
-// A lone row times a gate panel and its up panel at once: 2 NV chains, each output's the same as tile<1>'s (as row_tile).
+// A lone row times a gate panel and its up panel at once (row_sums' two streams).
 static inline void silu_row(const float *x, const float *gate, const float *up, const float *gb, const float *ub, float *y, int64_t K, int64_t t,
                             int64_t n0, const Silu &f) {
-    vec ga[NV], ua[NV];
-    for (int j = 0; j < NV; j++) ga[j] = ua[j] = vzero();
-    for (int64_t k = 0; k < K; k++) {
-        const vec a = vsplat(x[k]);
-#pragma GCC unroll 4
-        for (int j = 0; j < NV; j++) {
-            ga[j] = vfma(a, vload(gate + k * NR + j * LANES), ga[j]);
-            ua[j] = vfma(a, vload(up + k * NR + j * LANES), ua[j]);
-        }
-    }
+    const float *panels[2] = {gate, up};
+    vec acc[2][NV];
+    row_sums<2>(x, panels, K, acc);
     alignas(64) float g[NR], u[NR];
-    put(ga, gb, g, NR);
-    put(ua, ub, u, NR);
+    put(acc[0], gb, g, NR);
+    put(acc[1], ub, u, NR);
     f.apply(g, u, y, t, n0);
 }
 
