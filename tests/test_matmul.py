@@ -57,6 +57,29 @@ def test_from_64_rows_the_threads_split_rows_with_the_same_bits(kernel, out_feat
         torch.set_num_threads(threads)
 
 
+def test_units_taken_from_another_threads_share_keep_the_bits(kernel):
+    """A thread out of its own units takes the other shares' last ones (run_units): with more threads than cores, some
+    wait for a core while the others go on, so units change threads, and every row is still as it is alone."""
+    import os
+
+    gen = torch.Generator().manual_seed(7)
+    lin = torch.nn.Linear(576, 960, bias=True)
+    packed = PackedLinear(lin.weight, lin.bias, kernel)
+    x = torch.randn(200, 576, generator=gen)
+    alone = torch.cat([packed(x[i : i + 1]) for i in range(x.shape[0])])
+    before, start = torch.get_num_threads(), kernel.matmul_stolen()
+    try:
+        torch.set_num_threads((os.cpu_count() or 1) + 2)
+        for call in range(400):
+            rows = (16, 48, 64, 200)[call % 4]  # panels split below 64 rows, rows from 64 on
+            assert torch.equal(packed(x[:rows]), alone[:rows]), (call, rows)
+            if call >= 40 and kernel.matmul_stolen() > start:
+                break
+    finally:
+        torch.set_num_threads(before)
+    assert kernel.matmul_stolen() > start
+
+
 @pytest.mark.parametrize(("out_features", "in_features", "bias"), SHAPES)
 def test_it_computes_the_linear(kernel, out_features, in_features, bias):
     """Within float32 rounding of a float64 product; a sum in order, fused, so no worse than torch's own."""

@@ -8,9 +8,10 @@
 // The weight is packed once (matmul_pack) into panels of NR = NV vectors of columns, [N/NR][K][NR], zero
 // columns past N, so a tile's weights for one k are NV aligned loads and a panel streams in order.
 // Each thread takes an equal share of the panels and all rows (from ROW_SPLIT rows on, its share of the rows and
-// all panels), in (panel chunk, row block) pieces; each piece walks its row block MR rows at a time and each MR-row
-// tile over its chunk's panels, the chunk kept in L2 and the tile's rows in L1, while fetching the thread's next
-// chunk (Ahead).
+// all panels), in (panel chunk, ~32 rows) units; each unit walks its rows MR at a time and each MR-row tile over its
+// chunk's panels, the chunk kept in L2 and the tile's rows in L1, while fetching the thread's next chunk (Ahead). A
+// thread done with its share takes the other shares' last units (Units), so a core held up by another process does
+// not keep the other waiting.
 //
 // matmul_silu runs the MLP's fused gate/up weight the same way, a gate panel and its up panel together, and applies
 // silu(gate) * up to the tile's sums before they leave L1: the [M, 2I] gate_up is never written, and the activation's
@@ -23,6 +24,8 @@
 #include <string.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 
 #if defined(__AVX512F__)
 typedef __m512 vec;
@@ -49,9 +52,9 @@ static const int LANES = 8, MR = 1, NV = 2;
 #endif
 
 static const int NR = NV * LANES;  // columns a panel holds
-// A task: CHUNK panels (2 x K x NR floats stay in L2: 74 KB at K = 576 on AVX2, 221 KB on AVX-512) by ROW_BLOCK
-// rows. Measured on a 2-core Zen 3 with SmolLM2's shapes: 2-8 panels and 48-120 rows are within noise of each other
-// at 16-192 rows. On Zen 4 with 3-vector panels and no fetching ahead below 17 rows, 2 panels against 4 (SmolLM2's
+// A chunk: CHUNK panels (2 x K x NR floats stay in L2: 74 KB at K = 576 on AVX2, 221 KB on AVX-512); a thread with up
+// to ROW_BLOCK rows fetches its next chunk ahead (Ahead). Measured on a 2-core Zen 3 with SmolLM2's shapes, when a task
+// was a chunk by a row block: 2-8 panels and 48-120 rows are within noise of each other at 16-192 rows. On Zen 4 with 3-vector panels and no fetching ahead below 17 rows, 2 panels against 4 (SmolLM2's
 // linears, weights from memory, alternated): 16 / 32 / 64 / 457 rows 0.975 / 0.975 / 0.985-0.988 / 0.987-0.998 the time.
 static const int64_t CHUNK = 2, ROW_BLOCK = 96;
 // Panels a lone row walks at once (row_tile), within one chunk: at 4, once chunks were 2 panels (462b741) no row
@@ -231,6 +234,70 @@ static inline Share share(int64_t M, int64_t units, int64_t t, int64_t n) {
     return {0, units, r0, r0 + q + (t < rem ? 1 : 0)};
 }
 
+// One thread's units [front, back) of a call, taken from the front by the thread whose share they are and from the
+// back by a thread that has run out of its own: a core held up by another process (the server's event loop) or by its
+// caches hands its last units to the other instead of keeping it at the call's end. A unit's outputs have the same
+// bits whichever thread runs it.
+struct alignas(64) Units {
+    std::atomic<uint64_t> v{0};  // front << 32 | back
+    void set(int64_t front, int64_t back) { v.store((uint64_t)front << 32 | (uint64_t)back, std::memory_order_relaxed); }
+    int64_t take(bool front) {
+        uint64_t now = v.load(std::memory_order_relaxed);
+        for (;;) {
+            const uint64_t f = now >> 32, b = now & 0xffffffffu;
+            if (f >= b) return -1;
+            const uint64_t next = front ? (f + 1) << 32 | b : f << 32 | (b - 1);
+            if (v.compare_exchange_weak(now, next, std::memory_order_relaxed)) return front ? (int64_t)f : (int64_t)(b - 1);
+        }
+    }
+};
+
+// Rows a unit takes of its share's rows: whole MR-row tiles, about UNIT_ROWS rows, so that the last unit a thread waits
+// on is short; one share's units of a chunk run in a row, so the chunk stays in L2 as with one row block.
+static const int64_t UNIT_ROWS = 32;
+struct Split {
+    int64_t n;       // threads the shares were made for
+    int64_t units;   // chunks (matmul) or panel pairs (matmul_silu) in all
+    int64_t M, per;  // rows; chunk size in units (CHUNK, or 1 for pairs)
+    Share of(int64_t t) const { return share(M, units, t, n); }
+    int64_t parts(const Share &s) const { return std::max<int64_t>(1, (s.r1 - s.r0 + UNIT_ROWS - 1) / UNIT_ROWS); }
+    int64_t count(const Share &s) const { return (s.last - s.first + per - 1) / per * parts(s); }
+    // unit u of share s: its first panel (or pair) and its rows [m0, m1)
+    void unit(const Share &s, int64_t u, int64_t &p, int64_t &m0, int64_t &m1) const {
+        const int64_t k = parts(s), rows = s.r1 - s.r0, step = (rows + k - 1) / k;
+        const int64_t part = (step + MR - 1) / MR * MR, i = u % k;
+        p = s.first + u / k * per;
+        m0 = std::min(s.r1, s.r0 + i * part), m1 = i + 1 == k ? s.r1 : std::min(s.r1, m0 + part);
+    }
+};
+
+// Every share's Units for one call: on the stack up to 8 threads (a heap allocation a call cost SmolLM2's one-row step
+// ~1%), else on the heap.
+struct Claims {
+    alignas(64) Units local[8];
+    std::unique_ptr<Units[]> heap;
+    Units *all;
+    explicit Claims(const Split &split) : all(split.n <= 8 ? local : (heap.reset(new Units[split.n]), heap.get())) {
+        for (int64_t t = 0; t < split.n; t++) all[t].set(0, split.count(split.of(t)));
+    }
+    Units *get() { return all; }
+};
+
+// Units run by a thread other than their share's since the library was loaded (matmul_stolen): the tests' proof that
+// taking the other share's units happens and keeps the bits. Counted only where it happens, near a call's end.
+static std::atomic<int64_t> stolen{0};
+
+// Runs work(share, unit) for every unit of every share: a thread's own from the front, then the others' from the back.
+template <class F>
+static void run_units(Units *units, int64_t t, int64_t n, F &&work) {
+    for (int64_t u; (u = units[t].take(true)) >= 0;) work(t, u);
+    for (int64_t i = 1; i < n; i++)
+        for (int64_t o = (t + i) % n, u; (u = units[o].take(false)) >= 0;) {
+            stolen.fetch_add(1, std::memory_order_relaxed);
+            work(o, u);
+        }
+}
+
 // silu(gate) * up, the MLP's activation, on one tile row's gate and up sums as torch computes F.silu(gate).mul_(up)
 // (llama_ops.cpp's silu_mul does it apart, and says how): torch's own vector exp on `lanes` lanes (Sleef's, by
 // address), libm's expf where torch's loop leaves a piece of a row to its scalar tail. Its pieces follow from the
@@ -352,18 +419,29 @@ extern "C" int matmul_silu(const float *x, const float *packed, const float *bia
     const int64_t range = (n + ranges - 1) / ranges;
     const Silu f{lanes, exp, I, range, !(I % (2 * lanes) == 0 && range % I == 0)};
     const float *ups = packed + pairs * K * NR;  // the up half's panels
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    const int64_t nt = threads > 0 ? threads : 1;
+    const Split split{nt, pairs, M, 1};
+    Claims units(split);
+#pragma omp parallel num_threads(nt)
     {
-        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const Share sh = share(M, pairs, t, nt);
-        const int64_t first = sh.first, last = sh.last, r0 = sh.r0, r1 = sh.r1, rows = r1 - r0;
+        const int64_t t = omp_get_thread_num();
+        const Share own = split.of(t);
+        const int64_t rows = own.r1 - own.r0;
         const int64_t fetches = rows >= AHEAD_ROWS && rows <= ROW_BLOCK ? (rows + MR - 1) / MR * 2 * ((K + 7) / 8) : 0;
-        for (int64_t p = first; p < last; p++) {  // a gate panel and its up panel: a chunk of 2 panels, as matmul's
+        int64_t at = -1;  // the pair `ahead` was set up for
+        Ahead ahead{nullptr, nullptr, 0};
+        run_units(units.get(), t, nt, [&](int64_t o, int64_t u) {  // a gate panel and its up panel: a chunk of 2 panels, as matmul's
+            int64_t p, m0, m1;
+            const Share sh = o == t ? own : split.of(o);
+            split.unit(sh, u, p, m0, m1);
             const float *gate = packed + p * K * NR, *up = ups + p * K * NR, *gb = bias ? bias + p * NR : nullptr, *ub = bias ? bias + (pairs + p) * NR : nullptr;
-            Ahead ahead{nullptr, nullptr, 0};
-            if (p + 1 < last && fetches) ahead = Ahead{gate + K * NR, gate + 2 * K * NR, (2 * K * NR / 16 + fetches - 1) / fetches, up + K * NR, up + 2 * K * NR};
-            for (int64_t m0 = r0; m0 < r1; m0 += ROW_BLOCK) silu_block(x, gate, up, gb, ub, act, m0, m0 + ROW_BLOCK < r1 ? m0 + ROW_BLOCK : r1, p * NR, K, f, ahead);
-        }
+            Ahead none{nullptr, nullptr, 0};
+            if (o == t && p != at) {  // the thread's own next pair, fetched while this one runs
+                at = p, ahead = none;
+                if (p + 1 < own.last && fetches) ahead = Ahead{gate + K * NR, gate + 2 * K * NR, (2 * K * NR / 16 + fetches - 1) / fetches, up + K * NR, up + 2 * K * NR};
+            }
+            silu_block(x, gate, up, gb, ub, act, m0, m1, p * NR, K, f, o == t ? ahead : none);
+        });
     }
     return 0;
 #endif
@@ -375,23 +453,44 @@ extern "C" int matmul(const float *x, const float *packed, const float *bias, fl
     return -1;
 #else
     const int64_t panels = (N + NR - 1) / NR;
-#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    const int64_t n = threads > 0 ? threads : 1;
+    const Split split{n, panels, M, CHUNK};
+    Claims units(split);
+#pragma omp parallel num_threads(n)
     {
         // each thread an equal share of the panels, every row (below ROW_SPLIT): with (chunk, row block) tasks a step of
         // one row block and an odd number of chunks (SmolLM2's q/k/v, o and down at up to 96 rows) left a thread idle
-        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-        const Share sh = share(M, panels, t, n);
-        const int64_t first = sh.first, last = sh.last, r0 = sh.r0, r1 = sh.r1, rows = r1 - r0;
+        const int64_t t = omp_get_thread_num();
+        const Share own = split.of(t);
+        const int64_t rows = own.r1 - own.r0;
         // fetch calls in one row block's tiles. None for one row (row_tile streams its panels; fetching beside
         // them made SmolLM2's 1-row step 27% slower), below AHEAD_ROWS, or from two row blocks on (the first tile's
         // wait is shared, and x's 96 rows, this chunk and the next would overfill L2)
         const int64_t fetches = rows >= AHEAD_ROWS && rows <= ROW_BLOCK ? (rows + MR - 1) / MR * CHUNK * ((K + 7) / 8) : 0;
-        for (int64_t c = first; c < last; c += CHUNK) {  // chunk outer: the thread's row blocks reuse its chunk from L2
-            const int64_t p1 = c + CHUNK < last ? c + CHUNK : last, p2 = p1 + CHUNK < last ? p1 + CHUNK : last;
-            Ahead ahead{packed + p1 * K * NR, packed + p2 * K * NR, fetches ? ((p2 - p1) * K * NR / 16 + fetches - 1) / fetches : 0};
-            for (int64_t m0 = r0; m0 < r1; m0 += ROW_BLOCK) block(x, packed, bias, y, m0, m0 + ROW_BLOCK < r1 ? m0 + ROW_BLOCK : r1, c, p1, N, K, ahead);
-        }
+        int64_t at = -1;  // the chunk `ahead` was set up for
+        Ahead ahead{nullptr, nullptr, 0};
+        run_units(units.get(), t, n, [&](int64_t o, int64_t u) {  // the thread's units reuse their chunk from L2
+            int64_t c, m0, m1;
+            const Share sh = o == t ? own : split.of(o);
+            split.unit(sh, u, c, m0, m1);
+            const int64_t p1 = std::min(c + CHUNK, sh.last);
+            Ahead none{nullptr, nullptr, 0};
+            if (o == t && c != at) {  // the thread's own next chunk, fetched while this one runs
+                const int64_t p2 = std::min(p1 + CHUNK, own.last);
+                at = c, ahead = Ahead{packed + p1 * K * NR, packed + p2 * K * NR, fetches ? ((p2 - p1) * K * NR / 16 + fetches - 1) / fetches : 0};
+            }
+            block(x, packed, bias, y, m0, m1, c, p1, N, K, o == t ? ahead : none);
+        });
     }
     return 0;
+#endif
+}
+
+// How many units threads have taken from another thread's share (run_units) since the library was loaded.
+extern "C" int64_t matmul_stolen() {
+#ifdef TOKENMILL_NO_MATMUL
+    return 0;
+#else
+    return stolen.load(std::memory_order_relaxed);
 #endif
 }
