@@ -271,8 +271,9 @@ struct Split {
     }
 };
 
-// Every share's Units for one call: on the stack up to 8 threads (a heap allocation a call cost SmolLM2's one-row step
-// ~1%), else on the heap.
+// Every share's Units for one call: on the stack up to 8 threads, else on the heap. Allocated on the heap every call,
+// kernel_ab's 1- and 16-row decode steps took 1.016x / 1.012x the time of the split before units; on the stack 0.978x
+// and 0.956-1.005x (Zen 4, SmolLM2).
 struct Claims {
     alignas(64) Units local[8];
     std::unique_ptr<Units[]> heap;
