@@ -66,12 +66,17 @@ static_assert(ROW_PANELS <= CHUNK, "row_tile runs inside one chunk");
 // up to 16 rows (two tiles or fewer) cost more than it hid: the whole chunk's fetches crowd into so few tiles that
 // they hold up the tiles' own loads, where the hardware's prefetcher alone kept up. SmolLM2's 30 layers' linears
 // and lm_head, weights from memory, alternated: 2 / 8 / 16 rows 0.91 / 0.81 / 0.95 the time without them, 24
-// and 32 rows 1.02-1.03 (so from 17 rows on they stay). AVX2 keeps them from 2 rows, as measured on Zen 3.
+// and 32 rows 1.02-1.03 (so from 17 rows on they stay). AVX2 keeps them from 2 rows, as measured on Zen 3. An Intel
+// Xeon with AVX-512 (family 6 model 207) wants them from 2 rows too: SmolLM2's 16-row decode step 0.774x the time
+// with them (kernel_ab, twice), its 1-row step 0.993x. So AMD's AVX-512 alone starts at 17 rows.
+static int64_t ahead_rows() {
 #if defined(__AVX512F__)
-static const int64_t AHEAD_ROWS = 2 * MR + 1;
+    static const int64_t rows = (__builtin_cpu_init(), __builtin_cpu_is("amd")) ? 2 * MR + 1 : 2;  // init: a constructor may run first
+    return rows;
 #else
-static const int64_t AHEAD_ROWS = 2;
+    return 2;
 #endif
+}
 
 // Columns a panel holds (16 on AVX2, 48 on AVX-512), or 0 where this build has no kernel.
 extern "C" int matmul_panel_width() {
@@ -97,7 +102,7 @@ extern "C" void matmul_pack(const float *w, float *packed, int64_t N, int64_t K)
 // The thread's next chunk of panels, fetched a few lines every 8 k of the tiles that run before it: otherwise a
 // chunk's first tile waits on memory for the whole chunk, which the other tiles then read from L2. That wait
 // weighs most where a row block has few tiles: SmolLM2's layers alone, 8-64 rows, 5-19% faster on Zen 3
-// (on Zen 4 only from 17 rows: AHEAD_ROWS). Same bits.
+// (on Zen 4 only from 17 rows: ahead_rows). Same bits.
 struct Ahead {
     const float *next, *end;
     int64_t lines;  // a fetch's lines: enough that the tiles of one row block cover the chunk
@@ -428,7 +433,7 @@ extern "C" int matmul_silu(const float *x, const float *packed, const float *bia
         const int64_t t = omp_get_thread_num();
         const Share own = split.of(t);
         const int64_t rows = own.r1 - own.r0;
-        const int64_t fetches = rows >= AHEAD_ROWS && rows <= ROW_BLOCK ? (rows + MR - 1) / MR * 2 * ((K + 7) / 8) : 0;
+        const int64_t fetches = rows >= ahead_rows() && rows <= ROW_BLOCK ? (rows + MR - 1) / MR * 2 * ((K + 7) / 8) : 0;
         int64_t at = -1;  // the pair `ahead` was set up for
         Ahead ahead{nullptr, nullptr, 0};
         run_units(units.get(), t, nt, [&](int64_t o, int64_t u) {  // a gate panel and its up panel: a chunk of 2 panels, as matmul's
@@ -465,9 +470,9 @@ extern "C" int matmul(const float *x, const float *packed, const float *bias, fl
         const Share own = split.of(t);
         const int64_t rows = own.r1 - own.r0;
         // fetch calls in one row block's tiles. None for one row (row_tile streams its panels; fetching beside
-        // them made SmolLM2's 1-row step 27% slower), below AHEAD_ROWS, or from two row blocks on (the first tile's
+        // them made SmolLM2's 1-row step 27% slower), below ahead_rows(), or from two row blocks on (the first tile's
         // wait is shared, and x's 96 rows, this chunk and the next would overfill L2)
-        const int64_t fetches = rows >= AHEAD_ROWS && rows <= ROW_BLOCK ? (rows + MR - 1) / MR * CHUNK * ((K + 7) / 8) : 0;
+        const int64_t fetches = rows >= ahead_rows() && rows <= ROW_BLOCK ? (rows + MR - 1) / MR * CHUNK * ((K + 7) / 8) : 0;
         int64_t at = -1;  // the chunk `ahead` was set up for
         Ahead ahead{nullptr, nullptr, 0};
         run_units(units.get(), t, n, [&](int64_t o, int64_t u) {  // the thread's units reuse their chunk from L2
