@@ -69,12 +69,25 @@ static_assert(ROW_PANELS <= CHUNK, "row_tile runs inside one chunk");
 // and 32 rows 1.02-1.03 (so from 17 rows on they stay). AVX2 keeps them from 2 rows, as measured on Zen 3. An Intel
 // Xeon with AVX-512 (family 6 model 207) wants them from 2 rows too: SmolLM2's 16-row decode step 0.774x the time
 // with them (kernel_ab, twice), its 1-row step 0.993x. So AMD's AVX-512 alone starts at 17 rows.
+static bool amd() {
+    static const bool is = (__builtin_cpu_init(), __builtin_cpu_is("amd"));  // init: a constructor may run first
+    return is;
+}
 static int64_t ahead_rows() {
 #if defined(__AVX512F__)
-    static const int64_t rows = (__builtin_cpu_init(), __builtin_cpu_is("amd")) ? 2 * MR + 1 : 2;  // init: a constructor may run first
-    return rows;
+    return amd() ? 2 * MR + 1 : 2;
 #else
     return 2;
+#endif
+}
+// Most rows a thread's share may have and still fetch ahead: ROW_BLOCK, but on that Xeon (2 MiB of L2 a core) 256,
+// which takes in a thread's half of a 432-457-row prompt step: those steps 0.931 / 0.948x and 0.976 / 0.906x the time
+// at c16 / c64 (kernel_ab, twice, same bits), the decode steps within noise.
+static int64_t ahead_rows_max() {
+#if defined(__AVX512F__)
+    return amd() ? ROW_BLOCK : 256;
+#else
+    return ROW_BLOCK;
 #endif
 }
 
@@ -433,7 +446,7 @@ extern "C" int matmul_silu(const float *x, const float *packed, const float *bia
         const int64_t t = omp_get_thread_num();
         const Share own = split.of(t);
         const int64_t rows = own.r1 - own.r0;
-        const int64_t fetches = rows >= ahead_rows() && rows <= ROW_BLOCK ? (rows + MR - 1) / MR * 2 * ((K + 7) / 8) : 0;
+        const int64_t fetches = rows >= ahead_rows() && rows <= ahead_rows_max() ? (rows + MR - 1) / MR * 2 * ((K + 7) / 8) : 0;
         int64_t at = -1;  // the pair `ahead` was set up for
         Ahead ahead{nullptr, nullptr, 0};
         run_units(units.get(), t, nt, [&](int64_t o, int64_t u) {  // a gate panel and its up panel: a chunk of 2 panels, as matmul's
@@ -472,7 +485,7 @@ extern "C" int matmul(const float *x, const float *packed, const float *bias, fl
         // fetch calls in one row block's tiles. None for one row (row_tile streams its panels; fetching beside
         // them made SmolLM2's 1-row step 27% slower), below ahead_rows(), or from two row blocks on (the first tile's
         // wait is shared, and x's 96 rows, this chunk and the next would overfill L2)
-        const int64_t fetches = rows >= ahead_rows() && rows <= ROW_BLOCK ? (rows + MR - 1) / MR * CHUNK * ((K + 7) / 8) : 0;
+        const int64_t fetches = rows >= ahead_rows() && rows <= ahead_rows_max() ? (rows + MR - 1) / MR * CHUNK * ((K + 7) / 8) : 0;
         int64_t at = -1;  // the chunk `ahead` was set up for
         Ahead ahead{nullptr, nullptr, 0};
         run_units(units.get(), t, n, [&](int64_t o, int64_t u) {  // the thread's units reuse their chunk from L2
