@@ -1,5 +1,7 @@
 """The compiled batch-invariant matmul (engine/linear.py, csrc/matmul.cpp): the linear's numbers, the same bits at any row count."""
 
+import os
+
 import pytest
 import torch
 
@@ -60,8 +62,6 @@ def test_from_64_rows_the_threads_split_rows_with_the_same_bits(kernel, out_feat
 def test_units_taken_from_another_threads_share_keep_the_bits(kernel):
     """A thread out of its own units takes the other shares' last ones (run_units): with more threads than cores, some
     wait for a core while the others go on, so units change threads, and every row is still as it is alone."""
-    import os
-
     gen = torch.Generator().manual_seed(7)
     lin = torch.nn.Linear(576, 960, bias=True)
     packed = PackedLinear(lin.weight, lin.bias, kernel)

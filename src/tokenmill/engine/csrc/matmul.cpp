@@ -69,26 +69,27 @@ static_assert(ROW_PANELS <= CHUNK, "row_tile runs inside one chunk");
 // and 32 rows 1.02-1.03 (so from 17 rows on they stay). AVX2 keeps them from 2 rows, as measured on Zen 3. An Intel
 // Xeon with AVX-512 (family 6 model 207) wants them from 2 rows too: SmolLM2's 16-row decode step 0.774x the time
 // with them (kernel_ab, twice), its 1-row step 0.993x. So AMD's AVX-512 alone starts at 17 rows.
-static bool amd() {
-    static const bool is = (__builtin_cpu_init(), __builtin_cpu_is("amd"));  // init: a constructor may run first
-    return is;
-}
-static int64_t ahead_rows() {
-#if defined(__AVX512F__)
-    return amd() ? 2 * MR + 1 : 2;
-#else
-    return 2;
-#endif
-}
-// Most rows a thread's share may have and still fetch ahead: ROW_BLOCK, but on that Xeon (2 MiB of L2 a core) 256,
+// The most rows a thread's share may have and still fetch ahead: ROW_BLOCK, but on that Xeon (2 MiB of L2 a core) 256,
 // which takes in a thread's half of a 432-457-row prompt step: those steps 0.931 / 0.948x and 0.976 / 0.906x the time
 // at c16 / c64 (kernel_ab, twice, same bits), the decode steps within noise.
-static int64_t ahead_rows_max() {
+struct FetchRows {
+    int64_t least, most;
+};
+static FetchRows fetch_rows() {
 #if defined(__AVX512F__)
-    return amd() ? ROW_BLOCK : 256;
+    static const bool amd = (__builtin_cpu_init(), __builtin_cpu_is("amd"));  // init: a constructor may run first
+    return amd ? FetchRows{2 * MR + 1, ROW_BLOCK} : FetchRows{2, 256};
 #else
-    return ROW_BLOCK;
+    return {2, ROW_BLOCK};
 #endif
+}
+// Fetch calls in one row block's tiles of `panels` panels, for a thread's share of `rows` rows: none outside
+// fetch_rows(). None for one row either (row_tile streams its panels; fetching beside them made SmolLM2's 1-row step
+// 27% slower), nor for more rows (the first tile's wait is shared, and x's rows, this chunk and the next would
+// overfill L2).
+[[maybe_unused]] static int64_t fetch_calls(int64_t rows, int64_t panels, int64_t K) {  // unused where the build has no kernel
+    const FetchRows r = fetch_rows();
+    return rows >= r.least && rows <= r.most ? (rows + MR - 1) / MR * panels * ((K + 7) / 8) : 0;
 }
 
 // Columns a panel holds (16 on AVX2, 48 on AVX-512), or 0 where this build has no kernel.
@@ -115,7 +116,7 @@ extern "C" void matmul_pack(const float *w, float *packed, int64_t N, int64_t K)
 // The thread's next chunk of panels, fetched a few lines every 8 k of the tiles that run before it: otherwise a
 // chunk's first tile waits on memory for the whole chunk, which the other tiles then read from L2. That wait
 // weighs most where a row block has few tiles: SmolLM2's layers alone, 8-64 rows, 5-19% faster on Zen 3
-// (on Zen 4 only from 17 rows: ahead_rows). Same bits.
+// (on Zen 4 only from 17 rows: fetch_rows). Same bits.
 struct Ahead {
     const float *next, *end;
     int64_t lines;  // a fetch's lines: enough that the tiles of one row block cover the chunk
@@ -446,7 +447,7 @@ extern "C" int matmul_silu(const float *x, const float *packed, const float *bia
         const int64_t t = omp_get_thread_num();
         const Share own = split.of(t);
         const int64_t rows = own.r1 - own.r0;
-        const int64_t fetches = rows >= ahead_rows() && rows <= ahead_rows_max() ? (rows + MR - 1) / MR * 2 * ((K + 7) / 8) : 0;
+        const int64_t fetches = fetch_calls(rows, 2, K);
         int64_t at = -1;  // the pair `ahead` was set up for
         Ahead ahead{nullptr, nullptr, 0};
         run_units(units.get(), t, nt, [&](int64_t o, int64_t u) {  // a gate panel and its up panel: a chunk of 2 panels, as matmul's
@@ -482,10 +483,7 @@ extern "C" int matmul(const float *x, const float *packed, const float *bias, fl
         const int64_t t = omp_get_thread_num();
         const Share own = split.of(t);
         const int64_t rows = own.r1 - own.r0;
-        // fetch calls in one row block's tiles. None for one row (row_tile streams its panels; fetching beside
-        // them made SmolLM2's 1-row step 27% slower), below ahead_rows(), or from two row blocks on (the first tile's
-        // wait is shared, and x's 96 rows, this chunk and the next would overfill L2)
-        const int64_t fetches = rows >= ahead_rows() && rows <= ahead_rows_max() ? (rows + MR - 1) / MR * CHUNK * ((K + 7) / 8) : 0;
+        const int64_t fetches = fetch_calls(rows, CHUNK, K);
         int64_t at = -1;  // the chunk `ahead` was set up for
         Ahead ahead{nullptr, nullptr, 0};
         run_units(units.get(), t, n, [&](int64_t o, int64_t u) {  // the thread's units reuse their chunk from L2
