@@ -66,6 +66,43 @@ def test_a_sequences_bits_do_not_depend_on_the_batch_or_the_threads(library):
         assert torch.equal(kernel._decode(query[:, i : i + 1].contiguous(), pool, one, 0.125)[0], together[i])
 
 
+def reblocked(pool: torch.Tensor, blocks: torch.Tensor, lengths: list[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sequences' keys and values in a pool of `block_size`-token blocks ([2, KVH, NB, BS, D]), and their tables, padded as decode_step pads them."""
+    width = -(-max(lengths) // 64) * 64 // block_size
+    needs = [-(-n // block_size) for n in lengths]
+    out = pool.new_zeros(2, pool.shape[1], sum(needs) + 1, block_size, pool.shape[-1])
+    tables, first = [], 0
+    for i, (n, need) in enumerate(zip(lengths, needs, strict=True)):
+        rows = pool[:, :, blocks[i]].flatten(2, 3)[:, :, :n]  # [2, KVH, n, D] in position order
+        out[:, :, first : first + need].flatten(2, 3)[:, :, :n] = rows
+        tables.append(list(range(first, first + need)) + [sum(needs)] * (width - need))
+        first += need
+    return out, torch.tensor(tables)
+
+
+def test_the_block_size_does_not_change_a_bit(library):
+    """Blocks of 16 or 32 keys find a group of 16 keys with one division, blocks of 8 key by key: the same keys, the same bits."""
+    lengths = [1, 5, 16, 17, 63, 64, 65, 200, 333]
+    query, pool, step = decode_step(3, 3, 64, 16, lengths)
+    kernel = NativeAttention(library)
+    outs = []
+    for block_size in (8, 16, 32):
+        kv, tables = reblocked(pool, step.decode_blocks, lengths, block_size)
+        bias = visibility(step.decode_lens - 1, tables.shape[1] * block_size, torch.float32)[:, None, :]
+        moved = StepContext(kv[None], step.slots, len(lengths), tables, bias, step.decode_lens, workspace=step.workspace)
+        outs.append(kernel._decode(query, kv, moved, 0.125))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+    lengths = [17, 130, 333]
+    prompts, prompt_tables, queries, _ = prompt_pool(2, 4, 32, 16, lengths)
+    chunks = []
+    for block_size in (8, 16, 32):
+        kv, tables = reblocked(prompts[0], [torch.tensor(t) for t in prompt_tables], lengths, block_size)
+        own = [row[: -(-n // block_size)] for row, n in zip(tables.tolist(), lengths, strict=True)]
+        chunks.append(prefill(kernel, kv[None], own, queries, kv.shape[2] - 1, [(0, 0, 17), (1, 50, 130), (2, 0, 333)], block_size, 0.2))
+    for ours in zip(*chunks, strict=True):
+        assert torch.equal(ours[0], ours[1]) and torch.equal(ours[1], ours[2])
+
+
 def test_shapes_the_kernel_does_not_take_use_torch_ops(library):
     query, pool, step = decode_step(2, 2, 24, 16, [10, 40])  # head size not a multiple of 16
     step.decode_lens = None  # the kernel would need these: the torch path does not
