@@ -66,8 +66,9 @@ def test_a_sequences_bits_do_not_depend_on_the_batch_or_the_threads(library):
         assert torch.equal(kernel._decode(query[:, i : i + 1].contiguous(), pool, one, 0.125)[0], together[i])
 
 
-def reblocked(pool: torch.Tensor, blocks: torch.Tensor, lengths: list[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same sequences' keys and values in a pool of `block_size`-token blocks ([2, KVH, NB, BS, D]), and their tables, padded as decode_step pads them."""
+def reblocked(pool: torch.Tensor, blocks: list[torch.Tensor], lengths: list[int], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same sequences' keys and values (blocks[i]: sequence i's block ids) in a pool of `block_size`-token blocks ([2, KVH, NB, BS, D]),
+    and their tables, padded as decode_step pads them."""
     width = -(-max(lengths) // 64) * 64 // block_size
     needs = [-(-n // block_size) for n in lengths]
     out = pool.new_zeros(2, pool.shape[1], sum(needs) + 1, block_size, pool.shape[-1])
@@ -87,7 +88,7 @@ def test_the_block_size_does_not_change_a_bit(library):
     kernel = NativeAttention(library)
     outs = []
     for block_size in (8, 16, 32):
-        kv, tables = reblocked(pool, step.decode_blocks, lengths, block_size)
+        kv, tables = reblocked(pool, list(step.decode_blocks), lengths, block_size)
         bias = visibility(step.decode_lens - 1, tables.shape[1] * block_size, torch.float32)[:, None, :]
         moved = StepContext(kv[None], step.slots, len(lengths), tables, bias, step.decode_lens, workspace=step.workspace)
         outs.append(kernel._decode(query, kv, moved, 0.125))
