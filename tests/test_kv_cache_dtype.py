@@ -66,7 +66,7 @@ def test_the_half_write_rounds_saturates_and_keeps_nan(tmp_path):
     cos, sin = torch.ones(1, d), torch.zeros(1, d)
     keys, values = torch.zeros(4, d, dtype=torch.float16), torch.zeros(4, d, dtype=torch.float16)
     slots = torch.tensor([2])
-    ops.rope_store_f16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), keys.data_ptr(), values.data_ptr(), 1, 1, 1, d, 3 * d, 4, 1)
+    ops.rope_store_f16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), keys.data_ptr(), values.data_ptr(), 1, 1, 1, d, 3 * d, 4, 4, 0, 1)
     want = qkv[0, 2 * d :].clamp(-65504, 65504).half()  # torch's rounding to nearest, saturated
     assert torch.equal(values[2].isnan(), want.isnan()) and values[2].isnan().sum() == 2
     assert torch.equal(values[2].nan_to_num(), want.nan_to_num()) and values[2].isfinite().sum() == 14

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokenmill.engine import native
-from tokenmill.engine.attention import Chunk, NativeAttention, StepContext, TorchAttention, Workspace, visibility
+from tokenmill.engine.attention import Chunk, NativeAttention, StepContext, TorchAttention, Workspace, key_rows, visibility
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
 
@@ -71,18 +71,22 @@ def reblocked(pool: torch.Tensor, blocks: list[torch.Tensor], lengths: list[int]
     and their tables, padded as decode_step pads them."""
     width = -(-max(lengths) // 64) * 64 // block_size
     needs = [-(-n // block_size) for n in lengths]
-    out = pool.new_zeros(2, pool.shape[1], sum(needs) + 1, block_size, pool.shape[-1])
+    source = torch.stack([key_rows(pool[0]), pool[1]])  # keys as rows, like the values
+    moved = pool.new_zeros(2, pool.shape[1], sum(needs) + 1, block_size, pool.shape[-1])  # rows too, then keys into columns
     tables, first = [], 0
     for i, (n, need) in enumerate(zip(lengths, needs, strict=True)):
-        rows = pool[:, :, blocks[i]].flatten(2, 3)[:, :, :n]  # [2, KVH, n, D] in position order
-        out[:, :, first : first + need].flatten(2, 3)[:, :, :n] = rows
+        rows = source[:, :, blocks[i]].flatten(2, 3)[:, :, :n]  # [2, KVH, n, D] in position order
+        moved[:, :, first : first + need].flatten(2, 3)[:, :, :n] = rows
         tables.append(list(range(first, first + need)) + [sum(needs)] * (width - need))
         first += need
+    out = torch.empty_like(moved)
+    key_rows(out[0]).copy_(moved[0])
+    out[1] = moved[1]
     return out, torch.tensor(tables)
 
 
 def test_the_block_size_does_not_change_a_bit(library):
-    """Blocks of 16 or 32 keys find a group of 16 keys with one division, blocks of 8 key by key: the same keys, the same bits."""
+    """Blocks of 16 or 32 keys are read in place, blocks of 8 gathered first: the same keys, the same bits."""
     lengths = [1, 5, 16, 17, 63, 64, 65, 200, 333]
     query, pool, step = decode_step(3, 3, 64, 16, lengths)
     kernel = NativeAttention(library)
@@ -231,3 +235,46 @@ def test_the_float16_kernels_read_a_half_pool_as_its_float_values_bit_for_bit(li
     torch_ops = prefill(TorchAttention(), half, tables, queries, scratch, pieces, 16, 0.2)  # the torch path reads a half pool too
     for g, w in zip(got, torch_ops, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("block_size", [16, 8])
+def test_a_position_has_the_same_bits_generated_or_prompt(library, block_size):
+    """Both kernels score a key by one chain of multiply-adds over its columns: a position's output does not depend on which computed it."""
+    lengths = [333, 64, 17, 1]
+    pool, tables, queries, scratch = prompt_pool(3, 3, 64, block_size, lengths)
+    kernel = NativeAttention(library)
+    prompts = prefill(kernel, pool, tables, queries, scratch, [(i, 0, n) for i, n in enumerate(lengths)], block_size, 0.125)
+    width = -(-max(lengths) // 64) * 64 // block_size
+    blocks = torch.tensor([t + [scratch] * (width - len(t)) for t in tables])
+    lens = torch.tensor(lengths)
+    bias = visibility(lens - 1, width * block_size, torch.float32)[:, None, :]
+    step = StepContext(pool, torch.zeros(0, dtype=torch.long), len(lengths), blocks, bias, lens, workspace=Workspace(torch.float32, torch.device("cpu")))
+    query = torch.stack([q[:, -1] for q in queries], dim=1)  # [H, B, D]: each sequence's last position
+    generated = kernel._decode(query, pool[0], step, 0.125)
+    for i, out in enumerate(prompts):
+        assert torch.equal(generated[i], out[-1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_decode_kernel_writes_each_new_key_as_the_torch_path_does(library, dtype):
+    """Given the step's keys, the decode kernel writes each sequence's new key into its column, rounded as every other write."""
+    decode = getattr(library, "paged_decode" if dtype == torch.float32 else "paged_decode_f16", None)
+    if decode is None:
+        pytest.skip("this CPU has no hardware half conversion (F16C)")
+    lengths = [1, 16, 17, 200, 333]
+    query, pool, step = decode_step(3, 3, 64, 16, lengths)
+    pool = pool.to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    new = torch.randn(len(lengths), 3, 64, generator=gen) * 3e4  # [B, KVH, D]: past half's range in places, so it saturates
+    blocks, offsets = step.decode_blocks[torch.arange(len(lengths)), (step.decode_lens - 1) // 16], (step.decode_lens - 1) % 16
+    want = pool.clone()
+    rounded = new.transpose(0, 1) if dtype == torch.float32 else new.transpose(0, 1).clamp(-65504, 65504).to(dtype)  # half saturates
+    key_rows(want[0])[:, blocks, offsets] = rounded
+    out = torch.empty(len(lengths), 9, 64)
+    decode(
+        query.data_ptr(), query.stride(0), query.stride(1), pool[0].data_ptr(), pool[1].data_ptr(), step.decode_blocks.data_ptr(),
+        step.decode_lens.data_ptr(), new.data_ptr(), 3 * 64, out.data_ptr(), len(lengths), 9, 3, pool.shape[2], 16, 64,
+        step.decode_blocks.shape[1], 0.125, torch.get_num_threads(),
+    )  # fmt: skip
+    assert torch.equal(pool, want)
+    assert torch.equal(out, NativeAttention(library)._decode(query, want, step, 0.125))

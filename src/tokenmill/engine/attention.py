@@ -15,7 +15,9 @@ one of two fixed recipes, chosen by what the position is, never by what else run
   other sequences' in one bmm (batch members never change each other's bits).
 
 Both split the weighted sum over values into chunks of VALUE_CHUNK keys and add the partial sums in
-order; keys past a query's position weigh exactly 0. The seam is `AttentionBackend`: on the CPU,
+order; keys past a query's position weigh exactly 0. The pool keeps a block's keys as columns
+([D][BS] in memory, so the compiled kernels load element d of 16 keys at once) and its values as rows;
+`key_rows` views the keys as rows. The seam is `AttentionBackend`: on the CPU,
 `NativeAttention` runs both kinds of position through compiled kernels (fixed recipes of their own);
 a CUDA kernel that keeps fixed recipes replaces `TorchAttention` the same way.
 """
@@ -62,7 +64,7 @@ class Workspace:
 class StepContext:
     """Where this step's tokens sit in the pool: everything attention needs besides q, k and v."""
 
-    kv: torch.Tensor  # [layers, 2, kv_heads, num_blocks, block_size, head_dim] the pool
+    kv: torch.Tensor  # [layers, 2, kv_heads, num_blocks, block_size, head_dim] the pool (keys stored as columns: key_rows)
     slots: torch.Tensor  # [T] pool slot (block * block_size + offset) written by each row
     decode_rows: int  # rows [0, decode_rows) are generated positions, one per sequence
     decode_blocks: torch.Tensor | None  # [D, nb] their block tables, padded
@@ -84,6 +86,12 @@ class AttentionBackend(Protocol):
     def __call__(
         self, layer: int, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None, scaling: float, step: StepContext
     ) -> torch.Tensor: ...
+
+
+def key_rows(keys: torch.Tensor) -> torch.Tensor:
+    """A pool's keys [..., NB, BS, D], each block stored as its keys' columns ([D][BS] in memory), as a view [..., NB, BS, D] of rows."""
+    *lead, nb, bs, d = keys.shape
+    return keys.view(*lead, nb, d, bs).transpose(-1, -2)
 
 
 def halves(pool: torch.Tensor) -> tuple[int, int]:
@@ -116,7 +124,7 @@ class TorchAttention:
         kvh, nb, bs, d = pool.shape[1:]
         if not step.kv_written:
             assert key is not None and value is not None  # given whenever the pool still lacks them
-            pool[0].view(kvh, nb * bs, d).index_copy_(1, step.slots, key.to(pool.dtype))  # rounded where the pool is narrower
+            key_rows(pool[0])[:, step.slots // bs, step.slots % bs] = key.to(pool.dtype)  # rounded where the pool is narrower
             pool[1].view(kvh, nb * bs, d).index_copy_(1, step.slots, value.to(pool.dtype))
         out = query.new_empty(query.shape[1], query.shape[0], d)  # [T, H, D]: decode rows, then chunks, then padding
         padding = step.chunks[-1].rows.stop if step.chunks else step.decode_rows
@@ -210,7 +218,7 @@ class NativeAttention(TorchAttention):
         tables, lens = step.decode_blocks, step.decode_lens
         kvh, nb, bs = pool.shape[1:4]
         decode(
-            query.data_ptr(), query.stride(0), query.stride(1), keys, values, tables.data_ptr(), lens.data_ptr(),
+            query.data_ptr(), query.stride(0), query.stride(1), keys, values, tables.data_ptr(), lens.data_ptr(), 0, 0,
             out.data_ptr(), b, h, kvh, nb, bs, d, tables.shape[1], scaling, torch.get_num_threads(),
         )  # fmt: skip
         return True
@@ -287,7 +295,8 @@ def _gather(pool: torch.Tensor, blocks: torch.Tensor, rows: torch.Tensor, worksp
     keys, values = workspace.take(kvh * b * nb * bs * d, pool.dtype)
     torch.index_select(pool[0].view(kvh * num_blocks, bs * d), 0, rows, out=keys.view(-1, bs * d))
     torch.index_select(pool[1].view(kvh * num_blocks, bs * d), 0, rows, out=values.view(-1, bs * d))
-    return keys.view(kvh, b, nb * bs, d).to(dtype), values.view(kvh, b, nb * bs, d).to(dtype)  # exact: the pool's dtype is no wider
+    keys = key_rows(keys.view(kvh, b, nb, bs, d)).reshape(kvh, b, nb * bs, d)  # each block's columns turned into rows: a copy
+    return keys.to(dtype), values.view(kvh, b, nb * bs, d).to(dtype)  # exact: the pool's dtype is no wider
 
 
 def _attend(q, keys, values, bias, scaling):

@@ -162,7 +162,7 @@ class Layer:
             keys = kv.data_ptr() + self.index * kv.stride(0) * kv.element_size()
             self.store(
                 qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), step.slots.data_ptr(), keys, keys + kv.stride(1) * kv.element_size(),
-                t, self.heads, kv.shape[2], d, qkv.shape[1], kv.shape[3] * kv.shape[4], torch.get_num_threads(),
+                t, self.heads, kv.shape[2], d, qkv.shape[1], kv.shape[3] * kv.shape[4], kv.shape[4], 0, torch.get_num_threads(),
             )  # fmt: skip
             query = qkv[:, :q_width].view(t, self.heads, d).transpose(0, 1)  # [H, T, D]
         else:

@@ -30,14 +30,14 @@ _P, _N, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int  # pointer, size, thr
 # each library's functions: name -> (argtypes, restype)
 SIGNATURES: dict[str, dict[str, tuple[list, type | None]]] = {
     "paged_attention": {
-        "paged_decode": ([_P, _N, _N] + [_P] * 5 + [_N] * 7 + [ctypes.c_float, _T], ctypes.c_int),
+        "paged_decode": ([_P, _N, _N] + [_P] * 5 + [_N, _P] + [_N] * 7 + [ctypes.c_float, _T], ctypes.c_int),
         "paged_prefill": ([_P, _N, _N, _P, _P, _P, _P, _N, _P] + [_N] * 5 + [ctypes.c_float, _T], ctypes.c_int),
-        "paged_decode_f16": ([_P, _N, _N] + [_P] * 5 + [_N] * 7 + [ctypes.c_float, _T], ctypes.c_int),
+        "paged_decode_f16": ([_P, _N, _N] + [_P] * 5 + [_N, _P] + [_N] * 7 + [ctypes.c_float, _T], ctypes.c_int),
         "paged_prefill_f16": ([_P, _N, _N, _P, _P, _P, _P, _N, _P] + [_N] * 5 + [ctypes.c_float, _T], ctypes.c_int),
     },
     "llama_ops": {
-        "rope_store": ([_P] * 6 + [_N] * 6 + [_T], None),
-        "rope_store_f16": ([_P] * 6 + [_N] * 6 + [_T], None),
+        "rope_store": ([_P] * 6 + [_N] * 8 + [_T], None),
+        "rope_store_f16": ([_P] * 6 + [_N] * 8 + [_T], None),
         "add_rms_norm": ([_P] * 4 + [_N] * 2 + [ctypes.c_float, ctypes.c_int, _T], None),
         "small_matmul": ([_P] * 4 + [_N] * 3 + [_T], ctypes.c_int),
         "silu_mul": ([_P, _P, _N, _N, ctypes.c_int, _P, _T, _T], ctypes.c_int),

@@ -147,7 +147,7 @@ class NativeLayers:
             return None
         # the attention kernels refuse a head size or group they have no recipe for before doing anything
         kv_heads = first.widths[1] // d
-        if attention.paged_decode(0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1, 1.0, 1) != 0:
+        if attention.paged_decode(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1, 1.0, 1) != 0:
             return None
         if attention.paged_prefill(0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1.0, 1) != 0:
             return None

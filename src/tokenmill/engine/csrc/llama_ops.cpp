@@ -3,6 +3,8 @@
 //
 // rope_store: RoPE on a step's queries and keys, in place, and the keys and values written into the block
 // pool (seven torch ops otherwise; a 512-row step spent ~12 ms on them), x * cos + rotate_half(x) * sin.
+// Keys go in as columns of their block, values as rows (paged_attention.cpp reads them so); the keys of the
+// first rows can be left to the decode kernel, which writes each into lines it is about to read anyway.
 // rope_store_f16 writes them as IEEE half (--kv-cache-dtype float16), where the CPU converts in hardware.
 //
 // add_rms_norm: the residual add and the RMSNorm after it (eight torch ops otherwise), with the sum of
@@ -43,11 +45,22 @@ static inline void store_row(uint16_t *dst, const float *src, int64_t D) {
 }
 #endif
 
+// A key into its column (D elements BS apart), as store_row would round each.
+static inline void store_col(float *dst, const float *src, int64_t D, int64_t BS) {
+    for (int64_t i = 0; i < D; i++) dst[i * BS] = src[i];
+}
+#ifdef __F16C__
+static inline void store_col(uint16_t *dst, const float *src, int64_t D, int64_t BS) {
+    for (int64_t i = 0; i < D; i++) store_row(dst + i * BS, src + i, 1);
+}
+#endif
+
 // qkv [T, W] rows: H query heads, then KVH key heads, then KVH value heads, each of D floats (W >= (H + 2 KVH) D).
-// cos, sin [T, D]; slots [T] pool slot of each row; kpool, vpool [KVH, S, D] one layer's keys and values (S slots a head).
+// cos, sin [T, D]; slots [T] pool slot of each row; kpool, vpool [KVH, S / BS, BS, D] one layer's keys (as [D][BS] a
+// block) and values (S slots a head, BS a block); rows below first rotated and their values written, not their keys.
 template <class E>
 static void rope_store_as(float *qkv, const float *cos, const float *sin, const int64_t *slots, E *kpool, E *vpool, int64_t T, int64_t H, int64_t KVH,
-                          int64_t D, int64_t W, int64_t S, int threads) {
+                          int64_t D, int64_t W, int64_t S, int64_t BS, int64_t first, int threads) {
     const int64_t half = D / 2;
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int64_t t = 0; t < T; t++) {
@@ -61,22 +74,23 @@ static void rope_store_as(float *qkv, const float *cos, const float *sin, const 
                 x[i + half] = x2 * c[i + half] + x1 * s[i + half];
             }
         }
+        const int64_t column = slots[t] / BS * BS * D + slots[t] % BS;
         for (int64_t j = 0; j < KVH; j++) {
-            store_row(kpool + (j * S + slots[t]) * D, row + (H + j) * D, D);
+            if (t >= first) store_col(kpool + j * S * D + column, row + (H + j) * D, D, BS);
             store_row(vpool + (j * S + slots[t]) * D, row + (H + KVH + j) * D, D);
         }
     }
 }
 
 extern "C" void rope_store(float *qkv, const float *cos, const float *sin, const int64_t *slots, float *kpool, float *vpool, int64_t T, int64_t H,
-                           int64_t KVH, int64_t D, int64_t W, int64_t S, int threads) {
-    rope_store_as(qkv, cos, sin, slots, kpool, vpool, T, H, KVH, D, W, S, threads);
+                           int64_t KVH, int64_t D, int64_t W, int64_t S, int64_t BS, int64_t first, int threads) {
+    rope_store_as(qkv, cos, sin, slots, kpool, vpool, T, H, KVH, D, W, S, BS, first, threads);
 }
 
 #ifdef __F16C__
 extern "C" void rope_store_f16(float *qkv, const float *cos, const float *sin, const int64_t *slots, void *kpool, void *vpool, int64_t T, int64_t H,
-                               int64_t KVH, int64_t D, int64_t W, int64_t S, int threads) {
-    rope_store_as(qkv, cos, sin, slots, (uint16_t *)kpool, (uint16_t *)vpool, T, H, KVH, D, W, S, threads);
+                               int64_t KVH, int64_t D, int64_t W, int64_t S, int64_t BS, int64_t first, int threads) {
+    rope_store_as(qkv, cos, sin, slots, (uint16_t *)kpool, (uint16_t *)vpool, T, H, KVH, D, W, S, BS, first, threads);
 }
 #endif
 
@@ -238,9 +252,10 @@ typedef int (*Matmul)(const float *x, const float *packed, const float *bias, fl
 // matmul.cpp's matmul_silu: the MLP's gate/up projection and silu(gate) * up in one pass, the bits of Matmul then silu_mul.
 typedef int (*MatmulSilu)(const float *x, const float *packed, const float *bias, float *act, int64_t M, int64_t I, int64_t K, int threads,
                           int lanes, const void *exp, int torch_threads);
-// k and v are float, or half where the step's pool is (the _f16 kernels).
+// k and v are float, or half where the step's pool is (the _f16 kernels); knew: the step's rotated keys, which the decode
+// kernel writes into the pool itself.
 typedef int (*Decode)(const float *q, int64_t qh, int64_t qt, const void *k, const void *v, const int64_t *tables, const int64_t *lens,
-                      float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads);
+                      const float *knew, int64_t kt, float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads);
 typedef int (*Prefill)(const float *q, int64_t qh, int64_t qt, const void *k, const void *v, const int64_t *chunks, const int64_t *tables,
                        int64_t C, float *out, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, float scale, int threads);
 
@@ -297,16 +312,16 @@ static void gather_rows(float *x, const int64_t *keep, int64_t n, int64_t width)
         if (keep[i] != i) memcpy(x + i * width, x + keep[i] * width, sizeof(float) * width);
 }
 
-// The step's queries and keys rotated, and its keys and values written into one layer's pool; nonzero: half asked for
-// where this build has no half conversion.
+// The step's queries and keys rotated, and its keys and values written into one layer's pool (but the decode rows' keys,
+// which the decode kernel writes); nonzero: half asked for where this build has no half conversion.
 static int store(const Model *m, const Step *s, void *keys, void *values, int64_t W, int64_t S) {
-    const int64_t T = s->rows, H = m->heads, KVH = m->kv_heads, D = m->head_dim;
+    const int64_t T = s->rows, H = m->heads, KVH = m->kv_heads, D = m->head_dim, BS = s->block_size, first = s->decode_rows;
     if (!s->kv_half) {
-        rope_store(s->qkv, s->cos, s->sin, s->slots, (float *)keys, (float *)values, T, H, KVH, D, W, S, s->threads);
+        rope_store(s->qkv, s->cos, s->sin, s->slots, (float *)keys, (float *)values, T, H, KVH, D, W, S, BS, first, s->threads);
         return 0;
     }
 #ifdef __F16C__
-    rope_store_f16(s->qkv, s->cos, s->sin, s->slots, keys, values, T, H, KVH, D, W, S, s->threads);
+    rope_store_f16(s->qkv, s->cos, s->sin, s->slots, keys, values, T, H, KVH, D, W, S, BS, first, s->threads);
     return 0;
 #else
     return -1;
@@ -326,7 +341,7 @@ extern "C" int llama_layers(const Model *m, const Step *s) {
         if (project(m, s->normed, w.qkv, w.qkv_plain, w.qkv_bias, s->qkv, T, W, m->hidden, threads, T)) return -1;
         if (store(m, s, keys, values, W, S)) return -5;
         if (s->attended < T) memset(s->attn + s->attended * HD, 0, sizeof(float) * (T - s->attended) * HD);  // finite rows downstream
-        if (s->decode_rows && m->decode(s->qkv, D, W, keys, values, s->tables, s->lens, s->attn, s->decode_rows, H, KVH, s->num_blocks,
+        if (s->decode_rows && m->decode(s->qkv, D, W, keys, values, s->tables, s->lens, s->qkv + HD, W, s->attn, s->decode_rows, H, KVH, s->num_blocks,
                                         s->block_size, D, s->table_width, m->scaling, threads))
             return -2;
         if (s->chunks && m->prefill(s->qkv, D, W, keys, values, s->chunk_meta, s->chunk_tables, s->chunks, s->attn, H, KVH, s->num_blocks,

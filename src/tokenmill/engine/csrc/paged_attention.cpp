@@ -1,16 +1,20 @@
 // Paged attention on the CPU over the block pool, read in place (the torch path gathers keys and values
 // into a padded copy first: 3x the memory traffic).
 //
-// paged_decode: each sequence's one new query. Every (sequence, kv head) is one task computed alone in a
-// fixed order (16-lane dot products summed by a fixed tree, a fixed exp polynomial, values summed key by
-// key), so its bits never depend on what else is in the batch or on how tasks are split over threads.
+// The pool keeps a block's keys as columns and its values as rows: one kv head's block of BS keys is [D][BS]
+// (element d of key j at d * BS + j), its values [BS][D]. So element d of 16 consecutive keys is one vector load,
+// and a lane's score is one chain of multiply-adds over the head's elements, with no tree of shuffles to sum it.
 //
-// paged_prefill: prompt positions, chunk by chunk. Each position's query heads attend over keys 0..position
-// by a recipe fixed by the position alone (keys 16 at a time in the lanes, each lane's dot product one
-// multiply-add per element in order), so a position's bits do not depend on its chunk, the batch, the
-// threads, or on whether it runs alone or paired with the next position (AVX-512 takes two at a time where
-// their sums fit in registers, loading each key and value vector once for both). The two recipes round
-// differently, which is why generated positions are never recomputed as prompt.
+// paged_decode: each sequence's one new query. Every (sequence, kv head) is one task computed alone; where it is
+// given the step's rotated keys it first writes its own new key into its column (the lines it is about to read:
+// written earlier, one key across D cold lines, that write cost more than the columns saved).
+// paged_prefill: prompt positions, chunk by chunk.
+//
+// Both run one recipe, fixed by the position alone: keys 16 at a time in the lanes, each lane's dot product one
+// multiply-add per element in order, a fixed exp polynomial, values summed key by key in order. So a position's
+// bits do not depend on the batch, its chunk, the threads, on whether it runs alone or paired with the next
+// position (AVX-512 takes two prompt positions at a time where their sums fit in registers, loading each key and
+// value vector once for both), nor on whether it was computed as a generated or as a prompt position.
 //
 // Keys and values are float32, or IEEE half (`Half`, --kv-cache-dtype float16: the _f16 entry points, built where
 // the CPU converts half in hardware). A half is read into a float lane exactly, and every recipe then runs the
@@ -127,37 +131,15 @@ static inline v16 load16(const Half *p) {
 static inline float to_float(Half x) { return _cvtsh_ss(x.bits); }
 #endif
 
-// Pairwise sums of an 8-lane pair (a, b) as one 16-lane row: lanes m + m+S within each group of 2S lanes,
-// a's sums first. The levels of the trees below.
-static inline v8 fold4(v8 a, v8 b) { return __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15); }
-static inline v8 fold2(v8 a, v8 b) { return __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13) + __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15); }
-static inline v8 fold1(v8 a, v8 b) { return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15); }
-
 static inline float hsum(v16 a) {  // a fixed tree of additions: lanes m + m+8, then m + m+4, m + m+2, m + m+1
     v8 b = low(a) + high(a);
     v4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
     return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-// The first level of tree16 for two vectors: lanes m + m+8, a's 8 partials, then b's.
-static inline v16 halves(v16 a, v16 b) { return join(low(a) + high(a), low(b) + high(b)); }
-
-// The sums of 16 vectors a[0..15] at once, lane j the sum of a[j], by hsum's own tree for every one of them
-// (so each sum has hsum's bits): each level halves the lanes a vector's partial sums take. It takes the
-// first level done, w[i] = halves(a[2i], a[2i + 1]), so no caller needs all 16 vectors live at once.
-// Every level works on 8-lane halves: 16-lane shuffles have no single AVX2 instruction.
 // Forced inline (as sum_values_pass below): with the half kernels beside the float ones, GCC's inlining budget ran out
 // and called them, and a c64 step ran 2-5% slower.
 #define HOT static inline __attribute__((always_inline))
-
-HOT v16 tree16(const v16 *w) {
-    v16 x[4], y[2];
-    for (int i = 0; i < 4; i++)  // m + m+4: four sums of four lanes
-        x[i] = join(fold4(low(w[2 * i]), high(w[2 * i])), fold4(low(w[2 * i + 1]), high(w[2 * i + 1])));
-    for (int i = 0; i < 2; i++)  // m + m+2: eight sums of two lanes
-        y[i] = join(fold2(low(x[2 * i]), high(x[2 * i])), fold2(low(x[2 * i + 1]), high(x[2 * i + 1])));
-    return join(fold1(low(y[0]), high(y[0])), fold1(low(y[1]), high(y[1])));  // m + m+1
-}
 
 // The cache lines a decode thread reads next, in the order it reads them: task t's keys block by block, then
 // its values, then task t + 1's, never more than one task ahead of the one computing (the L2 holds two). The
@@ -206,39 +188,114 @@ struct Stream {
     }
 };
 
-// rows[j] = key l0 + j of one kv head's keys (l0 a multiple of 16) through the block table, or `past` from len on.
-// Where a block holds a multiple of 16 keys the 16 lie in one block, so one division finds them all. Without the 16
-// divisions by the run-time block size the decode kernel took 0.97-0.98x the time (Intel Xeon, 16 and 64 sequences
-// from memory), and a decode-only step 0.986-0.989x (kernel_ab, c16 / c64); the addresses alone change, not the bits.
+// A float into the pool: as it is, or as IEEE half rounded to nearest and saturated at +-65504 (llama_ops.cpp's
+// store_row, element by element: the same rounding, so a key has the same bits whichever kernel wrote it).
+static inline void put(float *dst, float x) { *dst = x; }
+#ifdef __F16C__
+static inline void put(Half *dst, float x) {
+    const float y = x > 65504.0f ? 65504.0f : x < -65504.0f ? -65504.0f : x;  // a NaN stays NaN
+    dst->bits = _cvtss_sh(y, _MM_FROUND_TO_NEAREST_INT);
+}
+#endif
+
+// Key `pos` of one kv head's keys (a column of its block) <- key [D].
 template <class E>
-static inline void key_rows(const E *keys, const int64_t *table, int64_t l0, int64_t len, int64_t BS, int64_t D, const E *past, const E **rows) {
-    const int64_t block = BS * D;
-    if (BS % 16 == 0) {
-        const E *first = keys + table[l0 / BS] * block + (l0 % BS) * D;
-        for (int64_t j = 0; j < 16; j++) rows[j] = l0 + j < len ? first + j * D : past;
-        return;
-    }
-    for (int64_t j = 0; j < 16; j++) rows[j] = l0 + j < len ? keys + table[(l0 + j) / BS] * block + ((l0 + j) % BS) * D : past;
+static void store_key(E *keys, const int64_t *table, int64_t pos, int64_t BS, int64_t D, const float *key) {
+    E *col = keys + table[pos / BS] * BS * D + pos % BS;
+    for (int64_t d = 0; d < D; d++) put(col + d * BS, key[d]);
 }
 
-// Lane j: the 16-lane partial sums of query . key[j] (C chunks, in order), summed by tree16, times scale.
-// The keys' partial sums are made KEYS at a time (all 16 with AVX-512; 4 with AVX2, whose 16 registers
-// hold 4 keys' sums with room to spare), then the tree; the same operations, so the same bits.
-template <int C, class E>
-static inline v16 scores16(const v16 *qg, const E *const *key, int64_t chunks, float scale, Stream<E> &stream) {
-    constexpr int KEYS = WIDE ? 16 : 4;
-    const int64_t n = C ? C : chunks;
-    v16 w[8];
-    for (int i = 0; i < 16; i += KEYS) {
-        stream.template fetch<(C ? C : 4) * KEYS / 2>();  // G x C / 2 lines a key; the keys and values take 2 C
-        v16 acc[KEYS];
-        for (int j = 0; j < KEYS; j++) {
-            acc[j] = qg[0] * load16(key[i + j]);
-            for (int64_t c = 1; c < n; c++) acc[j] += qg[c] * load16(key[i + j] + 16 * c);
-        }
-        for (int j = 0; j < KEYS; j += 2) w[(i + j) / 2] = halves(acc[j], acc[j + 1]);
+// Where 16 keys of one kv head start, from key l0 (a multiple of 16), their element d `ld` further per d: in the
+// block itself where a block holds a multiple of 16 keys (the 16 then lie in one block), else (table null) in a copy
+// laid out [D][ld] by gather_keys.
+template <class E>
+struct KeyCols {
+    const E *keys;
+    const int64_t *table;
+    int64_t BS, block, ld;
+    const E *at(int64_t l0) const { return table ? keys + table[l0 / BS] * block + l0 % BS : keys + l0; }
+};
+
+// Keys from..len-1 of one kv head (blocks of BS keys, BS not a multiple of 16) copied into kT [D, ld], whose keys
+// 0..from-1 are already there; the rest of the last group of 16 is 0 (its scores are masked).
+template <class E>
+static void gather_keys(const E *keys, const int64_t *table, int64_t from, int64_t len, int64_t BS, int64_t D, E *kT, int64_t ld) {
+    const int64_t end = (len + 15) / 16 * 16;
+    for (int64_t l = from; l < end; l++) {
+        const E *col = l < len ? keys + table[l / BS] * BS * D + l % BS : nullptr;
+        for (int64_t d = 0; d < D; d++) kT[d * ld + l] = col ? col[d * BS] : E{};
     }
-    return tree16(w) * scale;
+}
+
+// One kv head's keys 0..len-1 as columns: in place, or gathered into kT (room for D x ld) where blocks are not a
+// multiple of 16; `have` keys are already gathered there.
+template <class E>
+static KeyCols<E> key_cols(const E *keys, const int64_t *table, int64_t have, int64_t len, int64_t BS, int64_t D, E *kT, int64_t ld) {
+    if (BS % 16 == 0) return {keys, table, BS, BS * D, BS};
+    gather_keys(keys, table, have, len, BS, D, kT, ld);
+    return {kT, nullptr, BS, BS * D, ld};
+}
+
+// Scores of P positions' G query rows each (position p's head g at q[p * qt + g * qh + d]) against NG groups of 16
+// keys from key `first` on, one multiply-add a head element in order, scaled, into score row p * GN + g: every lane
+// runs the same operations whichever pass or pair its group falls in, and whichever kernel calls it. The decode
+// kernel fetches its stream as it goes (GN x NG / 2 lines an element, a little faster than it reads).
+template <int P, int GN, int NG, class E>
+HOT void score_groups(const float *q, int64_t qt, int64_t qh, const KeyCols<E> &cols, int64_t D, int64_t first, float scale, float *scores,
+                      int64_t stride, Stream<E> *stream) {
+    v16 acc[P][GN][NG];
+    const E *key[NG];
+    for (int j = 0; j < NG; j++) key[j] = cols.at(first + 16 * j);
+    for (int p = 0; p < P; p++)
+        for (int g = 0; g < GN; g++)
+            for (int j = 0; j < NG; j++) acc[p][g][j] = splat(0.0f);
+    for (int64_t d = 0; d < D; d++) {
+        if (stream && d % 2 == 0) stream->template fetch<GN * NG>();
+        v16 k[NG];
+        for (int j = 0; j < NG; j++) k[j] = load16(key[j] + d * cols.ld);
+        for (int p = 0; p < P; p++)
+            for (int g = 0; g < GN; g++) {
+                const float x = q[p * qt + g * qh + d];
+                for (int j = 0; j < NG; j++) acc[p][g][j] += x * k[j];
+            }
+    }
+    for (int p = 0; p < P; p++)
+        for (int g = 0; g < GN; g++)
+            for (int j = 0; j < NG; j++) *(v16 *)(scores + (p * GN + g) * stride + first + 16 * j) = acc[p][g][j] * scale;
+}
+
+// The same for any G, one group and head at a time (shapes without a fixed instance): the same operations per lane.
+template <class E>
+static void score_any(const float *q, int64_t qh, int64_t G, const KeyCols<E> &cols, int64_t D, int64_t len, float scale, float *scores,
+                      int64_t stride, Stream<E> *stream) {
+    for (int64_t l0 = 0; l0 < len; l0 += 16) {
+        const E *key = cols.at(l0);
+        for (int64_t g = 0; g < G; g++) {
+            v16 acc = splat(0.0f);
+            for (int64_t d = 0; d < D; d++) {
+                if (stream && d % 8 == 0) stream->template fetch<4>();
+                acc += q[g * qh + d] * load16(key + d * cols.ld);
+            }
+            *(v16 *)(scores + g * stride + l0) = acc * scale;
+        }
+    }
+}
+
+// Scores of P positions of GN heads over keys 0..len+P-2 (the last position's), NG groups a pass, the rest one by one.
+template <int P, int GN, int NG, class E>
+HOT void score_all(const float *q, int64_t qt, int64_t qh, const KeyCols<E> &cols, int64_t D, int64_t len, float scale, float *scores, int64_t stride,
+                   Stream<E> *stream) {
+    const int64_t groups = (len + P - 1 + 15) / 16;
+    int64_t j = 0;
+    for (; j + NG <= groups; j += NG) score_groups<P, GN, NG, E>(q, qt, qh, cols, D, 16 * j, scale, scores, stride, stream);
+    for (; j < groups; j++) score_groups<P, GN, 1, E>(q, qt, qh, cols, D, 16 * j, scale, scores, stride, stream);
+}
+
+// Groups a pass: about a dozen independent sums a position in flight with AVX-512, half that with AVX2. Two
+// positions of 3 heads take 3: with 4, GCC kept two of the 4 key vectors on the stack (SmolLM2's prompts: 0.96x the time).
+template <int P, int GN>
+static constexpr int groups_a_pass() {
+    return WIDE ? (GN >= 3 ? (P == 2 ? 3 : 4) : GN == 2 ? 6 : 8) : (GN >= 3 ? 2 : GN == 2 ? 3 : 4);
 }
 
 // sc[0, len) -> softmax, in place; sc is padded with -inf to whole 16-lane vectors.
@@ -299,19 +356,19 @@ struct Shape {
     int64_t QH, QT;  // query element (head h, sequence b, d) at q[h * QH + b * QT + d]
 };
 
-// One (sequence b, kv head) task: its G query heads over its len keys. GN and CN fix G and the
-// head size in 16-lane chunks at compile time (0: read from s), so the common shapes keep the
-// queries and the output sums in registers; every shape runs the same operations in the same order.
+// One (sequence b, kv head) task: its G query heads over its len keys, after writing its new key where knew is given.
+// GN and CN fix G and the head size in 16-lane chunks at compile time (0: read from s), so the common shapes keep the
+// queries and the output sums in registers; every shape runs the same operations in the same order. kT: room for
+// the keys gathered where a block is not a multiple of 16 keys.
 template <int GN, int CN, class E>
 static void attend(const float *q, const E *k, const E *v, const int64_t *table, int64_t len, float *out, const Shape &s, int64_t kvh,
-                   float scale, float *scores, int64_t stride, Stream<E> &stream) {
+                   float scale, float *scores, int64_t stride, Stream<E> &stream, const float *knew, E *kT) {
     const int64_t G = GN ? GN : s.H / s.KVH, C = CN ? CN : s.D / 16, D = C * 16, BS = s.BS, block = BS * D;
     const E *keys = k + kvh * s.NB * block, *values = v + kvh * s.NB * block;
-    for (int64_t l0 = 0; l0 < len; l0 += 16) {  // 16 keys at a time: their 16 sums come out of one tree, lane j key l0 + j
-        const E *key[16];
-        key_rows(keys, table, l0, len, BS, D, keys + table[0] * block, key);  // past len: any real key (the softmax masks its score)
-        for (int64_t g = 0; g < G; g++) *(v16 *)(scores + g * stride + l0) = scores16<CN>((const v16 *)(q + g * s.QH), key, C, scale, stream);
-    }
+    if (knew != nullptr) store_key((E *)keys, table, len - 1, BS, D, knew);
+    const KeyCols<E> cols = key_cols(keys, table, 0, len, BS, D, kT, stride);
+    if (GN) score_all<1, GN ? GN : 1, groups_a_pass<1, GN ? GN : 1>(), E>(q, 0, s.QH, cols, D, len, scale, scores, stride, &stream);
+    else score_any(q, s.QH, G, cols, D, len, scale, scores, stride, &stream);
     for (int64_t g = 0; g < G; g++) softmax(scores + g * stride, len);
     if (GN && CN) {  // the output sums in registers
         sum_values<GN ? GN : 1, CN ? CN : 1, E>(scores, stride, values, table, len, BS, out, &stream);
@@ -331,7 +388,7 @@ static void attend(const float *q, const E *k, const E *v, const int64_t *table,
 
 template <class E>
 using Attend = void (*)(const float *, const E *, const E *, const int64_t *, int64_t, float *, const Shape &, int64_t, float, float *, int64_t,
-                        Stream<E> &);
+                        Stream<E> &, const float *, E *);
 
 // kernel<G, CN, E> for G query heads a kv head (1 to 8), else `otherwise`: one instance of a kernel per group size.
 #define BY_GROUP(kernel, G, CN, E, otherwise) \
@@ -369,11 +426,14 @@ static int64_t split(const int64_t *lens, int64_t KVH, int64_t B, int64_t i, int
     return t;
 }
 
-// q: element (head h, sequence b, d) at q[h * qh + b * qt + d]; k, v [KVH, NB, BS, D] (one layer of the pool); tables [B, NBT];
-// lens [B] keys each query sees; out [B, H, D]. Returns 0, or -1 when D is not a multiple of 16 (the caller falls back to torch ops).
+// q: element (head h, sequence b, d) at q[h * qh + b * qt + d]; k, v [KVH, NB, BS, D] (one layer of the pool, keys as
+// columns); tables [B, NBT]; lens [B] keys each query sees; knew: element (sequence b, kv head j, d) of the step's
+// rotated keys at knew[b * kt + j * D + d], written here at position lens[b] - 1, or null where the pool has them
+// already; out [B, H, D]. Returns 0, or -1 when D is not a multiple of 16 (the caller falls back to torch ops).
 template <class E>
-static int decode(const float *q, int64_t qh, int64_t qt, const E *k, const E *v, const int64_t *tables, const int64_t *lens, float *out, int64_t B,
-                  int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads) {
+static int decode(const float *q, int64_t qh, int64_t qt, const E *k, const E *v, const int64_t *tables, const int64_t *lens, const float *knew,
+                  int64_t kt, float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale,
+                  int threads) {
     if (D % 16) return -1;
     const Shape s{B, H, KVH, NB, BS, D, NBT, qh, qt};
     const int64_t tasks = B * KVH, G = H / KVH, stride = (NBT * BS + 15) / 16 * 16;
@@ -383,6 +443,7 @@ static int decode(const float *q, int64_t qh, int64_t qt, const E *k, const E *v
     {
         const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
         float *scores = (float *)aligned_alloc(64, sizeof(float) * G * stride);
+        E *kT = BS % 16 ? (E *)aligned_alloc(64, sizeof(E) * D * stride) : nullptr;
         const int64_t first = split(lens, KVH, B, i, n), end = split(lens, KVH, B, i + 1, n);
         Stream<E> stream{(const char *)k, (const char *)v, tables, lens, KVH, NB, BS, D, NBT, end, first};
         stream.start(first);
@@ -390,62 +451,28 @@ static int decode(const float *q, int64_t qh, int64_t qt, const E *k, const E *v
         for (int64_t t = first; t < end; t++) {
             const int64_t b = t / KVH, kvh = t % KVH;
             stream.limit = t + 1;
-            run(q + b * qt + kvh * G * qh, k, v, tables + b * NBT, lens[b], out + (b * H + kvh * G) * D, s, kvh, scale, scores, stride, stream);
+            run(q + b * qt + kvh * G * qh, k, v, tables + b * NBT, lens[b], out + (b * H + kvh * G) * D, s, kvh, scale, scores, stride, stream,
+                knew ? knew + b * kt + kvh * D : nullptr, kT);
         }
         free(scores);
+        free(kT);
     }
     return 0;
 }
 
 extern "C" int paged_decode(const float *q, int64_t qh, int64_t qt, const float *k, const float *v, const int64_t *tables, const int64_t *lens,
-                            float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads) {
-    return decode(q, qh, qt, k, v, tables, lens, out, B, H, KVH, NB, BS, D, NBT, scale, threads);
+                            const float *knew, int64_t kt, float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D,
+                            int64_t NBT, float scale, int threads) {
+    return decode(q, qh, qt, k, v, tables, lens, knew, kt, out, B, H, KVH, NB, BS, D, NBT, scale, threads);
 }
 
 #ifdef __F16C__
 extern "C" int paged_decode_f16(const float *q, int64_t qh, int64_t qt, const void *k, const void *v, const int64_t *tables, const int64_t *lens,
-                                float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads) {
-    return decode(q, qh, qt, (const Half *)k, (const Half *)v, tables, lens, out, B, H, KVH, NB, BS, D, NBT, scale, threads);
+                                const float *knew, int64_t kt, float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D,
+                                int64_t NBT, float scale, int threads) {
+    return decode(q, qh, qt, (const Half *)k, (const Half *)v, tables, lens, knew, kt, out, B, H, KVH, NB, BS, D, NBT, scale, threads);
 }
 #endif
-
-// Keys from..len-1 of one kv head, gathered through the block table and transposed into kT [D, ld], 16 keys a vector,
-// where kT already holds keys 0..from-1 (from = 0: none). 16 keys at a time, so that each write fills a whole cache
-// line; keys past len are 0 (their scores are masked), so the group holding key `from` is written again.
-template <class E>
-static void transpose_keys(const E *keys, const int64_t *table, int64_t from, int64_t len, int64_t BS, int64_t D, float *kT, int64_t ld) {
-    static const E zeros[128] = {};  // D <= 128 (the kernel takes no other)
-    for (int64_t l0 = from / 16 * 16; l0 < len; l0 += 16) {
-        const E *rows[16];
-        key_rows(keys, table, l0, len, BS, D, zeros, rows);
-        for (int64_t d = 0; d < D; d++)
-            for (int64_t j = 0; j < 16; j++) kT[d * ld + l0 + j] = to_float(rows[j][d]);
-    }
-}
-
-// Scores of P positions' G query rows each (position p's head g at q[p * qt + g * qh + d]) against NG groups
-// of 16 keys from kT + first, one multiply-add a head element in order, scaled, into score row p * GN + g:
-// every lane runs the same operations whichever pass or pair its group falls in.
-template <int P, int GN, int NG>
-static void score_groups(const float *q, int64_t qt, int64_t qh, const float *kT, int64_t ld, int64_t D, int64_t first, float scale, float *scores,
-                         int64_t stride) {
-    v16 acc[P][GN][NG];
-    for (int p = 0; p < P; p++)
-        for (int g = 0; g < GN; g++)
-            for (int j = 0; j < NG; j++) acc[p][g][j] = splat(0.0f);
-    for (int64_t d = 0; d < D; d++) {
-        v16 k[NG];
-        for (int j = 0; j < NG; j++) k[j] = *(const v16 *)(kT + d * ld + first + 16 * j);
-        for (int p = 0; p < P; p++)
-            for (int g = 0; g < GN; g++) {
-                const float x = q[p * qt + g * qh + d];
-                for (int j = 0; j < NG; j++) acc[p][g][j] += x * k[j];
-            }
-    }
-    for (int p = 0; p < P; p++)
-        for (int g = 0; g < GN; g++)
-            for (int j = 0; j < NG; j++) *(v16 *)(scores + (p * GN + g) * stride + first + 16 * j) = acc[p][g][j] * scale;
-}
 
 // Two positions' output sums at once (score rows 0..GN-1 the first's over len keys, GN..2GN-1 the second's over
 // len + 1), each value vector loaded once for both: every sum still adds its keys in order, so the bits are a
@@ -483,15 +510,9 @@ HOT void sum_values_pair(const float *scores, int64_t stride, const E *values, c
 // P (1 or 2) consecutive prompt positions, the first seeing keys 0..len-1: their G query heads each
 // (q[p * qt + g * qh + d]) -> out [G, D] of each, the second's ot after the first's.
 template <int GN, int CN, class E, int P>
-static void prefill_rows(const float *q, int64_t qt, int64_t qh, const float *kT, int64_t ld, const E *values, const int64_t *table, int64_t len,
+static void prefill_rows(const float *q, int64_t qt, int64_t qh, const KeyCols<E> &cols, const E *values, const int64_t *table, int64_t len,
                          float *out, int64_t ot, int64_t BS, float scale, float *scores, int64_t stride) {
-    // groups a pass: about a dozen independent sums a position in flight with AVX-512, half that with AVX2. Two
-    // positions of 3 heads take 3: with 4, GCC kept two of the 4 key vectors on the stack (SmolLM2's prompts: 0.96x the time).
-    constexpr int NG = WIDE ? (GN >= 3 ? (P == 2 ? 3 : 4) : GN == 2 ? 6 : 8) : (GN >= 3 ? 2 : GN == 2 ? 3 : 4);
-    const int64_t D = CN * 16, groups = (len + P - 1 + 15) / 16;
-    int64_t j = 0;
-    for (; j + NG <= groups; j += NG) score_groups<P, GN, NG>(q, qt, qh, kT, ld, D, 16 * j, scale, scores, stride);
-    for (; j < groups; j++) score_groups<P, GN, 1>(q, qt, qh, kT, ld, D, 16 * j, scale, scores, stride);
+    score_all<P, GN, groups_a_pass<P, GN>(), E>(q, qt, qh, cols, CN * 16, len, scale, scores, stride, nullptr);
     for (int p = 0; p < P; p++)
         for (int g = 0; g < GN; g++) softmax(scores + (p * GN + g) * stride, len + p);
     if constexpr (P == 2) sum_values_pair<GN, CN, E>(scores, stride, values, table, len, BS, out, out + ot);
@@ -504,21 +525,21 @@ static void prefill_rows(const float *q, int64_t qt, int64_t qh, const float *kT
 static constexpr bool pairs(int GN, int CN) { return WIDE && 2 * GN * CN <= 24; }
 
 template <int GN, int CN, class E>
-static int prefill_row(const float *q, int64_t qt, int64_t qh, const float *kT, int64_t ld, const E *values, const int64_t *table, int64_t len,
+static int prefill_row(const float *q, int64_t qt, int64_t qh, const KeyCols<E> &cols, const E *values, const int64_t *table, int64_t len,
                        float *out, int64_t ot, int64_t BS, float scale, float *scores, int64_t stride, int n) {  // n positions offered; returns those done
     if constexpr (pairs(GN, CN)) {
         if (n == 2) {
-            prefill_rows<GN, CN, E, 2>(q, qt, qh, kT, ld, values, table, len, out, ot, BS, scale, scores, stride);
+            prefill_rows<GN, CN, E, 2>(q, qt, qh, cols, values, table, len, out, ot, BS, scale, scores, stride);
             return 2;
         }
     }
-    prefill_rows<GN, CN, E, 1>(q, qt, qh, kT, ld, values, table, len, out, ot, BS, scale, scores, stride);
+    prefill_rows<GN, CN, E, 1>(q, qt, qh, cols, values, table, len, out, ot, BS, scale, scores, stride);
     return 1;
 }
 
 template <class E>
-using PrefillRow = int (*)(const float *, int64_t, int64_t, const float *, int64_t, const E *, const int64_t *, int64_t, float *, int64_t, int64_t,
-                            float, float *, int64_t, int);
+using PrefillRow = int (*)(const float *, int64_t, int64_t, const KeyCols<E> &, const E *, const int64_t *, int64_t, float *, int64_t, int64_t,
+                           float, float *, int64_t, int);
 
 template <int CN, class E>
 static PrefillRow<E> pick_prefill_group(int64_t G) {
@@ -536,10 +557,10 @@ static PrefillRow<E> pick_prefill(int64_t G, int64_t C) {
     }
 }
 
-enum { ROWS = 16 };  // prompt positions a task: its keys are transposed once for all of them
+enum { ROWS = 16 };  // prompt positions a task
 
 // Prompt chunks: chunk c's positions start..start+count-1 sit at rows row0..row0+count-1 of the step.
-// q: element (head h, row t, d) at q[h * qh + t * qt + d]; k, v [KVH, NB, BS, D] (one layer of the pool);
+// q: element (head h, row t, d) at q[h * qh + t * qt + d]; k, v [KVH, NB, BS, D] (one layer of the pool, keys as columns);
 // chunks [C, 4] (row0, start, count, offset of its block table in tables); out [T, H, D], chunk rows written.
 // Returns 0, or -1 for a shape it does not take (head size not 16, 32, 64 or 128, more than 8 query heads a kv head).
 template <class E>
@@ -557,7 +578,7 @@ static int prefill(const float *q, int64_t qh, int64_t qt, const E *k, const E *
     if (threads > tasks) threads = (int)tasks;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
-        float *kT = (float *)aligned_alloc(64, sizeof(float) * D * ld);
+        E *kT = BS % 16 ? (E *)aligned_alloc(64, sizeof(E) * D * ld) : nullptr;  // keys gathered where blocks are not a multiple of 16
         float *scores = (float *)aligned_alloc(64, sizeof(float) * 2 * G * ld);
         int64_t held = -1, have = 0;  // kT holds keys 0..have-1 of (chunk, kv head) pair `held`
 #pragma omp for schedule(dynamic, 1)
@@ -568,15 +589,14 @@ static int prefill(const float *q, int64_t qh, int64_t qt, const E *k, const E *
             const int64_t *table = tables + chunks[4 * c + 3];
             const int64_t kvh = rest / runs, first = (rest % runs) * ROWS, last = first + ROWS < count ? first + ROWS : count;
             const E *keys = k + kvh * NB * block, *values = v + kvh * NB * block;
-            // A thread's next task is mostly the pair's next run: only the keys it adds are transposed. Every task
-            // transposing all its keys took 13% of a 4 x 256-position prefill, and grows with the prompt.
+            // A thread's next task is mostly the pair's next run: only the keys it adds are gathered.
             if (held != c * KVH + kvh || have > start + last) held = c * KVH + kvh, have = 0;
-            transpose_keys(keys, table, have, start + last, BS, D, kT, ld);
+            const KeyCols<E> cols = key_cols(keys, table, have / 16 * 16, start + last, BS, D, kT, ld);
             have = start + last;
             for (int64_t i = first, n; i < last; i += n) {  // two positions at a time where the kernel takes pairs
                 const int64_t t_row = row0 + i;
                 n = last - i < 2 ? 1 : 2;
-                n = row(q + kvh * G * qh + t_row * qt, qt, qh, kT, ld, values, table, start + i + 1, out + (t_row * H + kvh * G) * D, H * D, BS,
+                n = row(q + kvh * G * qh + t_row * qt, qt, qh, cols, values, table, start + i + 1, out + (t_row * H + kvh * G) * D, H * D, BS,
                         scale, scores, ld, (int)n);
             }
         }
