@@ -62,15 +62,22 @@ def test_the_half_write_rounds_saturates_and_keeps_nan(tmp_path):
         pytest.skip("this CPU has no hardware half conversion (F16C)")
     d = 16  # one row, one query head, one kv head: [q | k | v]
     qkv = torch.zeros(1, 3 * d)
+    qkv[0, d : 2 * d] = torch.tensor([1e6, -1e6, 65519.0, 65520.0, 3.0, 1 / 3, -2.5e-8, 7.0] * 2)  # RoPE at angle 0 keeps them
     qkv[0, 2 * d :] = torch.tensor([1e6, -1e6, 65519.0, 65520.0, float("nan"), 1 / 3, -2.5e-8, 7.0] * 2)
     cos, sin = torch.ones(1, d), torch.zeros(1, d)
     keys, values = torch.zeros(4, d, dtype=torch.float16), torch.zeros(4, d, dtype=torch.float16)
     slots = torch.tensor([2])
-    ops.rope_store_f16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), keys.data_ptr(), values.data_ptr(), 1, 1, 1, d, 3 * d, 4, 4, 0, 1)
+    args = [qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), keys.data_ptr(), values.data_ptr(), 1, 1, 1, d, 3 * d, 4, 4]
+    ops.rope_store_f16(*args, 1, 1)  # rows below 1 keep their keys out of the pool (the decode kernel writes them)
+    assert keys.abs().sum() == 0 and values[2].isfinite().sum() == 14
+    ops.rope_store_f16(*args, 0, 1)
     want = qkv[0, 2 * d :].clamp(-65504, 65504).half()  # torch's rounding to nearest, saturated
     assert torch.equal(values[2].isnan(), want.isnan()) and values[2].isnan().sum() == 2
     assert torch.equal(values[2].nan_to_num(), want.nan_to_num()) and values[2].isfinite().sum() == 14
-    assert values[[0, 1, 3]].abs().sum() == 0 and keys.abs().sum() == 0
+    assert values[[0, 1, 3]].abs().sum() == 0
+    column = keys.view(d, 4)  # a block's keys are its columns: key 2 is column 2
+    assert torch.equal(column[:, 2], qkv[0, d : 2 * d].clamp(-65504, 65504).half())
+    assert column[:, [0, 1, 3]].abs().sum() == 0
 
 
 def test_the_fingerprint_says_when_the_numbers_come_from_another_pool():
