@@ -255,7 +255,8 @@ typedef int (*MatmulSilu)(const float *x, const float *packed, const float *bias
 // k and v are float, or half where the step's pool is (the _f16 kernels); knew: the step's rotated keys, which the decode
 // kernel writes into the pool itself.
 typedef int (*Decode)(const float *q, int64_t qh, int64_t qt, const void *k, const void *v, const int64_t *tables, const int64_t *lens,
-                      const float *knew, int64_t kt, float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, int64_t NBT, float scale, int threads);
+                      const float *knew, int64_t kt, float *out, int64_t B, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D,
+                      int64_t NBT, float scale, int threads);
 typedef int (*Prefill)(const float *q, int64_t qh, int64_t qt, const void *k, const void *v, const int64_t *chunks, const int64_t *tables,
                        int64_t C, float *out, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t D, float scale, int threads);
 

@@ -89,7 +89,6 @@ static inline v16 splat(float x) { return v16{} + x; }
 static inline float lane(v16 a, int j) { return a[j]; }
 static inline v8 low(v16 a) { return __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7); }
 static inline v8 high(v16 a) { return __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15); }
-static inline v16 join(v8 lo, v8 hi) { return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 // larger and exp_shifted: the lane-wise templates above take v16 itself
 #else
 // AVX2: 16 lanes as two 8-lane halves. GCC keeps a 64-byte vector type that the target has no register
@@ -109,17 +108,15 @@ static inline v16 splat(float x) { return {v8{} + x, v8{} + x}; }
 static inline float lane(v16 a, int j) { return j < 8 ? a.lo[j] : a.hi[j - 8]; }
 static inline v8 low(v16 a) { return a.lo; }
 static inline v8 high(v16 a) { return a.hi; }
-static inline v16 join(v8 lo, v8 hi) { return {lo, hi}; }
 static inline v16 larger(v16 x, v16 top) { return {larger<v8>(x.lo, top.lo), larger<v8>(x.hi, top.hi)}; }
 static inline v16 exp_shifted(v16 x, float m) { return {exp_shifted<v8>(x.lo, m), exp_shifted<v8>(x.hi, m)}; }
 #endif
 
-// 16 keys' or values' elements from p as float lanes; scalars as a float.
+// 16 keys' or values' elements from p as float lanes.
 struct Half {
     uint16_t bits;
 };
 static inline v16 load16(const float *p) { return *(const v16 *)p; }
-static inline float to_float(float x) { return x; }
 #ifdef __F16C__
 #ifdef __AVX512F__
 static inline v16 load16(const Half *p) { return (v16)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
@@ -128,7 +125,6 @@ static inline v16 load16(const Half *p) {
     return {(v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)), (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)))};
 }
 #endif
-static inline float to_float(Half x) { return _cvtsh_ss(x.bits); }
 #endif
 
 static inline float hsum(v16 a) {  // a fixed tree of additions: lanes m + m+8, then m + m+4, m + m+2, m + m+1
