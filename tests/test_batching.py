@@ -7,6 +7,7 @@ import random
 import shutil
 
 import pytest
+import torch
 
 from tokenmill.config import EngineConfig
 from tokenmill.engine.attention import NativeAttention, TorchAttention
@@ -117,6 +118,48 @@ def test_a_shared_prefix_is_a_counted_cache_hit_with_the_same_output(llama_dir):
     got = collect(warm, [(second, params)], ["b"])
     assert warm.blocks.hit_tokens - before == 48  # three full blocks of 16
     assert got == collect(cold, [(second, params)], ["b"])
+
+
+@pytest.mark.parametrize("attention", ["auto", "torch"])
+def test_the_next_turn_finds_the_generated_blocks_where_the_kernels_agree(llama_dir, attention):
+    """The compiled kernels compute a generated position as they would a prompt one, so its full blocks are cached too
+    and a prompt that goes on from a completion finds them; the torch recipes differ, so there only prompt blocks are."""
+    warm, cold = engine_for(llama_dir, attention=attention), engine_for(llama_dir, attention=attention, no_prefix_caching=True)
+    native = isinstance(warm.runner.backend, NativeAttention)
+    assert warm.runner.generated_as_prompt == native and native == (attention == "auto" and bool(shutil.which("g++") or shutil.which("c++")))
+    prompt = tuple(random.Random(6).randrange(1, 900) for _ in range(30))
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=2)
+    warm.add_request("first", [Prompt(prompt)], params)
+    group = warm._requests["first"][0]
+    while warm.has_unfinished():
+        warm.step()
+    turn = [Prompt(prompt + tuple(group.sequences[0].output_ids) + (11, 12))]
+    before = warm.blocks.hit_tokens
+    got = collect(warm, [(turn, params)], ["next"])
+    # positions 0-63 (4 blocks of 16; 30 prompt tokens, then generated ones) against the prompt's one full block
+    assert warm.blocks.hit_tokens - before == (64 if native else 16)
+    assert got == collect(cold, [(turn, params)], ["next"])
+
+
+def computed_through(engine, prompt: tuple[int, ...], max_tokens: int, upto: int):
+    """A greedy sequence of the prompt, stepped until its first `upto` positions are in the pool (it still runs)."""
+    engine.add_request("x", [Prompt(prompt)], SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    seq = engine._requests["x"][0].sequences[0]
+    while seq.num_computed < upto:
+        engine.step()
+    return seq
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="the compiled kernels need a compiler")
+def test_generated_keys_and_values_are_the_bits_a_prompt_chunk_writes(model_dir):
+    """What lets generated blocks into the prefix cache and a preempted sequence recompute them as a chunk."""
+    alone, chunked = engine_for(model_dir, no_prefix_caching=True), engine_for(model_dir, no_prefix_caching=True)
+    assert alone.runner.generated_as_prompt and chunked.runner.generated_as_prompt
+    prompt = tuple(random.Random(7).randrange(1, 200) for _ in range(40))
+    generated = computed_through(alone, prompt, 80, 112)  # positions 40-111 computed one per step
+    again = computed_through(chunked, prompt + tuple(generated.output_ids[:72]), 4, 112)  # all 112 as prompt chunks
+    for mine, theirs in zip(generated.table.blocks[:7], again.table.blocks[:7], strict=True):
+        assert torch.equal(alone.runner.kv[:, :, :, mine], chunked.runner.kv[:, :, :, theirs])
 
 
 def test_after_a_burst_with_aborts_every_block_is_free(llama_dir):

@@ -18,8 +18,10 @@ def run(scheduler: Scheduler) -> dict[str, int]:
     """One step as the engine takes it: tokens computed, a token drawn at the end of what is known."""
     plan = scheduler.schedule()
     for item in plan.scheduled:
-        item.seq.num_computed += item.num_tokens
-        scheduler.blocks.cache_full_blocks(item.seq.table, item.seq.group.prompt.token_ids, item.seq.num_computed)
+        seq = item.seq
+        seq.num_computed += item.num_tokens
+        upto = seq.num_computed if scheduler.generated_as_prompt else min(seq.num_computed, seq.prompt_len)
+        scheduler.blocks.cache_full_blocks(seq.table, seq.token_ids(0, upto), upto)
         if item.seq.num_computed == item.seq.num_tokens:
             item.seq.output_ids.append(7)
             item.seq.group.prefilled = True
@@ -60,6 +62,21 @@ def test_when_blocks_run_out_the_latest_sequence_is_preempted_and_resumes_later(
     # its first prompt block is still cached; the rest of the prompt again, then its token
     assert run(s) == {"second": 4} and run(s) == {"second": 1}
     assert second.num_computed == 9
+
+
+def test_a_preempted_sequence_takes_back_its_cached_blocks_and_with_generated_as_prompt_recomputes_in_one_chunk():
+    for as_prompt, steps in ((True, [4]), (False, [1] * 8)):
+        s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64), BlockManager(16, 4), generated_as_prompt=as_prompt)
+        seq = sequence(5)
+        s.add(seq)
+        for _ in range(7):
+            run(s)
+        assert seq.num_computed == 11 and seq.num_tokens == 12  # 5 prompt tokens, 7 generated, the last not computed yet
+        s.add_first(s.pause([seq]))
+        # blocks 0-1 (positions 0-7) are cached where generated blocks may be, else block 0 only (the prompt's one full block):
+        # then the rest as one chunk, or the prompt's last token and each generated position one step at a time
+        assert [run(s)["r"] for _ in steps] == steps, as_prompt
+        assert seq.num_computed == 12 and seq.output_ids == [7] * 8
 
 
 def test_a_finished_sequence_leaves_and_frees_its_blocks():

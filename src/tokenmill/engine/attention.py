@@ -250,6 +250,23 @@ def kernel_for(library, name: str, pool: torch.Tensor):
     return getattr(library, name + "_f16", None) if pool.dtype == torch.float16 else None
 
 
+def positions_agree(backend: AttentionBackend, dtype: torch.dtype, pool: torch.Tensor, heads: int) -> bool:
+    """Whether a generated position recomputed as a prompt one gets the same bits: both compiled kernels run this model.
+
+    The torch recipes for the two differ in the last bits; the compiled ones are one recipe (paged_attention.cpp).
+    pool: [layers, 2, KVH, NB, BS, D]; dtype: what the queries are.
+    """
+    library = getattr(backend, "library", None)
+    if library is None or dtype != torch.float32:
+        return False
+    decode, prefill = kernel_for(library, "paged_decode", pool), kernel_for(library, "paged_prefill", pool)
+    if decode is None or prefill is None:
+        return False
+    kv_heads, d = pool.shape[2], pool.shape[-1]  # the kernels refuse a shape they have no recipe for before doing anything
+    takes_decode = decode(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1, 1.0, 1) == 0
+    return takes_decode and prefill(0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1.0, 1) == 0
+
+
 def prefill_tables(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
     """The prefill kernel's view of a step's chunks: [C, 4] (first row, start, count, table offset) and their tables, concatenated."""
     offsets = [0]

@@ -51,7 +51,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.blocks = blocks
-        self.scheduler = Scheduler(config or SchedulerConfig(), blocks)
+        self.scheduler = Scheduler(config or SchedulerConfig(), blocks, runner.generated_as_prompt)
         self._requests: dict[str, list[PromptGroup]] = {}
         self._ready: set[str] = set()  # requests done without computing anything, to report
         self._paused: dict[str, list[Sequence]] = {}  # requests whose client stopped reading, off the batch
@@ -271,17 +271,17 @@ class Engine:
         """What the model runner computes for one scheduled sequence."""
         seq, n = item.seq, item.num_tokens
         start, end = seq.num_computed, seq.num_computed + item.num_tokens
-        prefill = start < seq.prompt_len
+        prompt = start < seq.prompt_len
         samples = end == seq.num_tokens and seq.params.max_tokens > 0
-        logits = n if prefill and seq.group.scoring else int(samples)
-        return Work(seq.token_ids(start, end), start, seq.table.blocks, prefill, logits)
+        logits = n if prompt and seq.group.scoring else int(samples)
+        return Work(seq.token_ids(start, end), start, seq.table.blocks, prompt or n > 1, logits)  # recomputed generated ones: a chunk
 
     def _advance(self, item: Scheduled, logits: torch.Tensor | None) -> list[tuple[Sequence, torch.Tensor]]:
         """Count a sequence's computed tokens; return the (sequence, logits) rows to sample now."""
         seq, group = item.seq, item.seq.group
         start = seq.num_computed
         seq.num_computed += item.num_tokens
-        self.blocks.cache_full_blocks(seq.table, group.prompt.token_ids, min(seq.num_computed, seq.prompt_len))
+        self._cache_blocks(seq)
         within_vocab = self._within_vocab(logits) if logits is not None else None
         if group.scoring and start < seq.prompt_len:
             assert within_vocab is not None  # a scoring prompt chunk asks for every position's logits
@@ -292,6 +292,12 @@ class Engine:
             assert within_vocab is not None  # the chunk that reaches the last token asks for its logits
             return [(seq, within_vocab[-1])]
         return self._start_candidates(group, within_vocab)
+
+    def _cache_blocks(self, seq: Sequence) -> None:
+        """Make the sequence's newly full blocks findable: prompt blocks, and generated ones where they are computed as a prompt's."""
+        upto = seq.num_computed if self.scheduler.generated_as_prompt else min(seq.num_computed, seq.prompt_len)
+        if self.blocks.prefix_caching and upto // self.blocks.block_size > len(seq.table.hashes):  # a block filled: list the tokens only then
+            self.blocks.cache_full_blocks(seq.table, seq.token_ids(0, upto), upto)
 
     def _start_candidates(self, group: PromptGroup, logits: torch.Tensor | None) -> list[tuple[Sequence, torch.Tensor]]:
         """The prompt is computed: every candidate shares its blocks and draws its first token."""

@@ -98,6 +98,9 @@ class ModelRunner:
         s = self.shape  # zeros, not empty: a masked key weighs 0, and 0 x NaN would be NaN
         self.kv = torch.zeros(s.layers, 2, s.kv_heads, num_blocks + 1, block_size, s.head_dim, dtype=s.dtype, device=device)
         self.workspace = Workspace(s.dtype, device)
+        # a generated position then has the same bits recomputed in a chunk as it had alone, so the engine recomputes
+        # a preempted sequence's generated positions in chunks and lets its generated blocks into the prefix cache
+        self.generated_as_prompt = batch_invariant and attention.positions_agree(self.backend, self.dtype, self.kv, model.config.num_attention_heads)
         # keys are gathered in whole value chunks, so tables are padded to this many blocks
         self._table_multiple = math.lcm(block_size, attention.VALUE_CHUNK) // block_size
 

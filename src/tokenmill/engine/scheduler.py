@@ -3,7 +3,9 @@
 Sequences carry counts, not phases: one whose cache holds fewer tokens than its prompt gets a chunk
 of the prompt; one past its prompt gets a single position. A long prompt is prefilled a chunk per
 step beside everyone else's decode. When blocks run out, the most recently admitted sequences give
-theirs back and wait at the head of the queue to be recomputed.
+theirs back and wait at the head of the queue to be recomputed: their generated positions one per step,
+or, where the model runner computes a generated position the same as a prompt one (generated_as_prompt),
+in chunks as a prompt is, after taking back whatever of them the prefix cache still holds.
 
 No request starves another: when every seat (max_num_seqs) is taken and the request at the head of
 the queue has nothing running, the request running the most sequences gives up its newest one, so
@@ -53,9 +55,10 @@ class Plan:
 class Scheduler:
     """First come, first served; running sequences before waiting ones; preemption by recompute."""
 
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, generated_as_prompt: bool = False):
         self.config = config
         self.blocks = blocks
+        self.generated_as_prompt = generated_as_prompt
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
@@ -75,7 +78,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0 or not seq.table.blocks:  # no blocks: preempted by a sequence before it
                 continue
-            n = seq.next_run(min(budget, chunk))
+            n = seq.next_run(min(budget, chunk), self.generated_as_prompt)
             if n and self._grow(seq, n, plan):
                 plan.scheduled.append(Scheduled(seq, n))
                 budget -= n
@@ -149,9 +152,10 @@ class Scheduler:
         """Tokens a waiting sequence computes on admission; 0 when its blocks are not there."""
         fresh = seq.num_computed == 0 and not seq.table.blocks
         if fresh and not seq.group.scoring:  # scoring needs every prompt position's logits
-            limit = seq.prompt_len - 1  # the last prompt token is always computed, for its logits
-            seq.num_computed = self.blocks.reuse_prefix(seq.table, seq.group.prompt.token_ids, limit)
-        n = seq.next_run(budget)
+            known = seq.num_tokens if self.generated_as_prompt else seq.prompt_len  # a preempted one's generated tokens too
+            limit = known - 1  # the last known token is always computed, for its logits
+            seq.num_computed = self.blocks.reuse_prefix(seq.table, seq.token_ids(0, known), limit)
+        n = seq.next_run(budget, self.generated_as_prompt)
         copies = self._allocate(seq, n) if n else None
         while copies is None and not self.running and (holder := self._idle_holder()) is not None and holder is not seq:
             self._preempt(holder)  # nothing runs: what waiting ones hold is all there is

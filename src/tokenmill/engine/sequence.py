@@ -68,11 +68,11 @@ class Sequence:
         prompt, p = self.group.prompt.token_ids, self.prompt_len
         return [*prompt[start:stop], *self.output_ids[max(start - p, 0) : max(stop - p, 0)]]
 
-    def next_run(self, budget: int) -> int:
-        """How many tokens to compute next: a chunk of the prompt, else one position at a time."""
+    def next_run(self, budget: int, chunks: bool = False) -> int:
+        """Tokens to compute next: a chunk of the prompt, then one position at a time (with `chunks`, what it recomputes at once)."""
         if self.num_computed < self.prompt_len:
             return min(self.prompt_len - self.num_computed, budget)
-        return min(1, budget, self.num_tokens - self.num_computed)
+        return min(self.num_tokens - self.num_computed if chunks else 1, budget, self.num_tokens - self.num_computed)
 
     @property
     def finished(self) -> bool:
