@@ -20,7 +20,7 @@ def run(scheduler: Scheduler) -> dict[str, int]:
     for item in plan.scheduled:
         seq = item.seq
         seq.num_computed += item.num_tokens
-        upto = seq.num_computed if scheduler.generated_as_prompt else min(seq.num_computed, seq.prompt_len)
+        upto = scheduler.cacheable(seq, seq.num_computed)
         scheduler.blocks.cache_full_blocks(seq.table, seq.token_ids(0, upto), upto)
         if item.seq.num_computed == item.seq.num_tokens:
             item.seq.output_ids.append(7)

@@ -262,9 +262,15 @@ def positions_agree(backend: AttentionBackend, dtype: torch.dtype, pool: torch.T
     decode, prefill = kernel_for(library, "paged_decode", pool), kernel_for(library, "paged_prefill", pool)
     if decode is None or prefill is None:
         return False
-    kv_heads, d = pool.shape[2], pool.shape[-1]  # the kernels refuse a shape they have no recipe for before doing anything
-    takes_decode = decode(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1, 1.0, 1) == 0
-    return takes_decode and prefill(0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1.0, 1) == 0
+    return kernels_take(decode, prefill, heads, pool.shape[2], pool.shape[-1])
+
+
+def kernels_take(decode, prefill, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether both compiled kernels have a recipe for this head size and group, asked with no work (they refuse a shape first)."""
+    return (
+        decode(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, head_dim, 1, 1.0, 1) == 0
+        and prefill(0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, head_dim, 1.0, 1) == 0
+    )
 
 
 def prefill_tables(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -295,7 +295,7 @@ class Engine:
 
     def _cache_blocks(self, seq: Sequence) -> None:
         """Make the sequence's newly full blocks findable: prompt blocks, and generated ones where they are computed as a prompt's."""
-        upto = seq.num_computed if self.scheduler.generated_as_prompt else min(seq.num_computed, seq.prompt_len)
+        upto = self.scheduler.cacheable(seq, seq.num_computed)
         if self.blocks.prefix_caching and upto // self.blocks.block_size > len(seq.table.hashes):  # a block filled: list the tokens only then
             self.blocks.cache_full_blocks(seq.table, seq.token_ids(0, upto), upto)
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tokenmill.engine.attention import StepContext, prefill_tables
+from tokenmill.engine.attention import StepContext, kernels_take, prefill_tables
 
 _P, _N, _F, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int32
 
@@ -145,11 +145,7 @@ class NativeLayers:
         d, heads = first.head_dim, first.heads
         if first.widths[1] != first.widths[2] or first.widths[1] % d or heads % (first.widths[1] // d):
             return None
-        # the attention kernels refuse a head size or group they have no recipe for before doing anything
-        kv_heads = first.widths[1] // d
-        if attention.paged_decode(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1, 1.0, 1) != 0:
-            return None
-        if attention.paged_prefill(0, 0, 0, 0, 0, 0, 0, 0, 0, heads, kv_heads, 1, 1, d, 1.0, 1) != 0:
+        if not kernels_take(attention.paged_decode, attention.paged_prefill, heads, first.widths[1] // d, d):
             return None
         lanes, exp = silu_lanes(forward.kernel)
         if not lanes:

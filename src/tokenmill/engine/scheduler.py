@@ -93,6 +93,10 @@ class Scheduler:
             budget -= n
         return plan
 
+    def cacheable(self, seq: Sequence, upto: int) -> int:
+        """How many of the sequence's first `upto` positions may be in the prefix cache: generated ones only with generated_as_prompt."""
+        return upto if self.generated_as_prompt else min(upto, seq.prompt_len)
+
     def _chunk_limit(self) -> int:
         """The most tokens one prompt computes this step."""
         if any(s.num_computed >= s.prompt_len for s in self.running):
@@ -152,7 +156,7 @@ class Scheduler:
         """Tokens a waiting sequence computes on admission; 0 when its blocks are not there."""
         fresh = seq.num_computed == 0 and not seq.table.blocks
         if fresh and not seq.group.scoring:  # scoring needs every prompt position's logits
-            known = seq.num_tokens if self.generated_as_prompt else seq.prompt_len  # a preempted one's generated tokens too
+            known = self.cacheable(seq, seq.num_tokens)  # a preempted one's generated tokens too, where they are cached
             limit = known - 1  # the last known token is always computed, for its logits
             seq.num_computed = self.blocks.reuse_prefix(seq.table, seq.token_ids(0, known), limit)
         n = seq.next_run(budget, self.generated_as_prompt)

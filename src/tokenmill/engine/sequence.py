@@ -72,7 +72,8 @@ class Sequence:
         """Tokens to compute next: a chunk of the prompt, then one position at a time (with `chunks`, what it recomputes at once)."""
         if self.num_computed < self.prompt_len:
             return min(self.prompt_len - self.num_computed, budget)
-        return min(self.num_tokens - self.num_computed if chunks else 1, budget, self.num_tokens - self.num_computed)
+        left = min(self.num_tokens - self.num_computed, budget)
+        return left if chunks else min(left, 1)
 
     @property
     def finished(self) -> bool:
