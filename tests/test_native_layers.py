@@ -59,8 +59,8 @@ def test_the_last_layer_runs_the_kept_rows_only_with_every_rows_bits(llama_dir):
         pytest.skip(f"no compiled silu with torch's bits here (torch runs {torch.backends.cpu.get_cpu_capability()})")
     trimmed = []
 
-    def checked(ids, positions, keep, step):
-        logits = forward(ids, positions, keep, step)
+    def checked(ids, positions, keep, step, argmax=None):
+        logits = forward(ids, positions, keep, step, argmax)
         if keep.shape[0] < ids.shape[0]:  # prompt rows, of which only a finished prompt's last is kept
             every = forward(ids, positions, torch.arange(ids.shape[0]), step)  # the same keys and values written again
             trimmed.append(torch.equal(logits, every[keep]))

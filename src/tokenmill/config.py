@@ -48,6 +48,14 @@ class EngineConfig:
         "others through transformers' modules; transformers: every model through transformers' modules",
         choices=("auto", "transformers"),
     )
+    argmax_screen: str = _opt(
+        "auto",
+        "greedy rows that report no logprobs: the lm_head first in bfloat16, then the exact float32 logits of only the "
+        "columns that can still be the argmax (the same tokens; csrc/matmul.cpp's screened_logits); auto: where the CPU "
+        "runs the screen in AMX tiles (there it takes ~0.4x the float32 lm_head's time at 64 rows), on: also in AVX512-BF16 "
+        "vectors (slower than float32: for tests), off",
+        choices=("auto", "on", "off"),
+    )
     no_batch_invariance: bool = _opt(
         False,
         "do not pad steps to 16 rows where the model needs it (MKL matmuls), and run steps of 1-4 rows of "

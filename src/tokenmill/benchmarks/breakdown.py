@@ -107,9 +107,9 @@ class Rows:
         self.forward = forward
         self.steps: list[tuple[int, int]] = []
 
-    def __call__(self, ids, positions, keep, step):
+    def __call__(self, ids, positions, keep, step, argmax=None):
         self.steps.append((ids.shape[0], keep.shape[0]))
-        return self.forward(ids, positions, keep, step)
+        return self.forward(ids, positions, keep, step, argmax)
 
 
 def linears_alone(forward: Any, steps: list[tuple[int, int]]) -> float:

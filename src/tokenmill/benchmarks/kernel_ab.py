@@ -56,17 +56,17 @@ class Capture:
         self.forward, self.armed = forward, False
         self.calls: dict[str, tuple] = {}
 
-    def __call__(self, ids, positions, keep, step):
-        logits = self.forward(ids, positions, keep, step)
+    def __call__(self, ids, positions, keep, step, argmax=None):
+        logits = self.forward(ids, positions, keep, step, argmax)
         kind = "prompt rows" if step.chunks else "decode only"
         if self.armed and kind not in self.calls:
-            self.calls[kind] = (ids, positions, keep, step, logits.clone())
+            self.calls[kind] = (ids, positions, keep, step, argmax, logits.clone())
         return logits
 
 
 def replay(forward: Any, call: tuple, use: Any, rounds: int) -> tuple[list[float], list[float]]:
     """One captured forward run `rounds` times with A and with B (ABBA): each one's seconds. Asserts the bits."""
-    ids, positions, keep, step, want = call
+    ids, positions, keep, step, argmax, want = call
     import torch
 
     times: tuple[list[float], list[float]] = ([], [])
@@ -74,7 +74,7 @@ def replay(forward: Any, call: tuple, use: Any, rounds: int) -> tuple[list[float
         for k in (0, 1) if r % 2 == 0 else (1, 0):
             use(k)
             start = time.perf_counter()
-            got = forward(ids, positions, keep, step)
+            got = forward(ids, positions, keep, step, argmax)
             times[k].append(time.perf_counter() - start)
             if not torch.equal(got, want):
                 raise AssertionError(f"{'AB'[k]} gives other logits than the engine's own: the builds must give the same bits")

@@ -274,7 +274,16 @@ class Engine:
         prompt = start < seq.prompt_len
         samples = end == seq.num_tokens and seq.params.max_tokens > 0
         logits = n if prompt and seq.group.scoring else int(samples)
-        return Work(seq.token_ids(start, end), start, seq.table.blocks, prompt or n > 1, logits)  # recomputed generated ones: a chunk
+        argmax_below = self.tokenizer.vocab_size if logits == 1 and self._argmax_only(seq) else 0
+        return Work(seq.token_ids(start, end), start, seq.table.blocks, prompt or n > 1, logits, argmax_below)  # recomputed generated ones: a chunk
+
+    def _argmax_only(self, seq: Sequence) -> bool:
+        """Whether the row the sequence samples from next is read only for its first argmax within the vocabulary: a
+        greedy draw that reports no logprobs, for every sequence it goes to, with no knob or grammar that moves logits."""
+        p = seq.params
+        plain = p.greedy and p.logprobs is None and p.best_of == p.n and not p.logit_bias and not p.presence_penalty and not p.frequency_penalty
+        takers = [seq] if seq.group.prefilled else seq.group.sequences  # a prompt's last row goes to every candidate
+        return plain and p.repetition_penalty == 1.0 and all(s.matcher is None and len(s.output_ids) >= p.min_tokens for s in takers)
 
     def _advance(self, item: Scheduled, logits: torch.Tensor | None) -> list[tuple[Sequence, torch.Tensor]]:
         """Count a sequence's computed tokens; return the (sequence, logits) rows to sample now."""

@@ -8,6 +8,7 @@ weights stream at 18 GB/s of the machine's 20), 1.2-1.5x at 16, 1.1-1.25x at 64,
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
@@ -50,6 +51,38 @@ class PackedLinear:
             x.shape[0], self.width, self.in_features, torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+
+class ArgmaxScreen:
+    """A packed lm_head's bfloat16 screen (csrc/matmul.cpp's screened_logits): for rows read only for their first argmax,
+    the exact logits (head's bits) of the columns that can be it and -inf elsewhere, so the argmax is the head's.
+
+    kernel: the compiled matmul library the head is packed for; tiles: run in AMX tiles (else in AVX512-BF16 vectors,
+    slower than the head itself). Holds the weight as bfloat16 (half its bytes again) and each column's norm.
+    """
+
+    def __init__(self, weight: torch.Tensor, head: PackedLinear, kernel: Any, tiles: bool):
+        self.head, self.kernel, self.tiles = head, kernel, tiles
+        n, k = weight.shape
+        elements, norms = ctypes.c_int64(), ctypes.c_int64()
+        kernel.screen_size(n, k, ctypes.byref(elements), ctypes.byref(norms))
+        buffer = torch.empty(elements.value + 32, dtype=torch.int16)  # 32 of slack: the view starts on a 64-byte boundary
+        offset = (-buffer.data_ptr() // 2) % 32
+        self.screen = buffer[offset : offset + elements.value]
+        self.norms = torch.empty(norms.value)
+        kernel.screen_pack(weight.detach().contiguous().data_ptr(), self.screen.data_ptr(), self.norms.data_ptr(), n, k)
+
+    def __call__(self, x: torch.Tensor, limit: int) -> tuple[torch.Tensor, list[int]]:
+        """x [R, in] -> (logits [R, out]: exact where a column below `limit` can be the row's argmax, else -inf;
+        the rows the screen could not settle, whose logits the caller computes with the head)."""
+        x = x.contiguous()
+        out = x.new_empty(x.shape[0], self.head.out_features)
+        fallback = torch.zeros(x.shape[0], dtype=torch.uint8)
+        self.kernel.screened_logits(
+            x.data_ptr(), self.screen.data_ptr(), self.norms.data_ptr(), self.head.packed.data_ptr(), out.data_ptr(), fallback.data_ptr(),
+            x.shape[0], self.head.out_features, self.head.in_features, limit, torch.get_num_threads(), int(self.tiles),
+        )  # fmt: skip
+        return out, fallback.nonzero()[:, 0].tolist()
 
 
 def _pack(kernel: Any, weight: torch.Tensor, width: int, arena: HugePageArena | None = None, halves: bool = False) -> torch.Tensor:

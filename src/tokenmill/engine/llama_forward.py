@@ -13,6 +13,7 @@ kernel, all the layers of a step run in one compiled call instead (engine/native
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from tokenmill.engine.attention import StepContext
 from tokenmill.engine.host_memory import HugePageArena
-from tokenmill.engine.linear import PackedLinear
+from tokenmill.engine.linear import ArgmaxScreen, PackedLinear
 from tokenmill.engine.native_layers import NativeLayers
 
 SMALL_ROWS = 4  # steps of at most this many rows take small_matmul where it is given (no batch invariance)
@@ -205,11 +206,14 @@ class LlamaForward:
         matmul: Any = None,
         attention: Any = None,
         kv_dtype: torch.dtype = torch.float32,
+        screen: str = "off",
     ):
         """kernel: the compiled llama ops (the loader gives them only to a float32 CPU model), or None: torch ops;
         invariant False: steps of 1-4 rows take the compiled small_matmul (faster, other bits than a batch's);
         matmul: the compiled batch-invariant matmul for the packed weights, or None: oneDNN's;
-        attention: the compiled paged attention library the step's backend calls, or None; kv_dtype: the pool's."""
+        attention: the compiled paged attention library the step's backend calls, or None; kv_dtype: the pool's;
+        screen: the lm_head's argmax screen (linear.ArgmaxScreen) for the rows read only for their argmax: "auto" where
+        the CPU runs it in AMX tiles, "on" also in vectors, "off"; only on the compiled matmul's packed head."""
         self.kernel = kernel
         inner = model.model
         self.embed = inner.embed_tokens.weight.detach()  # [V, hidden]
@@ -221,23 +225,63 @@ class LlamaForward:
         self.layers = [Layer(layer, packed, kernel, self.norm_lanes, small, matmul, kv_dtype, arena) for layer in inner.layers]
         self.norm = RMSNorm(inner.norm, kernel, self.norm_lanes)
         self.lm_head = Projection([model.lm_head], packed, small, matmul, arena)
+        self.screen = _screen(model.lm_head, self.lm_head, screen)
         # every layer in one compiled call, where each part has a compiled kernel with the same bits
         self.native = NativeLayers.build(self, attention, SMALL_ROWS, kv_dtype) if attention is not None else None
 
     @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, step: StepContext) -> torch.Tensor:
-        """ids, positions [T]; keep [K] rows whose logits are wanted -> [K, V]."""
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, step: StepContext, argmax: Argmax | None = None) -> torch.Tensor:
+        """ids, positions [T]; keep [K] rows whose logits are wanted -> [K, V]; argmax: which of them are read only
+        for their argmax (their logits may be -inf but where they can be it: ArgmaxScreen)."""
         x = F.embedding(ids, self.embed)  # [T, hidden]
         cos, sin = self.rotary(x[None], positions[None])  # [1, T, D] each
         cos, sin = cos[0, :, None].contiguous(), sin[0, :, None].contiguous()  # [T, 1, D]
         step.kv_written = self.layers[0].store is not None
         if self.native is not None:  # built only for the runner's compiled attention backend
-            return self.lm_head(self.norm(*self.native(x, cos, sin, step, keep)))
+            return self.logits(self.norm(*self.native(x, cos, sin, step, keep)), argmax)
         delta: torch.Tensor | None = None
         for layer in self.layers:
             delta = layer(x, delta, cos, sin, step)
         assert delta is not None  # a model has layers
-        return self.lm_head(self.norm(x[keep], delta[keep]))
+        return self.logits(self.norm(x[keep], delta[keep]), argmax)
+
+    def logits(self, hidden: torch.Tensor, argmax: Argmax | None) -> torch.Tensor:
+        """hidden [K, hidden] -> [K, V]: the lm_head, or for argmax's rows the screen (and the head where it gives up)."""
+        if self.screen is None or argmax is None or not argmax.rows:
+            return self.lm_head(hidden)
+        rows = argmax.rows
+        whole = len(rows) == hidden.shape[0]  # every kept row (rows are distinct): no gather, no copy
+        screened, fallback = self.screen(hidden if whole else hidden[rows], argmax.limit)  # [S, V]
+        if whole:
+            logits = screened
+        else:
+            logits = hidden.new_empty(hidden.shape[0], screened.shape[1])
+            logits[rows] = screened
+            others = sorted(set(range(hidden.shape[0])) - set(rows))
+            if others:
+                logits[others] = self.lm_head(hidden[others])
+        if fallback:
+            redo = [rows[i] for i in fallback]
+            logits[redo] = self.lm_head(hidden[redo])
+        return logits
+
+
+@dataclass
+class Argmax:
+    """The kept rows read only for their first argmax over logits [0, limit) (a greedy draw that reports no logprobs)."""
+
+    rows: list[int]
+    limit: int
+
+
+def _screen(head: torch.nn.Linear, projection: Projection, mode: str) -> ArgmaxScreen | None:
+    """The lm_head's argmax screen for mode auto/on/off, where the head runs on the compiled matmul without a bias."""
+    packed = projection.packed
+    kernel = packed.kernel if packed is not None and projection.small is None else None
+    if mode == "off" or kernel is None or head.bias is not None or not hasattr(kernel, "screen_width") or kernel.screen_width() <= 0:
+        return None
+    tiles = bool(kernel.screen_tiles())
+    return ArgmaxScreen(head.weight, packed, kernel, tiles) if tiles or mode == "on" else None
 
 
 def fits(model: Any) -> bool:

@@ -80,7 +80,7 @@ def build_engine(config: EngineConfig, model_path: str, served_name: str) -> tup
     blocks = BlockManager(num_blocks, config.block_size, prefix_caching=not config.no_prefix_caching)
     backend, llama_ops, matmul = _kernels(config, device, dtype)
     invariant = not config.no_batch_invariance
-    runner = ModelRunner(model, device, num_blocks, config.block_size, invariant, backend, config.model_impl, llama_ops, matmul, kv_dtype)
+    runner = ModelRunner(model, device, num_blocks, config.block_size, invariant, backend, config.model_impl, llama_ops, matmul, kv_dtype, config.argmax_screen)
     scheduling = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
     return Engine(runner, tokenizer, eos, blocks, scheduling), info
 

@@ -14,7 +14,7 @@ import torch
 from tokenmill.engine import attention, llama_forward
 from tokenmill.engine.attention import AttentionBackend, Chunk, StepContext, TorchAttention, Workspace
 from tokenmill.engine.linear import PackedLinear
-from tokenmill.engine.llama_forward import LlamaForward
+from tokenmill.engine.llama_forward import Argmax, LlamaForward
 
 if TYPE_CHECKING:  # transformers is imported by whoever loads the model
     from transformers import PreTrainedModel
@@ -29,6 +29,7 @@ class Work:
     blocks: list[int]  # the sequence's block table, covering every position up to the last token
     prefill: bool  # prompt positions (computed as a chunk) or one generated position (decode)
     logits: int = 0  # logits wanted for the last `logits` tokens (0: none, len(token_ids): all)
+    argmax_below: int = 0  # > 0: its one logits row is read only for its first argmax over [0, argmax_below)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ModelRunner:
         llama_ops=None,
         matmul=None,
         kv_dtype: torch.dtype | None = None,
+        argmax_screen: str = "auto",
     ):
         attention.register()
         model.set_attn_implementation(attention.NAME)
@@ -85,7 +87,7 @@ class ModelRunner:
         library = getattr(self.backend, "library", None)  # the compiled attention kernels, where the backend has them
         self.dtype = next(model.parameters()).dtype  # what attention computes in
         self.shape = KVShape.of(model.config, kv_dtype or self.dtype)  # what the pool holds
-        self.lean = LlamaForward(model, packed, llama_ops, batch_invariant, matmul, library, self.shape.dtype) if fits else None
+        self.lean = LlamaForward(model, packed, llama_ops, batch_invariant, matmul, library, self.shape.dtype, argmax_screen) if fits else None
         if packed and self.lean is None:
             pack_linears(model, matmul)
         self.model = model
@@ -111,11 +113,11 @@ class ModelRunner:
         ordered = [works[i] for i in works_order]
         upload = Upload()
         build = self._inputs(ordered, upload)
-        keep_part, spans = self._logit_rows(ordered, upload)
+        keep_part, spans, argmax = self._logit_rows(ordered, upload)
         parts = upload.send(self.device)  # the step's one host-to-device copy
         ids, positions, step = build(parts)
         if self.lean is not None:
-            logits = self.lean(ids, positions, parts[keep_part], step)  # [len(keep), V]
+            logits = self.lean(ids, positions, parts[keep_part], step, argmax)  # [len(keep), V]
         else:
             out = self.model(input_ids=ids[None], position_ids=positions[None], logits_to_keep=parts[keep_part], use_cache=False, tokenmill_step=step)
             logits = out.logits[0]
@@ -178,20 +180,25 @@ class ModelRunner:
             return 0
         return max(attention.MIN_ROWS, -(-rows // attention.MIN_ROWS) * attention.MIN_ROWS) - rows
 
-    def _logit_rows(self, works: list[Work], upload: Upload) -> tuple[int, list[slice | None]]:
-        """Rows whose logits are wanted (padded to 16 or more; their upload part), and each work's span among them."""
+    def _logit_rows(self, works: list[Work], upload: Upload) -> tuple[int, list[slice | None], Argmax | None]:
+        """Rows whose logits are wanted (padded to 16 or more; their upload part), each work's span among them, and
+        those of them read only for their argmax (None: none)."""
         keep: list[int] = []
         spans: list[slice | None] = []
+        argmax = Argmax([], 0)
         row = 0
         for w in works:
             row += len(w.token_ids)
             spans.append(slice(len(keep), len(keep) + w.logits) if w.logits else None)
+            if w.argmax_below and w.logits == 1:
+                argmax.rows.append(len(keep))
+                argmax.limit = w.argmax_below
             keep += range(row - w.logits, row)
         if not keep:
             keep = [0]
         if self.pad_rows and len(keep) < attention.MIN_ROWS:
             keep += [keep[-1]] * (attention.MIN_ROWS - len(keep))
-        return upload.add(keep), spans
+        return upload.add(keep), spans, argmax if argmax.rows else None
 
 
 class Upload:

@@ -49,12 +49,17 @@ SIGNATURES: dict[str, dict[str, tuple[list, type | None]]] = {
         "matmul_panel_width": ([], ctypes.c_int),
         "matmul_silu": ([_P] * 4 + [_N] * 3 + [_T, ctypes.c_int, _P, _T], ctypes.c_int),
         "matmul_stolen": ([], ctypes.c_int64),
+        "screen_width": ([], ctypes.c_int),
+        "screen_tiles": ([], ctypes.c_int),
+        "screen_size": ([_N, _N, _P, _P], None),
+        "screen_pack": ([_P] * 3 + [_N] * 2, None),
+        "screened_logits": ([_P] * 6 + [_N] * 4 + [_T, ctypes.c_int], ctypes.c_int),
     },
 }
 # built only where the CPU converts IEEE half in hardware (F16C): a half KV pool elsewhere runs in torch ops
 HALF = {"paged_decode_f16", "paged_prefill_f16", "rope_store_f16"}
 # absent from a build of an older source (benchmarks.kernel_ab's A side): its callers fall back where it is missing
-LATER = {"matmul_silu", "matmul_stolen"}
+LATER = {"matmul_silu", "matmul_stolen", "screen_width", "screen_tiles", "screen_size", "screen_pack", "screened_logits"}
 # -ffp-contract=off: no fused multiply-add, so every product and sum of the llama ops rounds as transformers' ops do
 EXTRA_FLAGS = {"llama_ops": ["-ffp-contract=off"]}
 

@@ -511,3 +511,315 @@ extern "C" int64_t matmul_stolen() {
     return stolen.load(std::memory_order_relaxed);
 #endif
 }
+
+// ---- The argmax of a row's logits without computing all of them (screened_logits) ----
+//
+// A greedy row that reports no logprobs reads only its logits' first argmax, and the lm_head is 21% of SmolLM2's
+// weights (28M of 135M). The screen multiplies bfloat16 copies of x and of the lm_head's weight in AMX tiles (half the
+// weight's bytes, and on this family's cores some 4x the float32 FMAs' multiply-adds a second), then computes the
+// float32 chain of matmul above, the same bits, only for the columns that can still be the argmax:
+//
+//   |screened - exact| <= C * sum_k |x_k w_nk| <= C * ||x||_2 ||w_n||_2 = e_n (Cauchy-Schwarz), where C covers x and w
+//   each rounded to bfloat16 (2^-8 relative each), the float32 roundings of both sums (K each, 2^-24) and a 5% margin
+//   for the second-order terms and the float32 arithmetic of the bounds themselves (|screened| <= 1.02 ||x|| ||w_n||,
+//   so their rounding is below 2^-22 e_n / C).
+//
+// Column n is a candidate when screened_n + e_n >= max_m (screened_m - e_m): the exact argmax always is, and a column
+// that is not has an exact logit strictly below the argmax's, so the first argmax over the candidates' exact logits is
+// the row's. Every other column gets -inf: the sampler's argmax, and its 0.0 logprob for a greedy row (NaN only where
+// the row's maximum is not finite), read the same. A row whose inputs are not finite or could overflow, or that has too
+// many candidates at once (all logits tied), is flagged for the caller to run through the matmul.
+//
+// Where the tiles cannot be used (no AMX, or the kernel refuses them) the same screen runs in vdpbf16ps, which on that
+// Xeon (family 6 model 207) issues at a quarter of the FMAs' rate: correct, but slower than the float32 lm_head, so
+// the engine turns the screen on only where screen_tiles() says the tiles run.
+#if defined(__AVX512BF16__) && !defined(TOKENMILL_NO_MATMUL)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+static const int SV = 16;  // columns a screen panel holds
+static const int64_t SK = 16, SROWS = 32;  // k pairs a tile holds; x's rows are padded to whole pairs of row tiles
+static const int64_t CANDIDATES = 1024;  // a thread's list for one row
+static inline uint16_t bf16(float f) {  // round to nearest even; NaN stays NaN
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+static inline int64_t screen_panels(int64_t N) { return ((N + SV - 1) / SV + 1) / 2 * 2; }  // whole pairs of panels
+static inline int64_t screen_pairs(int64_t K) { return ((K + 1) / 2 + SK - 1) / SK * SK; }    // k pairs, whole tiles
+#endif
+
+// Columns a screen panel holds (16), or 0 where this build has no screen (no AVX512-BF16, or no matmul kernel).
+extern "C" int screen_width() {
+#if defined(__AVX512BF16__) && !defined(TOKENMILL_NO_MATMUL)
+    return SV;
+#else
+    return 0;
+#endif
+}
+
+// 1 where screened_logits runs in AMX tiles: the build has them and the kernel lets this process use them.
+extern "C" int screen_tiles() {
+#if defined(__AVX512BF16__) && !defined(TOKENMILL_NO_MATMUL) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    static const int granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    return granted;
+#else
+    return 0;
+#endif
+}
+
+// w [N, K] -> screen [screen_panels(N)][screen_pairs(K)][SV][2] bfloat16 (zeros past N and K), norms[n] >= ||w_n||_2
+// (screen_panels(N) * SV floats, zeros past N). Sizes in screen_size.
+extern "C" void screen_pack(const float *w, uint16_t *screen, float *norms, int64_t N, int64_t K) {
+#if defined(__AVX512BF16__) && !defined(TOKENMILL_NO_MATMUL)
+    const int64_t panels = screen_panels(N), K2 = screen_pairs(K);
+    for (int64_t p = 0; p < panels; p++)
+        for (int64_t k2 = 0; k2 < K2; k2++)
+            for (int64_t j = 0; j < SV; j++)
+                for (int64_t h = 0; h < 2; h++) {
+                    const int64_t n = p * SV + j, k = 2 * k2 + h;
+                    screen[((p * K2 + k2) * SV + j) * 2 + h] = n < N && k < K ? bf16(w[n * K + k]) : 0;
+                }
+    for (int64_t n = 0; n < panels * SV; n++) {
+        double s = 0;
+        for (int64_t k = 0; n < N && k < K; k++) s += (double)w[n * K + k] * w[n * K + k];
+        norms[n] = (float)(sqrt(s) * (1 + 1e-6));
+    }
+#else
+    (void)w, (void)screen, (void)norms, (void)N, (void)K;
+#endif
+}
+
+// The bfloat16 elements of screen_pack's screen, then the floats of its norms (0, 0 without a screen).
+extern "C" void screen_size(int64_t N, int64_t K, int64_t *elements, int64_t *norms) {
+#if defined(__AVX512BF16__) && !defined(TOKENMILL_NO_MATMUL)
+    *elements = screen_panels(N) * screen_pairs(K) * SV * 2, *norms = screen_panels(N) * SV;
+#else
+    (void)N, (void)K;
+    *elements = 0, *norms = 0;
+#endif
+}
+
+#if defined(__AVX512BF16__) && !defined(TOKENMILL_NO_MATMUL)
+struct Found {
+    int32_t n;
+    float v;  // the screened logit
+};
+struct Scan {  // one thread's candidates of one row
+    __m512 top;  // the largest lower bounds seen, lane by lane
+    float best;  // a lower bound of the row's largest lower bound (top's maximum, taken now and then)
+    int64_t count;
+    bool over;
+    Found *list;
+};
+struct Screen {
+    const uint32_t *xb;  // [Mp][K2] x's rows as bfloat16 pairs, zero rows past M
+    const float *bound;  // [M] C ||x_m||_2: e_n = bound[m] * norms[n]
+    const uint16_t *w;   // screen_pack's panels
+    const float *norms;
+    float *y;
+    int64_t M, N, K2, limit;
+};
+
+// Drop the candidates no longer above the row's best lower bound.
+static void compact(Scan &s, const float *norms, float bound) {
+    int64_t kept = 0;
+    for (int64_t i = 0; i < s.count; i++)
+        if (s.list[i].v + bound * norms[s.list[i].n] >= s.best) s.list[kept++] = s.list[i];
+    s.count = kept;
+    if (kept > CANDIDATES / 2) s.over = true;
+}
+
+// Row m's screened sums at columns [c0, c0 + SV): its candidates into s, -inf into y's columns.
+static inline void consider(const Screen &in, Scan &s, int64_t m, int64_t c0, __m512 sums) {
+    if (c0 >= in.N) return;
+    const __mmask16 inside = c0 + SV <= in.N ? (__mmask16)0xffff : (__mmask16)((1u << (in.N - c0)) - 1);
+    const __mmask16 valid = c0 + SV <= in.limit ? (__mmask16)0xffff : c0 >= in.limit ? 0 : (__mmask16)((1u << (in.limit - c0)) - 1);
+    const __m512 e = _mm512_mul_ps(_mm512_set1_ps(in.bound[m]), _mm512_loadu_ps(in.norms + c0));
+    s.top = _mm512_mask_max_ps(s.top, valid, s.top, _mm512_sub_ps(sums, e));
+    uint32_t found = _mm512_mask_cmp_ps_mask(valid, _mm512_add_ps(sums, e), _mm512_set1_ps(s.best), _CMP_GE_OQ);
+    if (found && !s.over) {
+        alignas(64) float v[SV];
+        _mm512_store_ps(v, sums);
+        for (; found; found &= found - 1) {
+            if (s.count == CANDIDATES) compact(s, in.norms, in.bound[m]);
+            if (s.over) break;
+            const int i = __builtin_ctz(found);
+            s.list[s.count++] = Found{(int32_t)(c0 + i), v[i]};
+        }
+    }
+    _mm512_mask_storeu_ps(in.y + m * in.N + c0, inside, _mm512_set1_ps(-INFINITY));
+}
+
+static inline void refresh(Scan &s) { s.best = std::max(s.best, _mm512_reduce_max_ps(s.top)); }
+
+// Rows [m0, m0 + R) times panels p, p + 1, in vdpbf16ps.
+template <int R>
+static void screen_vectors(const Screen &in, Scan *scans, int64_t m0, int64_t p) {
+    __m512 acc[R][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const uint16_t *w = in.w + p * in.K2 * SV * 2;
+    for (int64_t k2 = 0; k2 < in.K2; k2++) {
+        const __m512bh w0 = (__m512bh)_mm512_load_si512((const void *)(w + k2 * SV * 2));
+        const __m512bh w1 = (__m512bh)_mm512_load_si512((const void *)(w + (in.K2 + k2) * SV * 2));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)in.xb[(m0 + r) * in.K2 + k2]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        for (int j = 0; j < 2; j++) consider(in, scans[m0 + r], m0 + r, (p + j) * SV, acc[r][j]);
+        refresh(scans[m0 + r]);
+    }
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+struct alignas(64) TileConfig {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+// Rows [m0, m0 + 16 RT) times panels p, p + 1 in tiles: sums C(r, j) in tiles 2r + j, x's rows in 4 + r, w's in 6 + j.
+template <int RT>
+static void screen_tile(const Screen &in, Scan *scans, int64_t m0, int64_t p) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (RT == 2) {
+        _tile_zero(2);
+        _tile_zero(3);
+    }
+    const uint16_t *w = in.w + p * in.K2 * SV * 2;
+    for (int64_t k2 = 0; k2 < in.K2; k2 += SK) {
+        _tile_loadd(4, in.xb + m0 * in.K2 + k2, in.K2 * 4);
+        _tile_loadd(6, w + k2 * SV * 2, SV * 4);
+        _tile_loadd(7, w + (in.K2 + k2) * SV * 2, SV * 4);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        if (RT == 2) {
+            _tile_loadd(5, in.xb + (m0 + 16) * in.K2 + k2, in.K2 * 4);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+    }
+    alignas(64) float c[4][16][SV];
+    _tile_stored(0, c[0], SV * 4);
+    _tile_stored(1, c[1], SV * 4);
+    if (RT == 2) {
+        _tile_stored(2, c[2], SV * 4);
+        _tile_stored(3, c[3], SV * 4);
+    }
+    for (int64_t r = 0; r < 16 * RT && m0 + r < in.M; r++) {
+        for (int j = 0; j < 2; j++) consider(in, scans[m0 + r], m0 + r, (p + j) * SV, _mm512_load_ps(c[r / 16 * 2 + j][r % 16]));
+        refresh(scans[m0 + r]);
+    }
+}
+#endif
+
+// Row m's logit n as the matmul computes it: one FMA chain over k in order from 0, in packed's panel layout.
+static inline float exact(const float *x, const float *packed, int64_t n, int64_t K) {
+    const float *w = packed + n / NR * K * NR + n % NR;
+    float acc = 0.0f;
+    for (int64_t k = 0; k < K; k++) acc = __builtin_fmaf(x[k], w[k * NR], acc);
+    return acc;
+}
+
+// One thread's pairs of panels [first, last) over every row: in tiles where `tiles`, else in vectors.
+static void screen_share(const Screen &in, Scan *scans, int64_t first, int64_t last, bool tiles) {
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+    if (tiles) {
+        TileConfig cfg{};
+        cfg.palette = 1;
+        for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+        _tile_loadconfig(&cfg);
+        for (int64_t q = first; q < last; q++)
+            for (int64_t m = 0; m < in.M; m += SROWS) {
+                if (in.M - m > 16) screen_tile<2>(in, scans, m, 2 * q);
+                else screen_tile<1>(in, scans, m, 2 * q);
+            }
+        _tile_release();
+        return;
+    }
+#endif
+    (void)tiles;
+    for (int64_t q = first; q < last; q++)
+        for (int64_t m = 0; m < in.M; m += 8) switch (std::min<int64_t>(8, in.M - m)) {
+                case 1: screen_vectors<1>(in, scans, m, 2 * q); break;
+                case 2: screen_vectors<2>(in, scans, m, 2 * q); break;
+                case 3: screen_vectors<3>(in, scans, m, 2 * q); break;
+                case 4: screen_vectors<4>(in, scans, m, 2 * q); break;
+                case 5: screen_vectors<5>(in, scans, m, 2 * q); break;
+                case 6: screen_vectors<6>(in, scans, m, 2 * q); break;
+                case 7: screen_vectors<7>(in, scans, m, 2 * q); break;
+                default: screen_vectors<8>(in, scans, m, 2 * q); break;
+            }
+}
+
+// Row m's candidates of every thread's list that survive the row's best lower bound, in exact float32 into y.
+static void settle(const Screen &in, const Scan *scans, int64_t nt, int64_t m, const float *x, const float *packed, int64_t K, uint8_t *fallback) {
+    float best = -INFINITY;
+    for (int64_t u = 0; u < nt; u++) {
+        const Scan &s = scans[u * in.M + m];
+        best = std::max({best, s.best, _mm512_reduce_max_ps(s.top)});
+        fallback[m] |= s.over;
+    }
+    if (fallback[m] || !std::isfinite(best)) {
+        fallback[m] = 1;
+        return;
+    }
+    for (int64_t u = 0; u < nt; u++) {
+        const Scan &s = scans[u * in.M + m];
+        for (int64_t i = 0; i < s.count; i++)
+            if (s.list[i].v + in.bound[m] * in.norms[s.list[i].n] >= best) in.y[m * in.N + s.list[i].n] = exact(x + m * K, packed, s.list[i].n, K);
+    }
+}
+#endif
+
+// y [M, N]: for each row of x [M, K], its logits (x w^T, the bits matmul gives with packed) at every column below
+// `limit` that could be the row's first argmax, -inf at every other column; fallback[m] = 1 where row m could not be
+// screened (y's row then holds nothing useful: the caller runs it through matmul). screen and norms from screen_pack,
+// packed from matmul_pack, of the same w; tiles: run in AMX tiles (where screen_tiles() is 1), else in vectors.
+// Returns 0, or -1 where this build has no screen (screen_width() == 0).
+extern "C" int screened_logits(const float *x, const uint16_t *screen, const float *norms, const float *packed, float *y, uint8_t *fallback,
+                               int64_t M, int64_t N, int64_t K, int64_t limit, int threads, int tiles) {
+#if defined(__AVX512BF16__) && !defined(TOKENMILL_NO_MATMUL)
+    if (M <= 0) return 0;
+    const int64_t K2 = screen_pairs(K), nt = threads > 0 ? threads : 1, pairs = screen_panels(N) / 2, Mp = (M + SROWS - 1) / SROWS * SROWS;
+    float wmax = 0;
+    for (int64_t n = 0; n < N; n++) wmax = std::max(wmax, norms[n]);
+    std::unique_ptr<uint32_t[]> xb(new uint32_t[Mp * K2]());
+    std::unique_ptr<float[]> bound(new float[M]);
+    const double C = (std::ldexp(1.0, -7) + std::ldexp(1.0, -15) + 2.0 * (K + 2) * std::ldexp(1.0, -24)) * 1.05;
+    for (int64_t m = 0; m < M; m++) {
+        double s = 0;
+        bool finite = true;
+        for (int64_t k = 0; k < K; k++) finite &= std::isfinite(x[m * K + k]), s += (double)x[m * K + k] * x[m * K + k];
+        const double norm = sqrt(s) * (1 + 1e-6);
+        fallback[m] = !finite || !(norm * wmax < 1e30) || limit <= 0;
+        bound[m] = fallback[m] ? 0.0f : (float)(C * norm) + 1e-30f;  // + the flushed subnormals' share, tiny
+        for (int64_t k = 0; k < K; k++) xb[m * K2 + k / 2] |= (uint32_t)bf16(x[m * K + k]) << (16 * (k % 2));
+    }
+    const Screen in{xb.get(), bound.get(), screen, norms, y, M, N, K2, std::min(limit, N)};
+    std::unique_ptr<Found[]> lists(new Found[nt * M * CANDIDATES]);
+    std::unique_ptr<Scan[]> scans(new Scan[nt * M]);
+    for (int64_t i = 0; i < nt * M; i++) scans[i] = Scan{_mm512_set1_ps(-INFINITY), -INFINITY, 0, false, lists.get() + i * CANDIDATES};
+    const bool amx = tiles && screen_tiles();
+#pragma omp parallel num_threads(nt)
+    {
+        const int64_t t = omp_get_thread_num();
+        screen_share(in, scans.get() + t * M, pairs * t / nt, pairs * (t + 1) / nt, amx);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) settle(in, scans.get(), nt, m, x, packed, K, fallback);
+    }
+    return 0;
+#else
+    (void)x, (void)screen, (void)norms, (void)packed, (void)y, (void)fallback, (void)M, (void)N, (void)K, (void)limit, (void)threads, (void)tiles;
+    return -1;
+#endif
+}
