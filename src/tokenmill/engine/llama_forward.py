@@ -12,6 +12,7 @@ kernel, all the layers of a step run in one compiled call instead (engine/native
 
 from __future__ import annotations
 
+import logging
 import types
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ from tokenmill.engine.attention import StepContext
 from tokenmill.engine.host_memory import HugePageArena
 from tokenmill.engine.linear import ArgmaxScreen, PackedLinear
 from tokenmill.engine.native_layers import NativeLayers
+
+log = logging.getLogger(__name__)
 
 SMALL_ROWS = 4  # steps of at most this many rows take small_matmul where it is given (no batch invariance)
 
@@ -281,7 +284,10 @@ def _screen(head: torch.nn.Linear, projection: Projection, mode: str) -> ArgmaxS
     if mode == "off" or kernel is None or head.bias is not None or not hasattr(kernel, "screen_width") or kernel.screen_width() <= 0:
         return None
     tiles = bool(kernel.screen_tiles())
-    return ArgmaxScreen(head.weight, packed, kernel, tiles) if tiles or mode == "on" else None
+    if not tiles and mode == "auto":
+        return None
+    log.info("greedy rows take their argmax through the lm_head's bfloat16 screen, in %s", "AMX tiles" if tiles else "AVX512-BF16 vectors")
+    return ArgmaxScreen(head.weight, packed, kernel, tiles)
 
 
 def fits(model: Any) -> bool:
