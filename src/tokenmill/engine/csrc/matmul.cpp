@@ -572,7 +572,8 @@ extern "C" int screen_tiles() {
 }
 
 // w [N, K] -> screen [screen_panels(N)][screen_pairs(K)][SV][2] bfloat16 (zeros past N and K), norms[n] >= ||w_n||_2
-// (screen_panels(N) * SV floats, zeros past N). Sizes in screen_size.
+// (screen_panels(N) * SV floats, zeros past N), then the largest of them (read by every call, found once here).
+// Sizes in screen_size.
 extern "C" void screen_pack(const float *w, uint16_t *screen, float *norms, int64_t N, int64_t K) {
 #if defined(__AVX512BF16__) && !defined(TOKENMILL_NO_MATMUL)
     const int64_t panels = screen_panels(N), K2 = screen_pairs(K);
@@ -583,11 +584,14 @@ extern "C" void screen_pack(const float *w, uint16_t *screen, float *norms, int6
                     const int64_t n = p * SV + j, k = 2 * k2 + h;
                     screen[((p * K2 + k2) * SV + j) * 2 + h] = n < N && k < K ? bf16(w[n * K + k]) : 0;
                 }
+    float largest = 0;
     for (int64_t n = 0; n < panels * SV; n++) {
         double s = 0;
         for (int64_t k = 0; n < N && k < K; k++) s += (double)w[n * K + k] * w[n * K + k];
         norms[n] = (float)(sqrt(s) * (1 + 1e-6));
+        largest = std::max(largest, norms[n]);
     }
+    norms[panels * SV] = largest;
 #else
     (void)w, (void)screen, (void)norms, (void)N, (void)K;
 #endif
@@ -596,7 +600,7 @@ extern "C" void screen_pack(const float *w, uint16_t *screen, float *norms, int6
 // The bfloat16 elements of screen_pack's screen, then the floats of its norms (0, 0 without a screen).
 extern "C" void screen_size(int64_t N, int64_t K, int64_t *elements, int64_t *norms) {
 #if defined(__AVX512BF16__) && !defined(TOKENMILL_NO_MATMUL)
-    *elements = screen_panels(N) * screen_pairs(K) * SV * 2, *norms = screen_panels(N) * SV;
+    *elements = screen_panels(N) * screen_pairs(K) * SV * 2, *norms = screen_panels(N) * SV + 1;
 #else
     (void)N, (void)K;
     *elements = 0, *norms = 0;
@@ -790,8 +794,7 @@ extern "C" int screened_logits(const float *x, const uint16_t *screen, const flo
 #if defined(__AVX512BF16__) && !defined(TOKENMILL_NO_MATMUL)
     if (M <= 0) return 0;
     const int64_t K2 = screen_pairs(K), nt = threads > 0 ? threads : 1, pairs = screen_panels(N) / 2, Mp = (M + SROWS - 1) / SROWS * SROWS;
-    float wmax = 0;
-    for (int64_t n = 0; n < N; n++) wmax = std::max(wmax, norms[n]);
+    const float wmax = norms[screen_panels(N) * SV];  // screen_pack's largest norm
     std::unique_ptr<uint32_t[]> xb(new uint32_t[Mp * K2]());
     std::unique_ptr<float[]> bound(new float[M]);
     const double C = (std::ldexp(1.0, -7) + std::ldexp(1.0, -15) + 2.0 * (K + 2) * std::ldexp(1.0, -24)) * 1.05;
